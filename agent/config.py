@@ -1,0 +1,74 @@
+"""The agent's YAML config: who it is, where NATS is, and the services it runs."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, Field, field_validator
+
+from rune.models import INSTANCE_MARK
+from rune.subjects import check_token
+
+
+class NatsSettings(BaseModel):
+    url: str = "nats://127.0.0.1:4222"
+    nkey_seed_file: str | None = None
+    prefix: str = "rune"
+
+
+class ProcessService(BaseModel):
+    name: str
+    namespace: str = "default"
+    command: list[str]
+    replicas: int = Field(default=1, ge=0, le=10000)
+    workdir: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    user: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        return shlex.split(value) if isinstance(value, str) else value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        check_token(value, "service name")
+        if INSTANCE_MARK.strip("-") in value:
+            raise ValueError(f"service name {value!r} must not contain 'instance'")
+        return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        return check_token(value, "namespace")
+
+
+class DockerSettings(BaseModel):
+    enabled: bool = False
+    base_url: str | None = None
+
+
+class AgentConfig(BaseModel):
+    agent_id: str
+    host: str = ""
+    nats: NatsSettings = Field(default_factory=NatsSettings)
+    state_dir: str = "/tmp/rune-agent"
+    services: list[ProcessService] = Field(default_factory=list)
+    docker: DockerSettings = Field(default_factory=DockerSettings)
+    max_sessions: int = 256
+    exit_grace: float = Field(default=1.0, description="how long to wait for pipes after exit")
+    kill_grace: float = Field(default=2.0, description="SIGHUP/SIGTERM to SIGKILL when ending")
+
+    @field_validator("agent_id")
+    @classmethod
+    def _agent_id(cls, value: str) -> str:
+        return check_token(value, "agent_id")
+
+
+def load(path: str | Path) -> AgentConfig:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return AgentConfig.model_validate(data)

@@ -1,0 +1,44 @@
+"""`rune-agent --config agent.yaml`: runs one host's agent until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from agent.config import load
+from agent.server import Agent
+from rune.runtime import configure_logging, run
+
+
+async def serve(config_path: str) -> None:
+    agent = Agent(load(config_path))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await agent.start()
+    print(f"rune-agent {agent.config.agent_id} ready", flush=True)
+    await stop.wait()
+    logging.getLogger(__name__).info("stopping")
+    await agent.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="rune-agent", description=__doc__)
+    parser.add_argument("--config", required=True, help="path of the agent's YAML config")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
+    try:
+        run(serve(args.config))
+    except (OSError, ValueError) as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

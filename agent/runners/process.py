@@ -1,0 +1,235 @@
+"""Process runner: exec beside a supervised process, with pipes or under a PTY (ptyprocess)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import pwd
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ptyprocess import PtyProcess
+
+from agent.runners.base import (
+    CommandUnavailable,
+    resolve_executable,
+    status_from_returncode,
+    wait_status_to_exit,
+)
+from rune.errors import NotFound
+from rune.models import ExecOpen, InstanceInfo
+
+
+@dataclass
+class InstanceContext:
+    """What an exec inherits from the instance it runs beside."""
+
+    env: dict[str, str]
+    workdir: str
+    user: str | None = None
+
+
+def _killpg(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _user_ids(user: str | None) -> tuple[int, int] | None:
+    if not user:
+        return None
+    entry = pwd.getpwnam(user)
+    if entry.pw_uid == os.getuid():
+        return None
+    return entry.pw_uid, entry.pw_gid
+
+
+class PipeExecution:
+    """Separate stdin, stdout and stderr pipes; the command leads its own process group."""
+
+    tty = False
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.read_stdout = proc.stdout.read
+        self.read_stderr = proc.stderr.read
+
+    async def write_stdin(self, data: bytes) -> None:
+        try:
+            self.proc.stdin.write(data)
+            await self.proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the command closed its stdin; what it did not read is gone, as with ssh
+
+    async def close_stdin(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def resize(self, width: int, height: int) -> None:
+        pass
+
+    def signal(self, signum: int) -> None:
+        _killpg(self.pid, signum)
+
+    async def wait(self) -> tuple[int, int]:
+        return status_from_returncode(await self.proc.wait())
+
+    async def terminate(self, grace: float) -> None:
+        await _terminate_group(self.pid, signal.SIGTERM, grace, self.proc.wait)
+
+    async def kill(self) -> None:
+        _killpg(self.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        _killpg(self.pid, signal.SIGKILL)
+        for stream in (self.proc.stdin,):
+            if stream and not stream.is_closing():
+                stream.close()
+
+
+class PtyExecution:
+    """A command under a pseudo-terminal, read and written without blocking the loop."""
+
+    tty = True
+
+    def __init__(self, ptyproc: PtyProcess) -> None:
+        self._ptyproc = ptyproc
+        self.pid = ptyproc.pid
+        self.fd = ptyproc.fd
+        os.set_blocking(self.fd, False)
+        self._loop = asyncio.get_running_loop()
+        self._exit: asyncio.Future[tuple[int, int]] = self._loop.create_future()
+        self._pidfd = os.pidfd_open(self.pid)
+        self._loop.add_reader(self._pidfd, self._reap)
+        self._eof = False
+
+    def _reap(self) -> None:
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        _, status = os.waitpid(self.pid, 0)
+        # ptyprocess must not wait for (or signal) a child that we already reaped.
+        self._ptyproc.terminated = True
+        if not self._exit.done():
+            self._exit.set_result(wait_status_to_exit(status))
+
+    async def _wait_fd(self, add: Callable, remove: Callable) -> None:
+        fut = self._loop.create_future()
+        add(self.fd, lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            remove(self.fd)
+
+    async def read_stdout(self, n: int) -> bytes:
+        while not self._eof:
+            try:
+                return os.read(self.fd, n)
+            except BlockingIOError:
+                await self._wait_fd(self._loop.add_reader, self._loop.remove_reader)
+            except OSError as exc:
+                if exc.errno != errno.EIO:  # EIO: every holder of the terminal is gone
+                    raise
+                self._eof = True
+        return b""
+
+    async def read_stderr(self, n: int) -> bytes:
+        return b""  # a terminal has one output stream
+
+    async def write_stdin(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view):]
+            except BlockingIOError:
+                await self._wait_fd(self._loop.add_writer, self._loop.remove_writer)
+            except OSError:
+                return
+
+    async def close_stdin(self) -> None:
+        await self.write_stdin(b"\x04")  # VEOF: what Ctrl+D sends at the start of a line
+
+    def resize(self, width: int, height: int) -> None:
+        # TIOCSWINSZ; the kernel signals SIGWINCH to the terminal's foreground group.
+        try:
+            self._ptyproc.setwinsize(height, width)
+        except OSError:
+            pass
+
+    def signal(self, signum: int) -> None:
+        try:
+            _killpg(os.tcgetpgrp(self.fd), signum)
+        except OSError:
+            _killpg(self.pid, signum)
+
+    async def wait(self) -> tuple[int, int]:
+        return await asyncio.shield(self._exit)
+
+    async def terminate(self, grace: float) -> None:
+        await _terminate_group(self.pid, signal.SIGHUP, grace, self.wait)
+
+    async def kill(self) -> None:
+        _killpg(self.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        _killpg(self.pid, signal.SIGKILL)
+        self._ptyproc.closed = True  # its __del__ would otherwise wait for the child
+        try:
+            self._ptyproc.fileobj.close()
+        except OSError:
+            pass
+
+
+async def _terminate_group(pgid: int, first: int, grace: float, wait: Callable) -> None:
+    _killpg(pgid, first)
+    _killpg(pgid, signal.SIGCONT)
+    try:
+        await asyncio.wait_for(asyncio.shield(wait()), grace)
+    except TimeoutError:
+        pass
+    _killpg(pgid, signal.SIGKILL)
+
+
+class ProcessRunner:
+    name = "process"
+
+    def __init__(self, contexts: Callable[[str], InstanceContext | None]) -> None:
+        self._contexts = contexts
+
+    async def exec(self, instance: InstanceInfo, request: ExecOpen) -> PipeExecution | PtyExecution:
+        context = self._contexts(instance.instance_id)
+        if context is None:
+            raise NotFound(f"instance {instance.instance_id} is not supervised by this agent")
+        env = {**context.env, **request.env}
+        if request.tty:
+            env.setdefault("TERM", "xterm-256color")
+        cwd = request.workdir or context.workdir
+        if not os.path.isdir(cwd):
+            raise CommandUnavailable(126, f"workdir {cwd}: no such directory")
+        path = resolve_executable(request.argv[0], env, cwd)
+        ids = _user_ids(context.user)
+
+        def become_user() -> None:
+            if ids:
+                os.setgid(ids[1])
+                os.setuid(ids[0])
+
+        if request.tty:
+            ptyproc = PtyProcess.spawn(
+                [path, *request.argv[1:]], cwd=cwd, env=env,
+                dimensions=(request.height or 24, request.width or 80),
+                preexec_fn=become_user if ids else None,
+            )
+            return PtyExecution(ptyproc)
+        proc = await asyncio.create_subprocess_exec(
+            *request.argv, executable=path,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=env, cwd=cwd, start_new_session=True,
+            limit=1024 * 1024, **({"user": ids[0], "group": ids[1]} if ids else {}),
+        )
+        return PipeExecution(proc)

@@ -1,0 +1,178 @@
+"""The agent: answers session-open requests for the instances it owns, runs the sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from nats.aio.client import Client as NATS
+
+from agent.config import AgentConfig
+from agent.registry import Registry
+from agent.runners.base import CommandUnavailable, Runner
+from agent.runners.process import ProcessRunner
+from agent.session import ExecSession
+from agent.supervisor import Supervisor
+from rune import frames
+from rune.errors import InvalidArgument, NotFound, NotRunning, ResourceExhausted, RuneError
+from rune.link import LinkSettings, SessionLink
+from rune.models import ExecOpen, ExecOpened, InstanceInfo
+from rune.natsconn import connect
+from rune.subjects import Subjects, check_token
+
+log = logging.getLogger(__name__)
+
+AGENT_ACCEPTS = frozenset((frames.STDIN, frames.STDIN_EOF, frames.RESIZE, frames.SIGNAL,
+                           frames.CLOSE))
+ALIVE_INTERVAL = 1.0
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        if not config.host:
+            config.host = socket.gethostname()
+        self.subjects = Subjects(config.nats.prefix)
+        self.nc: NATS | None = None
+        self.registry: Registry | None = None
+        self.supervisor: Supervisor | None = None
+        self.runners: dict[str, Runner] = {}
+        self.sessions: dict[str, ExecSession] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        self.nc = await connect(self.config.nats.url, f"rune-agent {self.config.agent_id}",
+                                self.config.nats.nkey_seed_file, self._on_reconnect)
+        self.registry = Registry(self.nc, self.subjects)
+        await self.registry.open()
+        self.supervisor = Supervisor(self.config, self.registry)
+        self.runners["process"] = ProcessRunner(self.supervisor.context)
+        if self.config.docker.enabled:
+            from agent.runners.docker import DockerRunner
+
+            docker_runner = DockerRunner(self.config, self.registry)
+            await docker_runner.start()
+            self.runners["docker"] = docker_runner
+        await self.nc.subscribe(self.subjects.agent_exec(self.config.agent_id),
+                                cb=self._on_exec)
+        self.supervisor.start()
+        self._spawn(self._announce_alive())
+        log.info("agent %s ready on %s", self.config.agent_id, self.config.nats.url)
+
+    async def _on_reconnect(self) -> None:
+        if self.registry:
+            await self.registry.republish_all()
+
+    def _spawn(self, coro: object) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _announce_alive(self) -> None:
+        subject = self.subjects.agent_heartbeat(self.config.agent_id)
+        while True:
+            try:
+                await self.nc.publish(subject, frames.pack({"sessions": len(self.sessions)}))
+            except Exception:
+                pass
+            await asyncio.sleep(ALIVE_INTERVAL)
+
+    def lookup(self, namespace: str, instance_id: str) -> InstanceInfo | None:
+        if self.registry is None:
+            return None
+        return self.registry.current.get(f"{namespace}.{instance_id}")
+
+    async def _on_exec(self, msg: object) -> None:
+        try:
+            request = ExecOpen.model_validate(frames.unpack(msg.data))
+            check_token(request.session_id, "session id")
+        except (ValueError, frames.MalformedFrame) as exc:
+            await self._reply(msg, ExecOpened(ok=False, error=InvalidArgument(
+                f"malformed exec request: {exc}").to_wire()))
+            return
+        try:
+            reply = await self._open(request)
+        except RuneError as exc:
+            reply = ExecOpened(ok=False, error=exc.to_wire())
+        except Exception as exc:  # a runner's unexpected failure must still answer
+            log.exception("exec %s failed", request.session_id)
+            reply = ExecOpened(ok=False, error=RuneError(f"agent error: {exc}").to_wire())
+        await self._reply(msg, reply)
+
+    async def _reply(self, msg: object, reply: ExecOpened) -> None:
+        try:
+            await msg.respond(frames.pack(reply.model_dump()))
+        except Exception as exc:
+            log.warning("cannot answer exec request: %s", exc)
+
+    async def _open(self, request: ExecOpen) -> ExecOpened:
+        info = self.lookup(request.namespace, request.instance_id)
+        if info is None:
+            raise NotFound(f"instance {request.instance_id} not found on agent "
+                           f"{self.config.agent_id}")
+        if info.state != "running":
+            raise NotRunning(f"instance {request.instance_id} is {info.state}")
+        if len(self.sessions) >= self.config.max_sessions:
+            raise ResourceExhausted(f"agent {self.config.agent_id} runs its maximum of "
+                                    f"{self.config.max_sessions} sessions")
+        agent_id = self.config.agent_id
+        link = SessionLink(
+            self.nc,
+            send_subject=self.subjects.session_out(agent_id, request.session_id),
+            recv_subject=self.subjects.session_in(agent_id, request.session_id),
+            accepts=AGENT_ACCEPTS,
+            settings=LinkSettings(window=request.window, heartbeat=request.heartbeat,
+                                  lost_after=request.lost_after),
+            peer="apiserver",
+        )
+        await link.open()
+        runner = self.runners[info.runner]
+        try:
+            execution = await runner.exec(info, request)
+        except CommandUnavailable as exc:
+            self._spawn(self._report_unavailable(link, exc))
+            return ExecOpened(ok=True, host=self.config.host)
+        except BaseException:
+            await link.close()
+            raise
+        session = ExecSession(link, execution, request, self.config.exit_grace,
+                              self.config.kill_grace, self._session_done)
+        self.sessions[session.id] = session
+        self._spawn(session.run())
+        log.info("session %s: %s in %s (tty=%s)", session.id, request.argv[0],
+                 request.instance_id, request.tty)
+        return ExecOpened(ok=True, host=self.config.host, pid=getattr(execution, "pid", 0))
+
+    async def _report_unavailable(self, link: SessionLink, exc: CommandUnavailable) -> None:
+        """A command that cannot start ends like a shell's: message on stderr, 126 or 127."""
+        try:
+            message = f"rune: {exc}\n".encode()
+            await link.send(frames.STDERR, message, len(message))
+            await link.send(frames.EXIT, {"code": exc.exit_code, "signal": 0})
+            while not link.sender.all_consumed() and link.lost is None:
+                await asyncio.sleep(0.02)
+        finally:
+            await link.close()
+
+    async def _session_done(self, session: ExecSession) -> None:
+        self.sessions.pop(session.id, None)
+
+    async def stop(self) -> None:
+        for session in list(self.sessions.values()):
+            await session.execution.terminate(self.config.kill_grace)
+        if self.supervisor:
+            await self.supervisor.stop()
+        for runner in self.runners.values():
+            stop = getattr(runner, "stop", None)
+            if stop:
+                await stop()
+        for task in list(self._tasks):
+            task.cancel()
+        if self.nc:
+            try:
+                await self.nc.drain()
+            except Exception:
+                pass

@@ -1,0 +1,76 @@
+"""The gRPC ExecService: authenticate, authorize, resolve, then hand over to the relay."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from apiserver.auth import Authenticator, Authorizer
+from apiserver.directory import InstanceDirectory
+from apiserver.relay import Relay, SessionRecord
+from rune.errors import InvalidArgument, RuneError
+from rune.proto import exec_pb2 as pb
+from rune.proto import exec_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class ExecService(pb_grpc.ExecServiceServicer):
+    def __init__(self, directory: InstanceDirectory, relay: Relay, auth: Authenticator,
+                 authz: Authorizer) -> None:
+        self.directory = directory
+        self.relay = relay
+        self.auth = auth
+        self.authz = authz
+        self.sessions: dict[str, SessionRecord] = {}
+
+    async def StreamExec(self, request_iterator: object,  # noqa: N802 - gRPC's name
+                         context: grpc.aio.ServicerContext) -> None:
+        try:
+            await self._exec(context)
+        except RuneError as exc:
+            await context.abort(grpc.StatusCode[exc.grpc_status], exc.message)
+
+    async def _exec(self, context: grpc.aio.ServicerContext) -> None:
+        identity = self.auth.authenticate(context.invocation_metadata() or ())
+        first = await context.read()
+        if first is grpc.aio.EOF or first.WhichOneof("msg") != "init":
+            raise InvalidArgument("the first message of a stream must be init")
+        init = first.init
+        namespace = init.namespace or "default"
+        if not init.target:
+            raise InvalidArgument("no target given")
+        if not init.command:
+            raise InvalidArgument("no command given")
+        self.authz.authorize(identity, "exec-tty" if init.tty else "exec", namespace,
+                             list(init.command))
+        instance = self.directory.resolve(namespace, init.target)
+        record = SessionRecord(id=self.relay.new_session_id(), user=identity.user,
+                               instance=instance, argv=list(init.command), tty=init.tty)
+        self.sessions[record.id] = record
+        self.directory.busy[instance.key] += 1
+        log.info("session %s start: user=%s target=%s/%s argv0=%s", record.id, identity.user,
+                 namespace, instance.instance_id, init.command[0])
+        try:
+            await self.relay.run(context, init, instance, record)
+        finally:
+            self.directory.busy[instance.key] -= 1
+            self.sessions.pop(record.id, None)
+            log.info("session %s end: exit=%s bytes_out=%d", record.id, record.exit_code,
+                     record.bytes_out)
+
+    async def ListInstances(self, request: pb.ListInstancesRequest,  # noqa: N802
+                            context: grpc.aio.ServicerContext) -> pb.ListInstancesResponse:
+        try:
+            identity = self.auth.authenticate(context.invocation_metadata() or ())
+            namespace = None if request.all_namespaces else (request.namespace or "default")
+            self.authz.authorize(identity, "list", namespace or "*")
+        except RuneError as exc:
+            await context.abort(grpc.StatusCode[exc.grpc_status], exc.message)
+        return pb.ListInstancesResponse(instances=[
+            pb.Instance(namespace=i.namespace, service=i.service, instance_id=i.instance_id,
+                        state=i.state, host=i.host, agent=i.agent, runner=i.runner,
+                        labels=i.labels)
+            for i in self.directory.list(namespace)
+        ])

@@ -1,0 +1,88 @@
+"""`rune dev up|down`: the whole stack on this machine, for trying Rune in a minute."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.devstack import DEMO_SERVICES, Stack, StackError, stop_pid
+
+dev_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                      help="Run the local development stack.")
+DEFAULT_STATE = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / \
+    "rune" / "dev"
+
+
+@dev_app.command("up")
+def up(
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="return once ready")] = False,
+    state_dir: Annotated[Path, typer.Option(help="where state and logs go")] = DEFAULT_STATE,
+    nats_port: int = 4222,
+    api_port: int = 8443,
+) -> None:
+    """Start nats-server, rune-apiserver and one agent with demo services."""
+    pids = state_dir / "pids.json"
+    if pids.exists() and _alive(json.loads(pids.read_text())):
+        sys.stderr.write(f"Error: a dev stack is already running (see {pids}); "
+                         "run `rune dev down` first\n")
+        raise typer.Exit(255)
+    stack = Stack(state_dir, nats_port=nats_port, api_port=api_port)
+    try:
+        print(f"starting nats-server on {stack.nats_url} ...", flush=True)
+        stack.start_nats()
+        print(f"starting rune-apiserver on {stack.api_address} ...", flush=True)
+        stack.start_apiserver()
+        print("starting rune-agent local with services api (2) and worker (1) ...", flush=True)
+        stack.start_agent("local", DEMO_SERVICES)
+    except (StackError, OSError) as exc:
+        stack.stop()
+        sys.stderr.write(f"Error: {exc}\n")
+        raise typer.Exit(255) from None
+    stack.save_pids()
+    api_flag = "" if api_port == 8443 else f" --api-server {stack.api_address}"
+    print(f"\nready. logs in {stack.logs}\n\ntry:\n  rune instances{api_flag}\n"
+          f"  rune exec{api_flag} api ls -la\n  rune exec{api_flag} api sh\n")
+    if detach:
+        print("stop it with: rune dev down")
+        return
+    print("press Ctrl+C to stop", flush=True)
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    try:
+        signal.sigwait(stop_signals)
+    finally:
+        print("stopping ...", flush=True)
+        stack.stop()
+        pids.unlink(missing_ok=True)
+
+
+@dev_app.command("down")
+def down(
+    state_dir: Annotated[Path, typer.Option(help="where `up` keeps its state")] = DEFAULT_STATE,
+) -> None:
+    """Stop exactly the processes `rune dev up --detach` started."""
+    pids = state_dir / "pids.json"
+    if not pids.exists():
+        print("no dev stack is running")
+        return
+    recorded = json.loads(pids.read_text())
+    for name in sorted(recorded, key=lambda n: (not n.startswith("agent"), n == "nats")):
+        print(f"stopping {name} (pid {recorded[name]})")
+        stop_pid(recorded[name])
+    pids.unlink()
+
+
+def _alive(recorded: dict[str, int]) -> bool:
+    for pid in recorded.values():
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            continue
+    return False

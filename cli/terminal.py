@@ -1,0 +1,76 @@
+"""The local terminal: when to ask for a remote TTY, raw mode, and the window size."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import sys
+import termios
+import tty
+
+INTERACTIVE = frozenset({
+    "bash", "sh", "zsh", "fish", "tcsh", "csh", "dash", "ash", "ksh",
+    "vim", "vi", "nvim", "nano", "emacs", "top", "htop", "less", "more",
+})
+INTERPRETERS = frozenset({"python", "python3", "ipython", "node", "irb", "psql", "mysql",
+                          "redis-cli", "lua", "perl", "php", "R"})
+
+
+def wants_tty(command: list[str]) -> tuple[bool, str]:
+    """Whether COMMAND is interactive by nature, and why (for --verbose)."""
+    name = os.path.basename(command[0])
+    if name in INTERACTIVE and not (len(command) > 1 and command[1] == "-c"):
+        return True, f"{name} is an interactive program"
+    if name in INTERPRETERS and len(command) == 1:
+        return True, f"{name} started without a script"
+    return False, f"{name} is not an interactive program"
+
+
+def decide_tty(command: list[str], force: bool | None) -> tuple[bool, str]:
+    """--tty/--no-tty win; otherwise an interactive command with stdin and stdout terminals."""
+    if force is True:
+        return True, "--tty given"
+    if force is False:
+        return False, "--no-tty given"
+    interactive, why = wants_tty(command)
+    if not interactive:
+        return False, why
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return False, f"{why}, but stdin or stdout is not a terminal"
+    return True, f"{why} and stdin and stdout are terminals"
+
+
+def window_size(fd: int | None = None) -> tuple[int, int]:
+    """(columns, rows) of the local terminal, or (0, 0) when there is none."""
+    for candidate in ([fd] if fd is not None else [1, 0, 2]):
+        try:
+            rows, cols, _, _ = struct.unpack(
+                "HHHH", fcntl.ioctl(candidate, termios.TIOCGWINSZ, b"\0" * 8))
+            if rows and cols:
+                return cols, rows
+        except OSError:
+            continue
+    return 0, 0
+
+
+class RawMode:
+    """Puts a terminal in raw mode and always gives back exactly the settings it found."""
+
+    def __init__(self, fd: int = 0) -> None:
+        self.fd = fd
+        self._saved: list | None = None
+
+    def __enter__(self) -> RawMode:
+        if os.isatty(self.fd):
+            self._saved = termios.tcgetattr(self.fd)
+            tty.setraw(self.fd, termios.TCSANOW)
+        return self
+
+    def restore(self) -> None:
+        if self._saved is not None:
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+            self._saved = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()

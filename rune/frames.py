@@ -1,0 +1,77 @@
+"""The msgpack frame codec of the apiserver <-> agent leg (hot path: no pydantic here).
+
+A frame is the msgpack array ``[kind, seq, payload]``. Sequenced kinds carry a
+per-direction sequence number starting at 1; ACK and HEARTBEAT carry 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+# agent -> apiserver
+STDOUT = 1
+STDERR = 2
+EXIT = 3  # payload {"code": int, "signal": int}
+ERROR = 4  # payload {"code": str, "message": str}
+# apiserver -> agent
+STDIN = 10
+STDIN_EOF = 11
+RESIZE = 12  # payload [width, height]
+SIGNAL = 13  # payload signal number
+CLOSE = 14  # payload reason; the agent kills the command and ends the session
+# both directions, unsequenced
+ACK = 20  # payload: highest contiguous sequence number consumed
+HEARTBEAT = 21  # payload: highest contiguous sequence number received
+
+NAMES = {
+    STDOUT: "stdout", STDERR: "stderr", EXIT: "exit", ERROR: "error", STDIN: "stdin",
+    STDIN_EOF: "stdin_eof", RESIZE: "resize", SIGNAL: "signal", CLOSE: "close",
+    ACK: "ack", HEARTBEAT: "heartbeat",
+}
+DATA_KINDS = frozenset((STDOUT, STDERR, STDIN))
+
+# Data frames stay well under NATS max_payload (1 MiB by default).
+MAX_DATA = 256 * 1024
+MAX_FRAME = 1024 * 1024
+
+
+class MalformedFrame(ValueError):
+    """The bytes are not a frame of this protocol."""
+
+
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+def encode(kind: int, seq: int, payload: Any = None) -> bytes:
+    return _packb((kind, seq, payload))
+
+
+def decode(data: bytes) -> tuple[int, int, Any]:
+    if len(data) > MAX_FRAME:
+        raise MalformedFrame(f"frame of {len(data)} bytes exceeds {MAX_FRAME}")
+    try:
+        frame = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise MalformedFrame(f"undecodable frame: {exc}") from None
+    if not isinstance(frame, list) or len(frame) != 3:
+        raise MalformedFrame("frame is not a [kind, seq, payload] array")
+    kind, seq, payload = frame
+    if kind not in NAMES or not isinstance(seq, int) or seq < 0:
+        raise MalformedFrame(f"unknown frame kind {kind!r} or bad sequence {seq!r}")
+    if kind in DATA_KINDS and not isinstance(payload, bytes):
+        raise MalformedFrame(f"{NAMES[kind]} frame without bytes payload")
+    return kind, seq, payload
+
+
+def pack(obj: Any) -> bytes:
+    """Encodes a control message (session open request/reply) as msgpack."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise MalformedFrame(f"undecodable message: {exc}") from None

@@ -1,0 +1,185 @@
+"""One end of a session over NATS: a reliable sender, a reliable receiver, heartbeats.
+
+Frames arrive through a subscription callback that never blocks: it drops
+garbage, duplicates and gaps, and queues in-order frames. The queue is bounded
+by the peer's window, because the peer sends only against credit, and credit is
+returned only when the consumer takes the *next* frame with `recv()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Any
+
+from nats.aio.client import Client as NATS
+
+from rune import frames
+from rune.errors import Unavailable
+from rune.flow import Receiver, Sender
+from rune.ratelog import RateLimitedLog
+
+log = logging.getLogger(__name__)
+garbage_log = RateLimitedLog(log)
+
+DEFAULT_WINDOW = 4 * 1024 * 1024
+TICK = 0.05
+
+
+class LinkSettings:
+    def __init__(
+        self,
+        window: int = DEFAULT_WINDOW,
+        heartbeat: float = 2.0,
+        lost_after: int = 3,
+        rto: float = 1.0,
+    ) -> None:
+        self.window = window
+        self.heartbeat = heartbeat
+        self.lost_after = lost_after
+        self.rto = rto
+
+
+class SessionLink:
+    def __init__(
+        self,
+        nc: NATS,
+        send_subject: str,
+        recv_subject: str,
+        accepts: frozenset[int],
+        settings: LinkSettings | None = None,
+        peer: str = "peer",
+    ) -> None:
+        self.nc = nc
+        self.settings = settings or LinkSettings()
+        self.send_subject = send_subject
+        self.recv_subject = recv_subject
+        self.peer = peer
+        self._accepts = accepts
+        self.sender = Sender(self._publish, self.settings.window, self.settings.rto)
+        self.receiver = Receiver(self.settings.window)
+        self._queue: deque[tuple[int, int, Any]] = deque()
+        self._ready = asyncio.Event()
+        self._to_consume: tuple[int, int] | None = None
+        self._sub = None
+        self._task: asyncio.Task | None = None
+        self._last_sent = time.monotonic()
+        self._last_heard = time.monotonic()
+        self._last_ack = 0.0
+        self.lost: Unavailable | None = None
+        self.lost_event = asyncio.Event()
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    async def open(self) -> None:
+        self._sub = await self.nc.subscribe(
+            self.recv_subject, cb=self._on_msg, pending_bytes_limit=256 * 1024 * 1024
+        )
+        self._task = asyncio.create_task(self._maintain())
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            self._task = None
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            try:
+                await sub.unsubscribe()
+            except Exception:  # the connection may be closed or reconnecting
+                pass
+
+    async def _publish(self, data: bytes) -> None:
+        self._last_sent = time.monotonic()
+        try:
+            await self.nc.publish(self.send_subject, data)
+        except Exception as exc:
+            # Lost frames are retransmitted once the broker is back; acks are re-sent on tick.
+            garbage_log.warning("publish", "publish on %s failed: %s", self.send_subject, exc)
+
+    async def send(self, kind: int, payload: Any = None, size: int = 0) -> None:
+        if size:
+            self.bytes_out += size
+        await self.sender.send(kind, payload, size)
+
+    async def _on_msg(self, msg: Any) -> None:
+        try:
+            kind, seq, payload = frames.decode(msg.data)
+        except frames.MalformedFrame as exc:
+            garbage_log.warning("malformed", "dropped frame on %s: %s", self.recv_subject, exc)
+            return
+        self._last_heard = time.monotonic()
+        if kind in (frames.ACK, frames.HEARTBEAT):
+            if (isinstance(payload, list) and len(payload) == 2
+                    and all(isinstance(x, int) for x in payload)):
+                await self.sender.on_ack(payload[0], payload[1])
+            return
+        if kind not in self._accepts:
+            garbage_log.warning("kind", "dropped %s frame on %s", frames.NAMES[kind],
+                                self.recv_subject)
+            return
+        accepted = self.receiver.accept(seq)
+        if accepted:
+            self._queue.append((seq, kind, payload))
+            self._ready.set()
+        elif accepted is None:
+            await self._ack()
+
+    async def recv(self) -> tuple[int, Any]:
+        """The next frame in order; the previous one counts as consumed. Raises when lost."""
+        if self._to_consume is not None:
+            seq, size = self._to_consume
+            self._to_consume = None
+            if self.receiver.mark_consumed(seq, size):
+                await self._ack()
+        while not self._queue:
+            if self.lost is not None:
+                raise self.lost
+            self._ready.clear()
+            lost = asyncio.ensure_future(self.lost_event.wait())
+            ready = asyncio.ensure_future(self._ready.wait())
+            try:
+                await asyncio.wait((lost, ready), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                lost.cancel()
+                ready.cancel()
+        seq, kind, payload = self._queue.popleft()
+        size = len(payload) if kind in frames.DATA_KINDS else 0
+        self.bytes_in += size
+        self._to_consume = (seq, size)
+        return kind, payload
+
+    def declare_lost(self, error: Unavailable) -> None:
+        if self.lost is None:
+            self.lost = error
+            self.lost_event.set()
+
+    async def _ack(self) -> None:
+        self._last_ack = time.monotonic()
+        await self._publish(frames.encode(frames.ACK, 0, self.receiver.ack_payload()))
+
+    async def flush_ack(self) -> None:
+        """Acknowledges everything taken so far (used at the end of a session)."""
+        if self._to_consume is not None:
+            seq, size = self._to_consume
+            self._to_consume = None
+            self.receiver.mark_consumed(seq, size)
+        await self._ack()
+
+    async def _maintain(self) -> None:
+        s = self.settings
+        while True:
+            await asyncio.sleep(TICK)
+            now = time.monotonic()
+            if self.receiver.ack_due() and now - self._last_ack >= TICK:
+                await self._ack()
+            await self.sender.tick()
+            if time.monotonic() - self._last_sent >= s.heartbeat:
+                await self._publish(
+                    frames.encode(frames.HEARTBEAT, 0, [self.receiver.consumed,
+                                                        self.receiver.received])
+                )
+            silent = now - self._last_heard
+            if silent > s.heartbeat * s.lost_after and self.lost is None:
+                self.declare_lost(Unavailable(f"{self.peer} lost: no heartbeat for {silent:.1f}s"))

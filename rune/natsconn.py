@@ -1,0 +1,46 @@
+"""Connecting to NATS the same way in every program: nkeys credentials, endless reconnects."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import nats
+from nats.aio.client import Client as NATS
+
+log = logging.getLogger(__name__)
+
+
+async def connect(
+    url: str,
+    name: str,
+    nkey_seed_file: str | None = None,
+    on_reconnect: Callable[[], Awaitable[None]] | None = None,
+) -> NATS:
+    async def error_cb(exc: Exception) -> None:
+        log.warning("nats: %s: %s", type(exc).__name__, exc)
+
+    async def disconnected_cb() -> None:
+        log.warning("nats: disconnected from %s", url)
+
+    async def reconnected_cb() -> None:
+        log.info("nats: reconnected to %s", url)
+        if on_reconnect:
+            await on_reconnect()
+
+    options: dict = {}
+    if nkey_seed_file:
+        options["nkeys_seed"] = nkey_seed_file
+    return await nats.connect(
+        servers=[url],
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.25,
+        connect_timeout=2,
+        allow_reconnect=True,
+        pending_size=16 * 1024 * 1024,
+        error_cb=error_cb,
+        disconnected_cb=disconnected_cb,
+        reconnected_cb=reconnected_cb,
+        **options,
+    )

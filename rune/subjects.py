@@ -1,0 +1,59 @@
+"""Every NATS subject and bucket name, built in exactly this one place."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def check_token(value: str, what: str) -> str:
+    """Ids that become subject tokens must not contain wildcards, dots or spaces."""
+    if not _TOKEN.match(value or ""):
+        raise ValueError(f"{what} {value!r} must match [A-Za-z0-9_-]+")
+    return value
+
+
+@dataclass(frozen=True)
+class Subjects:
+    prefix: str = "rune"
+
+    def agent_exec(self, agent: str) -> str:
+        return f"{self.prefix}.agent.{agent}.exec"
+
+    def agent_all(self, agent: str) -> str:
+        return f"{self.prefix}.agent.{agent}.>"
+
+    def session_in(self, agent: str, session: str) -> str:
+        return f"{self.prefix}.in.{agent}.{session}"
+
+    def session_out(self, agent: str, session: str) -> str:
+        return f"{self.prefix}.out.{agent}.{session}"
+
+    def agent_in_all(self, agent: str) -> str:
+        return f"{self.prefix}.in.{agent}.>"
+
+    def agent_out_all(self, agent: str) -> str:
+        return f"{self.prefix}.out.{agent}.>"
+
+    def agent_heartbeat(self, agent: str) -> str:
+        # An agent may publish only under rune.out.<its id>, so its liveness lives there too.
+        return f"{self.prefix}.out.{agent}._alive"
+
+    def all_agent_heartbeats(self) -> str:
+        return f"{self.prefix}.out.*._alive"
+
+    def audit(self, namespace: str, event: str) -> str:
+        return f"{self.prefix}.audit.{namespace}.{event}"
+
+    def audit_all(self) -> str:
+        return f"{self.prefix}.audit.>"
+
+    @property
+    def instances_bucket(self) -> str:
+        return f"{self.prefix}_instances"
+
+    @property
+    def audit_stream(self) -> str:
+        return f"{self.prefix.upper()}_AUDIT"
