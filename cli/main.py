@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from typing import Annotated, Optional
@@ -106,7 +105,9 @@ def exec_command(
 def _run(coro: object, prefix: str = "") -> int:
     """Runs a client coroutine; a RuneError becomes one `Error: …` line and its exit code."""
     try:
-        return asyncio.run(coro)
+        from rune.runtime import run
+
+        return run(coro)
     except (OSError, ValueError) as exc:
         raise fail(str(exc)) from None
     except RuneError as exc:

@@ -33,7 +33,7 @@ NAMES = {
 DATA_KINDS = frozenset((STDOUT, STDERR, STDIN))
 
 # Data frames stay well under NATS max_payload (1 MiB by default).
-MAX_DATA = 256 * 1024
+MAX_DATA = 1020 * 1024
 MAX_FRAME = 1024 * 1024
 
 

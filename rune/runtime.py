@@ -31,11 +31,10 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
-def run(main: Coroutine) -> None:
-    """Runs a server coroutine on uvloop where installed (faster relays), else asyncio."""
+def run(main: Coroutine) -> object:
+    """Runs a coroutine on uvloop where installed (faster relays), else asyncio."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main)
-        return
-    uvloop.run(main)
+        return asyncio.run(main)
+    return uvloop.run(main)
