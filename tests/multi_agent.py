@@ -17,10 +17,11 @@ from rune.runtime import configure_logging, run
 
 
 def fleet_configs(nats_url: str, agents: int, replicas: int, state_dir: str,
-                  service: str = "fleet", id_prefix: str = "m") -> list[AgentConfig]:
-    """`agents` agents, each running `replicas` cheap instances of `service`."""
+                  service: str = "fleet", id_prefix: str = "m",
+                  first: int = 0) -> list[AgentConfig]:
+    """Agents first..first+agents-1, each running `replicas` cheap instances of `service`."""
     configs = []
-    for n in range(agents):
+    for n in range(first, first + agents):
         agent_id = f"{id_prefix}{n:03d}"
         configs.append(AgentConfig.model_validate({
             "agent_id": agent_id, "host": f"host-{agent_id}", "nats": {"url": nats_url},
@@ -45,15 +46,19 @@ async def serve(configs: list[AgentConfig]) -> None:
 
 
 def start_fleet(stack: object, agents: int, replicas: int, service: str = "fleet",
-                id_prefix: str = "m", timeout: float = 120.0) -> subprocess.Popen:
-    """Spawns the fleet as a child of `stack` and waits until every instance runs."""
+                id_prefix: str = "m", timeout: float = 120.0,
+                processes: int = 1) -> list[subprocess.Popen]:
+    """Spawns the fleet (agents spread over `processes`) under `stack`; waits until it runs."""
     from cli.devstack import wait_until
 
-    argv = [sys.executable, "-m", "tests.multi_agent", "--nats-url", stack.nats_url,
-            "--agents", str(agents), "--replicas", str(replicas), "--service", service,
-            "--id-prefix", id_prefix, "--state-dir", str(stack.state_dir / "fleet"),
-            "--log-level", "WARNING"]
-    proc = stack._spawn(f"fleet-{id_prefix}", argv)
+    procs = []
+    per = -(-agents // processes)
+    for first in range(0, agents, per):
+        argv = [sys.executable, "-m", "tests.multi_agent", "--nats-url", stack.nats_url,
+                "--agents", str(min(per, agents - first)), "--first", str(first),
+                "--replicas", str(replicas), "--service", service, "--id-prefix", id_prefix,
+                "--state-dir", str(stack.state_dir / "fleet"), "--log-level", "WARNING"]
+        procs.append(stack._spawn(f"fleet-{id_prefix}-{first}", argv))
     expected = agents * replicas
 
     def running() -> bool:
@@ -61,15 +66,16 @@ def start_fleet(stack: object, agents: int, replicas: int, service: str = "fleet
         return sum(1 for i in items if i.service == service and i.state == "running") \
             >= expected
 
-    wait_until(running, f"fleet of {expected} instances", timeout=timeout, proc=proc,
-               log=stack.logs / f"fleet-{id_prefix}.log")
-    return proc
+    wait_until(running, f"fleet of {expected} instances", timeout=timeout, proc=procs[0],
+               log=stack.logs / f"fleet-{id_prefix}-0.log")
+    return procs
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="multi_agent", description=__doc__)
     parser.add_argument("--nats-url", required=True)
     parser.add_argument("--agents", type=int, required=True)
+    parser.add_argument("--first", type=int, default=0, help="number of the first agent")
     parser.add_argument("--replicas", type=int, required=True)
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--service", default="fleet")
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     run(serve(fleet_configs(args.nats_url, args.agents, args.replicas, args.state_dir,
-                            args.service, args.id_prefix)))
+                            args.service, args.id_prefix, args.first)))
 
 
 if __name__ == "__main__":
