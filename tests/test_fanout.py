@@ -211,3 +211,28 @@ def test_unreachable_agent_is_reported_without_hanging(tmp_path):
         else:
             assert (rows[instance][1], status) == ("255", "unreachable:")
             assert "agent a2 is not reachable" in " ".join(rows[instance])
+
+
+def test_interrupt_ends_every_remote_command(fleet):
+    """Ctrl-C on the CLI ends the fan-out (exit 130) and every remote command with it."""
+    marker = f"rune-fanout-int-{os.getpid()}-{time.monotonic_ns()}"
+    proc = fleet.popen("exec", "web", "--all", "python3", "-c",
+                       "import time; print('up', flush=True); time.sleep(60)", marker,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       stdin=subprocess.DEVNULL)
+    try:
+        ups = [proc.stdout.readline() for _ in WEB]
+        assert all(line.endswith(b"| up\n") for line in ups)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 130
+    finally:
+        proc.kill()
+        proc.wait()
+    assert b"interrupted" in proc.stderr.read()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout == b"":
+            break
+        time.sleep(0.1)
+    assert subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout == b"", \
+        "a remote command survived the interrupt"
