@@ -20,6 +20,7 @@ from apiserver.service import ExecService
 from rune import errors, frames
 from rune.errors import (
     DeadlineExceeded,
+    Internal,
     InvalidArgument,
     NotFound,
     NotRunning,
@@ -170,12 +171,12 @@ class FanoutRun:
 
     async def _result(self, info: InstanceInfo, status: str, code: int, duration: float,
                       signal: int = 0, error: RuneError | None = None, host: str = "") -> None:
-        self.reported.add(info.instance_id)
         result = pb.FanoutResult(status=status, code=code, signal=signal,
                                  duration_seconds=duration, host=host or info.host)
         if error is not None:
             result.error.CopyFrom(pb.Error(code=error.code, message=error.message))
         await self._emit(info, result=result)
+        self.reported.add(info.instance_id)
         if status in ("unreachable", "failed") or code or signal:
             self.failed.set()
 
@@ -190,6 +191,10 @@ class FanoutRun:
                 status = "unreachable" if isinstance(exc, Unavailable) else "failed"
                 code = exc.exit_code
                 await self._result(info, status, code, time.monotonic() - began, error=exc)
+            except Exception as exc:  # a bug must still end this instance with a result
+                log.exception("fan-out session on %s failed", info.instance_id)
+                await self._result(info, "failed", 255, time.monotonic() - began,
+                                   error=Internal(f"internal error: {exc}"))
 
     async def _session(self, info: InstanceInfo, began: float) -> None:
         service = self.service

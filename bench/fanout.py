@@ -9,6 +9,7 @@ its own NATS client) on free loopback ports; prints one row per size.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -52,24 +53,27 @@ class RssSampler(threading.Thread):
         return self.peak
 
 
-def fanout_once(stack: Stack, service: str) -> tuple[float, str]:
+def fanout_once(stack: Stack, service: str) -> tuple[float, float, str]:
+    """Wall time of the whole CLI, the slowest instance's session, the summary's tally."""
     argv = [sys.executable, "-m", "cli.main", "exec", "--api-server", stack.api_address,
             service, "--all", "true"]
     began = time.perf_counter()
     result = subprocess.run(argv, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=600)
     elapsed = time.perf_counter() - began
-    last = result.stderr.decode().strip().splitlines()[-1]
+    lines = result.stderr.decode().strip().splitlines()
     if result.returncode != 0:
-        raise SystemExit(f"{service}: exit {result.returncode}: {last}")
-    return elapsed, last
+        raise SystemExit(f"{service}: exit {result.returncode}: {lines[-1]}")
+    slowest = max(float(line.split()[3].rstrip("s")) for line in lines
+                  if "-instance-" in line)
+    return elapsed, slowest, lines[-1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    stack = Stack(tempfile.mkdtemp(prefix="rune-bench-"), nats_port=free_port(),
+    stack = Stack(tempfile.mkdtemp(prefix="rune-fanout-bench-"), nats_port=free_port(),
                   api_port=free_port())
     try:
         stack.start_nats()
@@ -79,22 +83,24 @@ def main() -> None:
                         timeout=300, processes=max(1, agents // 5))
         api_pid = stack.procs["apiserver"].pid
         print(f"{'instances':>9}  {'agents':>6}  {'median':>8}  {'best':>8}  "
-              f"{'apiserver RSS before/peak':>26}  result")
+              f"{'slowest session':>15}  {'apiserver RSS before/peak':>26}  result")
         for size, (agents, _) in SIZES.items():
             fanout_once(stack, f"f{size}")  # warm-up: imports, connections
             before = rss_kib(api_pid)
             sampler = RssSampler(api_pid)
             sampler.start()
-            times, last = [], ""
+            times, slowest, last = [], 0.0, ""
             for _ in range(args.runs):
-                elapsed, last = fanout_once(stack, f"f{size}")
+                elapsed, slow, last = fanout_once(stack, f"f{size}")
                 times.append(elapsed)
+                slowest = max(slowest, slow)
             peak = sampler.stop()
             print(f"{size:>9}  {agents:>6}  {statistics.median(times):>7.3f}s  "
-                  f"{min(times):>7.3f}s  {before / 1024:>11.1f} / {peak / 1024:.1f} MiB"
-                  f"      {last}", flush=True)
+                  f"{min(times):>7.3f}s  {slowest:>14.2f}s  "
+                  f"{before / 1024:>11.1f} / {peak / 1024:.1f} MiB      {last}", flush=True)
     finally:
         stack.stop(timeout=30)
+        shutil.rmtree(stack.state_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
