@@ -19,7 +19,7 @@ def big(tmp_path_factory):
     try:
         stack.start_nats()
         stack.start_apiserver()
-        start_fleet(stack, AGENTS, REPLICAS)
+        start_fleet(stack, AGENTS, REPLICAS, processes=4)  # 5 agents per process
         yield Rune(stack)
     finally:
         stack.stop()
