@@ -20,6 +20,9 @@ class ApiServerConfig(BaseModel):
     lost_after: int = 3
     open_timeout: float = 5.0
     max_message: int = 4 * 1024 * 1024
+    fanout_window: int = Field(default=256 * 1024,
+                               description="per-instance window of a fan-out session")
+    fanout_max_parallel: int = Field(default=512, description="cap on --max-parallel")
 
 
 def load(path: str | Path | None) -> ApiServerConfig:

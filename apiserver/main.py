@@ -13,6 +13,7 @@ import typer
 from apiserver.auth import OpenAccess
 from apiserver.config import ApiServerConfig, load
 from apiserver.directory import InstanceDirectory
+from apiserver.fanout import FanoutService
 from apiserver.relay import Relay
 from apiserver.service import ExecService
 from rune.natsconn import connect
@@ -37,6 +38,7 @@ async def serve(config: ApiServerConfig) -> None:
     ]
     server = grpc.aio.server(options=options)
     pb_grpc.add_ExecServiceServicer_to_server(service, server)
+    pb_grpc.add_FanoutServiceServicer_to_server(FanoutService(service), server)
     server.add_insecure_port(config.listen)
     await server.start()
     stop = asyncio.Event()

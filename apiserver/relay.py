@@ -106,6 +106,27 @@ class Relay:
                 await asyncio.shield(self._close_remote(link))
             await link.close()
 
+    def session_link(self, instance: InstanceInfo, session_id: str,
+                     window: int | None = None) -> SessionLink:
+        """The apiserver end of one session (fan-out opens one per instance)."""
+        window = window or self.config.window
+        return SessionLink(
+            self.nc,
+            send_subject=self.subjects.session_in(instance.agent, session_id),
+            recv_subject=self.subjects.session_out(instance.agent, session_id),
+            accepts=APISERVER_ACCEPTS,
+            settings=LinkSettings(window=window, heartbeat=self.config.heartbeat,
+                                  lost_after=self.config.lost_after),
+            peer=f"agent {instance.agent}",
+        )
+
+    async def open_session(self, instance: InstanceInfo, request: ExecOpen) -> ExecOpened:
+        """Asks the owning agent to start the session; Unavailable when it does not answer."""
+        return await self._open(instance, request)
+
+    async def close_remote(self, link: SessionLink) -> None:
+        await self._close_remote(link)
+
     async def _open(self, instance: InstanceInfo, request: ExecOpen) -> ExecOpened:
         try:
             reply = await self.nc.request(

@@ -54,8 +54,29 @@ def exec_command(
     token_file: Annotated[Optional[str], typer.Option()] = None,  # noqa: UP045
     ca_file: Annotated[Optional[str], typer.Option(help="CA bundle for TLS")] = None,  # noqa: UP045
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="fan out: every running instance of "
+                                       "TARGET ('*': of every service)")] = False,
+    instances: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+        "--instances", help="fan out to these instance ids (a,b,c)")] = None,
+    selector: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+        "--selector", "-l", help="fan out to instances whose labels match k=v[,k=v]")] = None,
+    max_parallel: Annotated[int, typer.Option(help="fan-out sessions at once", min=1)] = 64,
+    fail_fast: Annotated[bool, typer.Option(help="fan-out: stop the rest at the first "
+                                            "failure")] = False,
+    no_prefix: Annotated[bool, typer.Option(help="fan-out: no instance prefix")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="fan-out: JSON records, one "
+                                              "per line")] = False,
 ) -> None:
     """Run COMMAND inside an instance of TARGET. Rune's options go before COMMAND."""
+    if all_ or instances or selector or json_output or no_prefix or fail_fast:
+        from cli.fanout_cmd import fanout_exec
+
+        raise typer.Exit(fanout_exec(
+            target, command, namespace=namespace, workdir=workdir, env=env or [], tty=tty,
+            timeout=timeout, api_server=api_server, token_file=token_file, ca_file=ca_file,
+            all_=all_, instances=instances or [], selector=selector or [],
+            max_parallel=max_parallel, fail_fast=fail_fast, prefix=not no_prefix,
+            json_output=json_output))
     try:
         timeout_seconds = parse_duration(timeout)
     except ValueError as exc:
@@ -159,7 +180,8 @@ def main() -> None:
     args = sys.argv[1:]
     if args and args[0] == "exec":
         valued = {"--namespace", "-n", "--workdir", "--env", "-e", "--timeout", "--api-server",
-                  "--token-file", "--ca-file"}
+                  "--token-file", "--ca-file", "--instances", "--selector", "-l",
+                  "--max-parallel"}
         args = ["exec", *mark_command_start(args[1:], valued)]
     else:
         _register_subapps()

@@ -139,3 +139,84 @@ class ExecService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class FanoutServiceStub:
+    """Fan-out: one command on many instances over one stream (`rune exec --all`).
+    The first response is a plan (instance_id empty) naming every selected instance;
+    then per-instance started / stdout / stderr, and exactly one result per instance.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.StreamFanout = channel.unary_stream(
+                '/rune.v1.FanoutService/StreamFanout',
+                request_serializer=rune_dot_proto_dot_exec__pb2.FanoutRequest.SerializeToString,
+                response_deserializer=rune_dot_proto_dot_exec__pb2.FanoutResponse.FromString,
+                _registered_method=True)
+
+
+class FanoutServiceServicer:
+    """Fan-out: one command on many instances over one stream (`rune exec --all`).
+    The first response is a plan (instance_id empty) naming every selected instance;
+    then per-instance started / stdout / stderr, and exactly one result per instance.
+    """
+
+    def StreamFanout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_FanoutServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'StreamFanout': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamFanout,
+                    request_deserializer=rune_dot_proto_dot_exec__pb2.FanoutRequest.FromString,
+                    response_serializer=rune_dot_proto_dot_exec__pb2.FanoutResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'rune.v1.FanoutService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('rune.v1.FanoutService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class FanoutService:
+    """Fan-out: one command on many instances over one stream (`rune exec --all`).
+    The first response is a plan (instance_id empty) naming every selected instance;
+    then per-instance started / stdout / stderr, and exactly one result per instance.
+    """
+
+    @staticmethod
+    def StreamFanout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rune.v1.FanoutService/StreamFanout',
+            rune_dot_proto_dot_exec__pb2.FanoutRequest.SerializeToString,
+            rune_dot_proto_dot_exec__pb2.FanoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,221 @@
+"""`rune exec --all / --instances / --selector`: one command on many instances, one stream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import BinaryIO, TextIO
+
+import grpc
+
+from cli.client import ApiClient
+from cli.fanout_output import (
+    InstanceResult,
+    JsonWriter,
+    LineWriter,
+    Progress,
+    overall_exit,
+    summary,
+)
+from rune.errors import Unavailable
+from rune.proto import exec_pb2 as pb
+from rune.proto import exec_pb2_grpc as pb_grpc
+
+
+@dataclass
+class FanoutOptions:
+    target: str
+    command: list[str]
+    namespace: str = "default"
+    all: bool = False
+    instances: list[str] = field(default_factory=list)
+    selector: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str = ""
+    timeout: float = 300.0
+    max_parallel: int = 64
+    fail_fast: bool = False
+
+    def request(self) -> pb.FanoutRequest:
+        return pb.FanoutRequest(
+            namespace=self.namespace, target=self.target, all=self.all,
+            instances=self.instances, selector=self.selector, command=self.command,
+            env=self.env, workdir=self.workdir, timeout_seconds=self.timeout,
+            max_parallel=self.max_parallel, fail_fast=self.fail_fast)
+
+
+def parse_selector(items: list[str]) -> dict[str, str]:
+    """`k=v` items, each possibly `k=v,k2=v2` (as kubectl -l); raises ValueError."""
+    selector: dict[str, str] = {}
+    for item in items:
+        for pair in filter(None, item.split(",")):
+            key, sep, value = pair.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"invalid --selector {pair!r}: expected KEY=VALUE")
+            selector[key.strip()] = value.strip()
+    return selector
+
+
+def parse_instances(items: list[str]) -> list[str]:
+    """`a,b,c` (repeatable) → ids in order, without duplicates; raises ValueError on none."""
+    ids = [i.strip() for item in items for i in item.split(",") if i.strip()]
+    if items and not ids:
+        raise ValueError("--instances needs at least one instance id")
+    return list(dict.fromkeys(ids))
+
+
+async def responses(client: ApiClient,
+                    request: pb.FanoutRequest) -> AsyncIterator[pb.FanoutResponse]:
+    """The fan-out stream's responses; failures surface as RuneErrors."""
+    stub = pb_grpc.FanoutServiceStub(client.channel)
+    call = stub.StreamFanout(request, metadata=client.metadata)
+    try:
+        while True:
+            try:
+                response = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                raise client.translate(exc) from None
+            if response is grpc.aio.EOF:
+                return
+            yield response
+    finally:
+        call.cancel()
+
+
+class FanoutCommand:
+    def __init__(self, client: ApiClient, options: FanoutOptions, json_output: bool = False,
+                 prefix: bool = True, out: BinaryIO | None = None, err: BinaryIO | None = None,
+                 err_text: TextIO | None = None) -> None:
+        self.client = client
+        self.options = options
+        self.json_output = json_output
+        self.prefix = prefix
+        self.out = out or sys.stdout.buffer
+        self.err = err or sys.stderr.buffer
+        self.err_text = err_text or sys.stderr
+        self.results: dict[str, InstanceResult] = {}
+
+    def _colour(self, stream: BinaryIO) -> bool:
+        return not os.environ.get("NO_COLOR") and _isatty(stream)
+
+    async def run(self) -> int:
+        writer = None
+        progress = Progress(self.err_text, 0, enabled=False)
+        ticker: asyncio.Task | None = None
+        try:
+            async for response in responses(self.client, self.options.request()):
+                kind = response.WhichOneof("msg")
+                instance = response.instance_id
+                if kind == "plan":
+                    writer, progress = self._plan(response.plan)
+                    ticker = asyncio.create_task(_tick(progress))
+                    continue
+                if writer is None:
+                    raise Unavailable("the API server sent output before its plan")
+                result = self.results.setdefault(instance, InstanceResult(instance))
+                if kind == "started":
+                    result.host = response.started.host or result.host
+                elif kind in ("stdout", "stderr"):
+                    writer.output(instance, kind, getattr(response, kind))
+                elif kind == "result":
+                    self._finish(writer, progress, result, response.result)
+        finally:
+            if ticker:
+                ticker.cancel()
+            progress.clear()
+        if writer is None:
+            raise Unavailable("the API server ended the stream before its plan")
+        results = list(self.results.values())
+        for r in results:
+            if r.status == "pending":
+                writer.end(r.instance_id)
+                r.error = "the API server ended the stream without a result"
+                writer.result(r)
+        self.err_text.write(summary(results))
+        self.err_text.flush()
+        return overall_exit(results)
+
+    def _plan(self, plan: pb.FanoutPlan) -> tuple[LineWriter | JsonWriter, Progress]:
+        for i in plan.instances:
+            self.results[i.instance_id] = InstanceResult(
+                i.instance_id, service=i.service, agent=i.agent, host=i.host)
+        ids = list(self.results)
+        progress = Progress(self.err_text, len(ids), enabled=_isatty(self.err_text))
+        if self.json_output:
+            return JsonWriter(self.out, {i.instance_id: i.host for i in plan.instances}), progress
+        return LineWriter(ids, self.out, self.err, prefix=self.prefix,
+                          colour_out=self._colour(self.out), colour_err=self._colour(self.err),
+                          before_write=progress.clear), progress
+
+    def _finish(self, writer: LineWriter | JsonWriter, progress: Progress,
+                result: InstanceResult, done: pb.FanoutResult) -> None:
+        result.status = done.status
+        result.code, result.signal = done.code, done.signal
+        result.duration = done.duration_seconds
+        result.host = done.host or result.host
+        result.error = done.error.message if done.HasField("error") else ""
+        writer.end(result.instance_id)
+        writer.result(result)
+        progress.done += 1
+        if result.status != "exited" or result.exit_status:
+            progress.failed += result.status != "cancelled"
+        progress.refresh()
+
+
+async def _tick(progress: Progress) -> None:
+    while True:
+        await asyncio.sleep(Progress.REDRAW_EVERY)
+        progress.refresh()
+
+
+def _isatty(stream: object) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def fanout_exec(target: str, command: list[str], *, namespace: str | None, workdir: str,
+                env: list[str], tty: bool | None, timeout: str, api_server: str | None,
+                token_file: str | None, ca_file: str | None, all_: bool, instances: list[str],
+                selector: list[str], max_parallel: int, fail_fast: bool, prefix: bool,
+                json_output: bool) -> int:
+    """Checks the fan-out flags (usage errors exit 2), then runs it; returns the exit status."""
+    import typer
+
+    from cli.main import _client, _run, fail
+    from cli.parsing import parse_duration, parse_env
+    from cli.settings import load_user_config
+
+    if tty:
+        raise fail("a TTY cannot be used with fan-out (--all, --instances, --selector): "
+                   "run without -t/--tty", 2)
+    try:
+        selected = parse_instances(instances)
+        labels = parse_selector(selector)
+        timeout_seconds = parse_duration(timeout)
+        env_map = parse_env(env)
+    except ValueError as exc:
+        raise fail(str(exc), 2) from None
+    if not (all_ or selected or labels):
+        raise fail("--json, --no-prefix and --fail-fast need --all, --instances or "
+                   "--selector", 2)
+    if workdir and not workdir.startswith("/"):
+        raise typer.BadParameter("must be an absolute path", param_hint="--workdir")
+    try:
+        config = load_user_config()
+    except (OSError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    options = FanoutOptions(
+        target=target, command=command, namespace=namespace or config.namespace or "default",
+        all=all_, instances=selected, selector=labels, env=env_map, workdir=workdir,
+        timeout=timeout_seconds, max_parallel=max_parallel, fail_fast=fail_fast)
+
+    async def fanout() -> int:
+        async with _client(api_server, token_file, ca_file) as client:
+            return await FanoutCommand(client, options, json_output, prefix).run()
+
+    return _run(fanout(), "failed to initialize exec session")
