@@ -56,7 +56,7 @@ class Agent:
             await docker_runner.start()
             self.runners["docker"] = docker_runner
         await self.nc.subscribe(self.subjects.agent_exec(self.config.agent_id),
-                                cb=self._on_exec)
+                                cb=self._accept_exec)
         self.supervisor.start()
         self._spawn(self._announce_alive())
         log.info("agent %s ready on %s", self.config.agent_id, self.config.nats.url)
@@ -84,6 +84,11 @@ class Agent:
         if self.registry is None:
             return None
         return self.registry.current.get(f"{namespace}.{instance_id}")
+
+    async def _accept_exec(self, msg: object) -> None:
+        # Subscription callbacks run one at a time: open each session in its own task so
+        # that one slow spawn does not delay every other session's start.
+        self._spawn(self._on_exec(msg))
 
     async def _on_exec(self, msg: object) -> None:
         try:
