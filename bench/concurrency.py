@@ -8,12 +8,12 @@ from pathlib import Path
 
 from bench import rows
 from bench.context import BenchContext
-from bench.setup_latency import API
 from cli.client import ApiClient, ExecOptions, ExecStream, run_command
 
 SECTION = "5. idle sessions held open"
 STREAMS_PER_CHANNEL = 100  # keeps each HTTP/2 connection under common stream limits
 OPEN_PARALLEL = 16
+IDLE = "sessions.0.setup"
 
 
 def rss_kib(pid: int) -> int:
@@ -34,10 +34,11 @@ def run(ctx: BenchContext) -> list[dict]:
 
 async def _run(ctx: BenchContext) -> list[dict]:
     pids = {"apiserver": ctx.pid("apiserver"), "agent": ctx.pid(f"agent-{ctx.agent_id}")}
-    base = {name: rss_kib(pid) for name, pid in pids.items()}
     held: list[ExecStream] = []
     clients: list[ApiClient] = []
-    out: list[dict] = []
+    idle = await _idle_client_samples(ctx)  # also warms the session path up
+    out = [rows.latency(IDLE, SECTION, "new session setup (API) with 0 open", idle)]
+    base = {name: rss_kib(pid) for name, pid in pids.items()}
     try:
         for level in ctx.sizes.sessions:
             await _open_up_to(ctx, level, held, clients)
@@ -49,7 +50,7 @@ async def _run(ctx: BenchContext) -> list[dict]:
             samples = await _setup_samples(ctx, clients[0], ctx.sizes.loaded_setup_n)
             out.append(rows.latency(f"sessions.{level}.setup", SECTION,
                                     f"new session setup (API) with {level} open", samples,
-                                    ref=API) | {"versus_idle": True})
+                                    ref=IDLE) | {"versus_idle": True})
     finally:
         await _close(held, clients)
     return out
@@ -79,6 +80,12 @@ async def _open_up_to(ctx: BenchContext, level: int, held: list[ExecStream],
     if failures:
         raise RuntimeError(f"{len(failures)} of {len(results)} sessions failed to open: "
                            f"{failures[0]}")
+
+
+async def _idle_client_samples(ctx: BenchContext) -> list[float]:
+    async with ApiClient(ctx.api_address) as client:
+        await _setup_samples(ctx, client, ctx.sizes.warmup)
+        return await _setup_samples(ctx, client, ctx.sizes.loaded_setup_n)
 
 
 async def _setup_samples(ctx: BenchContext, client: ApiClient, n: int) -> list[float]:

@@ -86,6 +86,8 @@ def test_quick_run_holds_sessions_and_reports_memory_per_session(quick_run):
             assert row["status"] == "ok" and row["unit"] == "KiB" and row["sessions"] == level
             assert math.isfinite(row["value"]) and row["rss_base_kib"] > 0
         _sane_ok(found[f"sessions.{level}.setup"])
+        assert found[f"sessions.{level}.setup"]["ref"] == "sessions.0.setup"
+    _sane_ok(found["sessions.0.setup"])
 
 
 def test_quick_run_every_section_has_rows_and_none_failed(quick_run):
