@@ -61,7 +61,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     refs = {row.get("ref") for row in rows}
     lines = [f"Rune bench, {meta['date']}, {meta['machine']['cpu']} "
              f"({meta['machine']['cores']} cores), {'quick' if meta['quick'] else 'full'} run, "
-             f"{meta['duration_s']:.0f} s",
+             f"{meta['duration_s']:.0f} s, load average "
+             f"{meta['machine']['load_avg'][0]:.1f} at the end",
              "",
              "| section | measurement | p50 / value | p99 | n | vs rune |",
              "| --- | --- | --- | --- | --- | --- |"]

@@ -115,7 +115,8 @@ def test_ratio_says_how_many_times_rune_wins():
     rows.attach_ratios(table)
     assert ssh_ms["advantage"] == pytest.approx(3.0)
     assert pipe_mb["advantage"] == pytest.approx(0.25)
-    text = markdown(table, {"date": "d", "machine": {"cpu": "c", "cores": 2}, "quick": True,
+    text = markdown(table, {"date": "d", "machine": {"cpu": "c", "cores": 2, "load_avg": [0.5]},
+                            "quick": True,
                             "duration_s": 1.0})
     assert "rune 3.00× faster" in text and "rune 4.00× slower" in text
 
