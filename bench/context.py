@@ -1,0 +1,67 @@
+"""What a bench section gets: the running stack, the baselines' servers, sizes and helpers."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.dockerbox import DockerBox
+from bench.sshd import Sshd
+from cli.devstack import Stack
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = "api"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much each section measures; --quick shrinks everything to a smoke test."""
+
+    setup_n: int = 200            # in-process round trips, ssh, docker exec, NATS floor
+    cli_n: int = 200              # whole `rune exec` CLI processes
+    stream_bytes: int = 1 << 30   # stdout throughput
+    echo_n: int = 200             # keystrokes
+    fanout: tuple[int, ...] = (10, 100, 500)
+    sessions: tuple[int, ...] = (200, 500)
+    loaded_setup_n: int = 50      # setup latency while the idle sessions are open
+    warmup: int = 3
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(setup_n=20, cli_n=8, stream_bytes=8 << 20, echo_n=20, fanout=(10,),
+                   sessions=(10, 20), loaded_setup_n=5, warmup=1)
+
+
+@dataclass
+class BenchContext:
+    stack: Stack
+    workdir: Path
+    quick: bool
+    sizes: Sizes
+    sshd: Sshd | None = None
+    sshd_reason: str = ""
+    docker: DockerBox | None = None
+    docker_reason: str = ""
+    target: str = TARGET
+    agent_id: str = "bench"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def api_address(self) -> str:
+        return self.stack.api_address
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment for `rune` processes: no user config file gets in the way."""
+        return {**os.environ, "RUNE_CONFIG": str(self.workdir / "no-config.yaml")}
+
+    def rune_argv(self, *args: str) -> list[str]:
+        """`rune exec ARGS...` against the bench's apiserver, as a separate CLI process."""
+        return [sys.executable, "-m", "cli.main", "exec", "--api-server", self.api_address,
+                *args]
+
+    def pid(self, name: str) -> int:
+        """The pid of a stack process: "apiserver", "nats" or "agent-<id>"."""
+        return self.stack.procs[name].pid

@@ -1,0 +1,47 @@
+"""A throwaway container for the `docker exec` baselines, when a Docker Engine answers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+IMAGE = "rune-test-busybox:latest"
+
+
+class DockerUnavailable(RuntimeError):
+    pass
+
+
+class DockerBox:
+    def __init__(self, image: str = IMAGE) -> None:
+        self.image = image
+        self.name = f"rune-bench-{os.getpid()}"
+        self.started = False
+
+    def start(self) -> None:
+        if not shutil.which("docker"):
+            raise DockerUnavailable("no docker CLI on PATH")
+        try:
+            info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"],
+                                  capture_output=True, timeout=20, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise DockerUnavailable("the Docker Engine did not answer within 20 s") from None
+        if info.returncode != 0:
+            raise DockerUnavailable("no Docker Engine answers (docker info failed)")
+        run = subprocess.run(["docker", "run", "-d", "--rm", "--name", self.name,
+                              "--network", "none", self.image, "sleep", "2147483647"],
+                             capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+        if run.returncode != 0:
+            raise DockerUnavailable(f"docker run {self.image} failed: "
+                                    f"{run.stderr.decode().strip()[-300:]}")
+        self.started = True
+
+    def argv(self, *command: str, tty: bool = False) -> list[str]:
+        return ["docker", "exec", *(["-t"] if tty else []), self.name, *command]
+
+    def stop(self) -> None:
+        if self.started:
+            subprocess.run(["docker", "rm", "-f", self.name], capture_output=True, timeout=60,
+                           stdin=subprocess.DEVNULL)
+            self.started = False

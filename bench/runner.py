@@ -1,0 +1,68 @@
+"""Runs the sections in order; a section whose module has not landed yet still gets its rows."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import inspect
+import sys
+import time
+
+from bench import rows
+from bench.context import BenchContext
+
+# (module in bench/, section title, the rows it promises: shown as "not landed" without it)
+SECTIONS: list[tuple[str, str, list[str]]] = [
+    ("setup_latency", "1. setup latency of `true`", []),
+    ("throughput", "2. stdout throughput", []),
+    ("keystroke_echo", "3. keystroke echo through a TTY (`cat`)",
+     ["rune exec -t cat", "ssh -tt cat", "local PTY"]),
+    ("fanout", "4. fan-out of `true`",
+     ["rune fan-out to 10 instances", "rune fan-out to 100 instances",
+      "rune fan-out to 500 instances"]),
+    ("concurrency", "5. idle sessions held open", []),
+    ("docker_vs_rune", "extra: rune into Docker containers vs docker exec",
+     ["rune exec into a container vs docker exec"]),
+]
+
+
+def section_names() -> list[str]:
+    return [name for name, _, _ in SECTIONS]
+
+
+def run_section(name: str, title: str, promised: list[str], ctx: BenchContext) -> list[dict]:
+    """Imports bench.<name> by name and runs it; never raises."""
+    if importlib.util.find_spec(f"bench.{name}") is None:
+        return [rows.absent(f"{name}.{i}", title, label, rows.NOT_LANDED,
+                            f"bench/{name}.py is not in this checkout yet")
+                for i, label in enumerate(promised or [name])]
+    try:
+        module = importlib.import_module(f"bench.{name}")
+        run = getattr(module, "run", None)
+        if run is None:
+            raise RuntimeError(f"bench/{name}.py has no run(ctx)")
+        result = run(ctx)
+        if inspect.isawaitable(result):
+            result = asyncio.run(result)
+        if not isinstance(result, list) or not all(isinstance(r, dict) for r in result):
+            raise RuntimeError(f"bench/{name}.py run(ctx) did not return a list of rows")
+        return result
+    except Exception as exc:
+        return [rows.absent(f"{name}.error", title, name, rows.ERROR,
+                            f"{type(exc).__name__}: {exc}")]
+
+
+def run_all(ctx: BenchContext, only: list[str] | None = None) -> tuple[list[dict], dict]:
+    """All sections (or ONLY those), in order; returns rows and seconds per section."""
+    out: list[dict] = []
+    timings: dict[str, float] = {}
+    for name, title, promised in SECTIONS:
+        if only and name not in only:
+            continue
+        began = time.monotonic()
+        print(f"bench: {title} …", file=sys.stderr, flush=True)
+        out.extend(run_section(name, title, promised, ctx))
+        timings[name] = round(time.monotonic() - began, 1)
+    rows.attach_ratios(out)
+    return out, timings
