@@ -205,6 +205,13 @@ def test_piped_script_into_a_tty_ends_at_eof(trune):
     assert b"from-pipe" in result.stdout
 
 
+def test_piped_partial_line_into_a_tty_ends_at_eof(trune):
+    """Stdin that ends mid-line still reaches EOF under a remote TTY (`printf abc | cat`)."""
+    result = trune("exec", "-t", "api", "cat", input=b"abc", timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith(b"abc")
+
+
 # --- size --------------------------------------------------------------------------------
 
 def test_stty_size_follows_the_local_window(trune):
@@ -266,8 +273,14 @@ def test_ctrl_c_interrupts_the_remote_program_not_the_session(trune):
 
 
 def test_ctrl_z_and_ctrl_backslash_are_remote_keys(trune):
-    """Ctrl+\\ quits the remote foreground program; the session lives on."""
+    """Ctrl+Z stops the remote foreground job, Ctrl+\\ quits one; the session lives on."""
     child = remote_shell(trune)
+    child.sendline("sleep 100")
+    child.expect_exact("sleep 100\r\n")
+    child.sendcontrol("z")
+    child.expect_exact(PROMPT, timeout=10)
+    assert "Stopped" in run_remote(child, "jobs")
+    run_remote(child, "kill -9 %1")
     child.sendline("sleep 100")
     child.expect_exact("sleep 100\r\n")
     child.sendcontrol("\\")
