@@ -38,7 +38,10 @@ def read_until(fd: int, needle: bytes, timeout: float = 10.0) -> bytes:
             raise TimeoutError(f"no {needle!r} after {timeout}s; got {seen[-200:]!r}")
         ready, _, _ = select.select([fd], [], [], left)
         if ready:
-            seen += os.read(fd, 65536)
+            try:
+                seen += os.read(fd, 65536)
+            except OSError:  # EIO: the program in the terminal is gone
+                raise RuntimeError(f"the program ended; it printed {seen[-500:]!r}") from None
     return seen
 
 

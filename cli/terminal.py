@@ -96,8 +96,11 @@ class RawMode:
 
     def restore(self) -> None:
         if self._saved is not None:
-            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
-            self._saved = None
+            saved, self._saved = self._saved, None
+            try:
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, saved)
+            except (termios.error, OSError):
+                pass  # the terminal hung up: there is nothing left to give back
 
     def __exit__(self, *exc: object) -> None:
         self.restore()

@@ -113,6 +113,18 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _wait_exit(pid: int, timeout: float = 20.0) -> int:
+    """The wait status of our child PID, polled until TIMEOUT."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError(f"process {pid} did not exit within {timeout}s")
+
+
 def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -351,6 +363,17 @@ def test_terminal_restored_on_sigterm_and_sighup(trune, signum):
         assert _wait_gone(remote_pid), "the remote shell outlived the session"
     finally:
         shell.close()
+
+
+def test_terminal_hangup_ends_the_session(trune):
+    """Closing the local terminal (SIGHUP, terminal gone) ends the CLI and the remote shell."""
+    child = remote_shell(trune)
+    remote_pid = int(run_remote(child, "echo $$").strip())
+    child.ptyproc.fileobj.close()  # the terminal window goes away: the kernel hangs up
+    status = _wait_exit(child.pid)
+    child.ptyproc.terminated = True
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 128 + signal.SIGHUP
+    assert _wait_gone(remote_pid), "the remote shell outlived the session"
 
 
 def test_terminal_restored_when_the_agent_is_killed(tmp_path):
