@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,6 +99,14 @@ class LocalShell:
 
     def close(self) -> None:
         self.child.close(force=True)
+
+
+def _need(program: str) -> None:
+    """Full-screen programs come from the OS (.ci/run installs them): required in CI."""
+    if shutil.which(program) is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{program} is not installed (apt-get install less vim-tiny)")
+        pytest.skip(f"{program} is not installed")
 
 
 def _children(pid: int) -> list[int]:
@@ -415,6 +424,7 @@ def test_raw_mode_restores_on_exception():
 
 def test_less_pages_and_quits(trune):
     """`less` on a 500-line file shows a screenful, pages on space, quits on q."""
+    _need("less")
     child = remote_shell(trune, rows=24, cols=80)
     run_remote(child, "seq -f 'line-%g' 500 > /tmp/rune-less-$$.txt; "
                       "echo /tmp/rune-less-$$.txt > /tmp/rune-less-name-$$")
@@ -431,6 +441,7 @@ def test_less_pages_and_quits(trune):
 
 def test_vi_opens_and_quits(trune):
     """`vi` opens full screen, takes an edit, writes it and quits."""
+    _need("vi")
     child = remote_shell(trune, rows=24, cols=80)
     child.sendline("vi /tmp/rune-vi-$$.txt")
     child.expect("~")  # empty-buffer filler lines: the editor drew its screen
