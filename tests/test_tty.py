@@ -470,6 +470,20 @@ def test_sigint_reaches_a_remote_trap(trune):
     assert (proc.returncode, out) == (7, b"got-INT\n"), err
 
 
+def test_sigint_reaches_the_foreground_group_of_a_remote_tty(trune):
+    """--tty with piped stdin: SIGINT to the CLI goes to the remote terminal's foreground job."""
+    proc = trune.popen("exec", "-t", "api", "sh", "-c",
+                       'trap "echo got-INT; exit 7" INT; echo ready; while :; do sleep 0.1; done',
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"ready\r\n"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert (proc.returncode, out) == (7, b"got-INT\r\n"), err
+
+
 def test_sigterm_reaches_a_remote_trap(trune):
     """Non-TTY: SIGTERM to the CLI is forwarded too, and the remote status comes back."""
     proc = trune.popen("exec", "api", "sh", "-c",
