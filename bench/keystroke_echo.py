@@ -21,6 +21,8 @@ from ptyprocess import PtyProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# This process uses gRPC and then forks a PTY child: keep gRPC's fork handlers out of it.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from cli.devstack import Stack, free_port  # noqa: E402
 

@@ -23,6 +23,9 @@ from cli.terminal import RawMode, decide_tty, wants_tty
 
 PROMPT = "RUNE-REMOTE> "
 LOCAL_PROMPT = "LOCAL-SHELL> "
+# `sleep 100` that says when it is the terminal's foreground job (the job sets that itself
+# before it runs), so that a key typed after "started" cannot reach the shell instead.
+FOREGROUND_SLEEP = "sh -c 'echo started; exec sleep 100'"
 SHORT_HEARTBEAT = {"heartbeat": 0.5, "lost_after": 3}
 
 
@@ -280,8 +283,8 @@ def test_remote_program_gets_sigwinch(trune):
 def test_ctrl_c_interrupts_the_remote_program_not_the_session(trune):
     """`sleep 100` then Ctrl+C: back at the remote prompt, the shell still alive."""
     child = remote_shell(trune)
-    child.sendline("sleep 100")
-    child.expect_exact("sleep 100\r\n")
+    child.sendline(FOREGROUND_SLEEP)
+    child.expect_exact("started\r\n")
     began = time.monotonic()
     child.sendcontrol("c")
     child.expect_exact(PROMPT, timeout=10)
@@ -296,14 +299,14 @@ def test_ctrl_c_interrupts_the_remote_program_not_the_session(trune):
 def test_ctrl_z_and_ctrl_backslash_are_remote_keys(trune):
     """Ctrl+Z stops the remote foreground job, Ctrl+\\ quits one; the session lives on."""
     child = remote_shell(trune)
-    child.sendline("sleep 100")
-    child.expect_exact("sleep 100\r\n")
+    child.sendline(FOREGROUND_SLEEP)
+    child.expect_exact("started\r\n")
     child.sendcontrol("z")
     child.expect_exact(PROMPT, timeout=10)
     assert "Stopped" in run_remote(child, "jobs")
     run_remote(child, "kill -9 %1")
-    child.sendline("sleep 100")
-    child.expect_exact("sleep 100\r\n")
+    child.sendline(FOREGROUND_SLEEP)
+    child.expect_exact("started\r\n")
     child.sendcontrol("\\")
     child.expect_exact(PROMPT, timeout=10)
     assert run_remote(child, "echo $?").strip() == str(128 + signal.SIGQUIT)
