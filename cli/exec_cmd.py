@@ -144,11 +144,12 @@ class ExecCommand:
                      f"in {1000 * (time.monotonic() - began):.1f} ms")
         loop = asyncio.get_running_loop()
         outbox = Outbox(stream)
-        tasks = [asyncio.create_task(outbox.run()), asyncio.create_task(pump_stdin(outbox))]
-        raw = RawMode(0) if self.local_tty else contextlib.nullcontext()
+        tasks: list[asyncio.Task] = []
         self._install_signals(loop, stream, outbox)
         try:
-            with raw:
+            with RawMode(0) if self.local_tty else contextlib.nullcontext():
+                tasks += [asyncio.create_task(outbox.run()),
+                          asyncio.create_task(pump_stdin(outbox))]
                 try:
                     return await self._relay_output(loop, stream)
                 except (RuneError, asyncio.CancelledError):
