@@ -21,6 +21,8 @@ from conftest import ROOT, Rune, start_stack
 from cli.exec_cmd import Outbox
 from cli.terminal import RawMode, decide_tty, wants_tty
 
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="uses /proc and Linux PTYs")
+
 PROMPT = "RUNE-REMOTE> "
 LOCAL_PROMPT = "LOCAL-SHELL> "
 # `sleep 100` that says when it is the terminal's foreground job (the job sets that itself
@@ -580,7 +582,3 @@ def test_no_batching_delay_on_keystrokes(trune):
     child.expect_exact("\r\ninteractive\r\n")  # Enter echoed, then the line from cat
     child.sendcontrol("d")
     child.expect(pexpect.EOF)
-
-
-if sys.platform != "linux":  # /proc and pidfd are used above
-    pytestmark = pytest.mark.skip("Linux only")
