@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from cli.client import ApiClient, ExecOptions
 from cli.terminal import RawMode, window_size
-from rune.errors import RuneError
+from rune.errors import RuneError, Unavailable
 
 READ_CHUNK = 256 * 1024
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -151,12 +151,15 @@ class ExecCommand:
                 tasks += [asyncio.create_task(outbox.run()),
                           asyncio.create_task(pump_stdin(outbox))]
                 try:
-                    return await self._relay_output(loop, stream)
+                    code, sig = await self._relay_output(loop, stream)
                 except (RuneError, asyncio.CancelledError):
                     # A call cancelled here fails its pending read with CancelledError.
                     if self._ended is None:
                         raise
-                raise self._ended
+                    raise self._ended from None
+            # Said once the terminal is cooked again (a raw one would not start a new line).
+            self.verbose(f"remote exit code {code}, signal {sig}")
+            return exit_status(code, sig)
         except RuneError:
             self._end_line()
             raise
@@ -171,12 +174,12 @@ class ExecCommand:
             for task in tasks:
                 task.cancel()
 
-    async def _relay_output(self, loop: asyncio.AbstractEventLoop, stream: object) -> int:
+    async def _relay_output(self, loop: asyncio.AbstractEventLoop,
+                            stream: object) -> tuple[int, int]:
+        """Shows output until the exit status, which it returns as (code, signal)."""
         async for kind, payload in stream.events():
             if kind == "exit":
-                code, sig = payload
-                self.verbose(f"remote exit code {code}, signal {sig}")
-                return exit_status(code, sig)
+                return payload
             fd = 1 if kind == "stdout" else 2
             if self._inline_output and len(payload) <= INLINE_WRITE:
                 _write_all(fd, payload)
@@ -184,7 +187,7 @@ class ExecCommand:
                 await loop.run_in_executor(None, _write_all, fd, payload)
             if payload:
                 self._line_open = payload[-1:] != b"\n"
-        return 255
+        raise Unavailable("the output ended without an exit status")
 
     def _end_line(self) -> None:
         """After an abrupt end on a terminal, start our message on a line of its own."""

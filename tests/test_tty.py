@@ -207,12 +207,14 @@ def test_tty_flags(trune):
 
 
 def test_verbose_names_the_rule(trune):
-    """--verbose says that the shell and the local terminals chose the TTY."""
+    """--verbose says that the shell and the local terminals chose the TTY, and the exit."""
     child = spawn(trune, "-v", "--env", f"PS1={PROMPT}", "api", "sh")
     child.expect_exact("tty on: sh is an interactive shell (no script given) and stdin and "
                        "stdout are terminals")
     child.expect_exact(PROMPT)
-    child.sendline("exit")
+    child.sendline("exit 4")
+    # Written once the terminal is cooked again: the newline comes out as CR LF.
+    child.expect_exact("rune: remote exit code 4, signal 0\r\n")
     child.expect(pexpect.EOF)
 
 
