@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shlex
@@ -396,13 +397,16 @@ def test_terminal_restored_when_the_agent_is_killed(tmp_path):
     """kill -9 of the agent: the session ends on its own (agent lost), terminal intact."""
     stack = start_stack(tmp_path, api_extra=SHORT_HEARTBEAT)
     shell = None
+    orphans: list[int] = []
     try:
         shell = LocalShell(Rune(stack, env={"TERM": "xterm-256color"}))
         before = shell.stty()
         shell.start_rune("--env", f"PS1={PROMPT}", "api", "sh")
         shell.child.expect_exact(PROMPT)
-        stack.procs["agent-a1"].kill()
-        stack.procs["agent-a1"].wait()
+        agent = stack.procs["agent-a1"]
+        orphans = _children(agent.pid)  # its instances and our shell: reaped below
+        agent.kill()
+        agent.wait()
         shell.child.expect_exact("Error: ", timeout=20)
         shell.child.expect_exact("lost")
         assert shell.finish() == 255
@@ -411,6 +415,9 @@ def test_terminal_restored_when_the_agent_is_killed(tmp_path):
         if shell:
             shell.close()
         stack.stop()
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
 
 
 def test_raw_mode_restores_on_exception():
