@@ -11,6 +11,10 @@ import pytest
 
 from cli.devstack import Stack, free_port
 
+# pexpect forks this process (forkpty), which has used gRPC: gRPC's fork handlers would
+# rebuild its pollers in the child, whose inherited descriptors pexpect then closes.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 BASE_SERVICES = [

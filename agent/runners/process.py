@@ -7,6 +7,7 @@ import errno
 import os
 import pwd
 import signal
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -108,6 +109,7 @@ class PtyExecution:
         self._pidfd = os.pidfd_open(self.pid)
         self._loop.add_reader(self._pidfd, self._reap)
         self._eof = False
+        self._line_open = False  # input since the last end of line (a pending partial line)
 
     def _reap(self) -> None:
         self._loop.remove_reader(self._pidfd)
@@ -142,6 +144,8 @@ class PtyExecution:
         return b""  # a terminal has one output stream
 
     async def write_stdin(self, data: bytes) -> None:
+        if data:
+            self._line_open = data[-1:] not in (b"\n", b"\r")
         view = memoryview(data)
         while view:
             try:
@@ -152,7 +156,17 @@ class PtyExecution:
                 return
 
     async def close_stdin(self) -> None:
-        await self.write_stdin(b"\x04")  # VEOF: what Ctrl+D sends at the start of a line
+        # VEOF, as Ctrl+D: at the start of a line it is end of file; after a partial line
+        # it only hands that line over, so a second one is needed (as when typing).
+        eof = self._veof()
+        await self.write_stdin(eof * 2 if self._line_open else eof)
+
+    def _veof(self) -> bytes:
+        try:
+            char = termios.tcgetattr(self.fd)[6][termios.VEOF]
+        except (OSError, termios.error):
+            return b"\x04"
+        return char if isinstance(char, bytes) and char != b"\0" else b"\x04"
 
     def resize(self, width: int, height: int) -> None:
         # TIOCSWINSZ; the kernel signals SIGWINCH to the terminal's foreground group.
