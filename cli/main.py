@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from typing import Annotated, Optional
@@ -126,9 +127,9 @@ def exec_command(
 def _run(coro: object, prefix: str = "") -> int:
     """Runs a client coroutine; a RuneError becomes one `Error: …` line and its exit code."""
     try:
-        from rune.runtime import run
-
-        return run(coro)
+        # Plain asyncio, not uvloop: libuv leaves the shared terminal fds non-blocking,
+        # which breaks the user's shell after we exit.
+        return asyncio.run(coro)
     except (OSError, ValueError) as exc:
         raise fail(str(exc)) from None
     except RuneError as exc:

@@ -131,7 +131,7 @@ class PtyExecution:
     async def read_stdout(self, n: int) -> bytes:
         while not self._eof:
             try:
-                return os.read(self.fd, n)
+                return self._drain(os.read(self.fd, n), n)
             except BlockingIOError:
                 await self._wait_fd(self._loop.add_reader, self._loop.remove_reader)
             except OSError as exc:
@@ -139,6 +139,23 @@ class PtyExecution:
                     raise
                 self._eof = True
         return b""
+
+    def _drain(self, first: bytes, n: int) -> bytes:
+        """Adds whatever else is ready: a PTY hands out ~4 KiB per read, frames want more."""
+        if len(first) >= n or not first:
+            return first
+        chunks = [first]
+        size = len(first)
+        while size < n:
+            try:
+                more = os.read(self.fd, n - size)
+            except OSError:  # nothing ready now (or EIO, which the next read reports)
+                break
+            if not more:
+                break
+            chunks.append(more)
+            size += len(more)
+        return b"".join(chunks)
 
     async def read_stderr(self, n: int) -> bytes:
         return b""  # a terminal has one output stream
