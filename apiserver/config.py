@@ -7,6 +7,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, Field
 
+from apiserver.audit import AuditSettings
+from apiserver.recording import RecordingSettings
+
 
 class ApiServerConfig(BaseModel):
     listen: str = "127.0.0.1:8443"
@@ -20,6 +23,9 @@ class ApiServerConfig(BaseModel):
     lost_after: int = 3
     open_timeout: float = 5.0
     max_message: int = 4 * 1024 * 1024
+    metrics_listen: str = Field(default="", description="host:port for /metrics; empty=off")
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    recording: RecordingSettings = Field(default_factory=RecordingSettings)
 
 
 def load(path: str | Path | None) -> ApiServerConfig:
