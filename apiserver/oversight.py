@@ -63,6 +63,7 @@ class Oversight:
         self._requests: dict[str, tuple[Any, Any, float]] = {}
 
     def _emit(self, event: dict[str, Any]) -> None:
+        event["source"] = "apiserver"
         if self.auditor is not None:
             self.auditor.emit(event)
         _log(event)

@@ -71,7 +71,7 @@ class Relay:
             session_id=record.id, namespace=instance.namespace,
             instance_id=instance.instance_id, argv=list(init.command), env=dict(init.env),
             workdir=init.workdir, tty=init.tty, width=init.width or 80,
-            height=init.height or 24, timeout=timeout, window=self.config.window,
+            height=init.height or 24, timeout=timeout, window=self.config.window, user=record.user,
             heartbeat=self.config.heartbeat, lost_after=self.config.lost_after,
         )
         if init.tty and init.term:
