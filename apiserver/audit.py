@@ -35,7 +35,7 @@ async def ensure_stream(nc: NATS, name: str, subjects: list[str], max_age: float
     """Creates the stream, or brings an existing one to this retention: idempotent."""
     config = StreamConfig(name=name, subjects=subjects, description=description,
                           max_age=max_age or None, max_bytes=max_bytes or -1,
-                          duplicate_window=120.0)
+                          duplicate_window=min(120.0, max_age) if max_age else 120.0)
     js = nc.jetstream()
     try:
         await js.add_stream(config)
