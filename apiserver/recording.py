@@ -71,8 +71,9 @@ class Recorder:
         t = round(time.monotonic() - self._t0, 6)
         for i in range(0, len(text), PIECE):
             self._line(json.dumps([t, code, text[i:i + PIECE]]))
-        now = time.monotonic()
-        if self._pending_size >= FLUSH_BYTES or now - self._last_flush >= FLUSH_SECONDS:
+            if self._pending_size >= FLUSH_BYTES:
+                self.flush()
+        if time.monotonic() - self._last_flush >= FLUSH_SECONDS:
             self.flush()
 
     def output(self, data: bytes) -> None:
