@@ -183,3 +183,27 @@ def test_rune_audit_follow_sees_new_events(rune, stack):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_example_dashboard_prints_live_and_stored_events(rune, stack):
+    """examples/audit_dashboard.py shows a session's events live, and from history."""
+    argv = [sys.executable, "examples/audit_dashboard.py", "--server", stack.nats_url,
+            "--max-events", "2"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        assert proc.stdout.readline().startswith(b"listening on rune.audit.>")
+        marker = f"dash-{uuid.uuid4().hex[:8]}"
+        assert rune("exec", "api", "sh", "-c", f"echo {marker}; exit 2").returncode == 2
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = out.decode().splitlines()
+    assert "started" in lines[0] and marker in lines[0]
+    assert "ended" in lines[1] and marker in lines[1] and "exit 2" in lines[1]
+    assert lines[2] == "totals: session.ended=1, session.started=1"
+    history = subprocess.run([*argv, "--history", "1h"], capture_output=True, timeout=30,
+                             cwd=ROOT)
+    assert history.returncode == 0, history.stderr
+    stored = history.stdout.decode().splitlines()
+    assert len(stored) == 4 and all(re.match(r"^\d{4}-", line) for line in stored[1:3])
