@@ -1,4 +1,4 @@
-"""Audit events end to end: real sessions, read back from the JetStream stream and via `rune audit`."""
+"""Audit events end to end: real sessions, read back from the stream and via `rune audit`."""
 
 from __future__ import annotations
 

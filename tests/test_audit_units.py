@@ -9,7 +9,7 @@ import nats
 import pytest
 from nats.js.api import StreamConfig
 
-from apiserver.audit import AuditSettings, Auditor, ensure_stream, subject_token
+from apiserver.audit import Auditor, AuditSettings, ensure_stream, subject_token
 from cli.audit_cmd import parse_since, render, result_text, row
 from cli.devstack import Stack, free_port
 from rune import audit as schema

@@ -92,6 +92,7 @@ def test_list_shows_an_active_session_and_kill_ends_it(rune, stack):
     assert again.returncode == 255 and b"no active session" in again.stderr
 
 
-def _alive(marker: str) -> bool:
+def _alive(marker: str, besides: int = 0) -> bool:
+    """Whether a process other than this one (and `besides`) has `marker` in its argv."""
     out = subprocess.run(["pgrep", "-f", re.escape(marker)], capture_output=True)
-    return any(int(pid) != os.getpid() for pid in out.stdout.split())
+    return any(int(pid) not in (os.getpid(), besides) for pid in out.stdout.split())
