@@ -75,7 +75,8 @@ class ExecCommand:
             async for kind, payload in stream.events():
                 if kind == "exit":
                     code, sig = payload
-                    self.verbose(f"remote exit code {code}, signal {sig}")
+                    self.verbose(f"remote exit code {code}, signal {sig}, after "
+                                 f"{1000 * (time.monotonic() - began):.1f} ms")
                     return exit_status(code, sig)
                 fd = 1 if kind == "stdout" else 2
                 await loop.run_in_executor(None, _write_all, fd, payload)

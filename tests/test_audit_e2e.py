@@ -207,3 +207,15 @@ def test_example_dashboard_prints_live_and_stored_events(rune, stack):
     assert history.returncode == 0, history.stderr
     stored = history.stdout.decode().splitlines()
     assert len(stored) == 4 and all(re.match(r"^\d{4}-", line) for line in stored[1:3])
+
+
+def test_verbose_prints_the_path_and_timings(rune):
+    """`rune exec --verbose` says on stderr how the TTY was chosen, where it ran, and timings."""
+    result = rune("exec", "--verbose", "api", "true")
+    lines = result.stderr.decode().splitlines()
+    assert lines[0].startswith("rune: tty off:")
+    assert re.match(r"rune: api server .*, namespace default, target api$", lines[1])
+    assert re.match(r"rune: session [0-9a-f]{32} on instance api-instance-a1-\d \(agent a1, "
+                    r"host .*, runner process\) in \d+\.\d ms$", lines[2])
+    assert re.match(r"rune: remote exit code 0, signal 0, after \d+\.\d ms$", lines[3])
+    assert result.stdout == b""

@@ -126,3 +126,37 @@ def test_cli_table_rows_and_durations():
     assert parse_since("2d") == 172800 and parse_since("90s") == 90
     with pytest.raises(ValueError):
         parse_since("soon")
+
+
+def test_session_log_lines_are_structured_json():
+    """With --log-format json each session line is one JSON object with the event's fields."""
+    import io
+    import logging
+    from types import SimpleNamespace
+
+    from apiserver.auth import Identity
+    from apiserver.oversight import Oversight
+    from rune.errors import NotFound
+    from rune.runtime import JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("apiserver.sessions")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        init = SimpleNamespace(namespace="prod", target="db", command=["psql"], tty=False,
+                               workdir="", env={"PGPASSWORD": "pw"})
+        Oversight().denied(Identity("ann", ("ops",)), init, NotFound("no such db"))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1
+    entry = json.loads(lines[0])
+    assert entry["msg"].startswith("session.denied user=ann namespace=prod target=db")
+    assert entry["event"] == "session.denied" and entry["groups"] == ["ops"]
+    assert entry["code"] == "not_found" and entry["env_keys"] == ["PGPASSWORD"]
+    assert "pw" not in lines[0].replace("PGPASSWORD", "")
