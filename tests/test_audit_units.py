@@ -160,3 +160,49 @@ def test_session_log_lines_are_structured_json():
     assert entry["event"] == "session.denied" and entry["groups"] == ["ops"]
     assert entry["code"] == "not_found" and entry["env_keys"] == ["PGPASSWORD"]
     assert "pw" not in lines[0].replace("PGPASSWORD", "")
+
+
+def test_oversight_event_sequences_per_outcome():
+    """Open failure → one failed (stage open); exit → started+ended; else started+failed."""
+    from types import SimpleNamespace
+
+    from apiserver.auth import Identity
+    from apiserver.metrics import ApiMetrics
+    from apiserver.oversight import Oversight
+    from apiserver.relay import SessionRecord
+    from rune.errors import Unavailable
+    from rune.models import InstanceInfo
+
+    class Collect:
+        def __init__(self) -> None:
+            self.events: list[dict] = []
+
+        def emit(self, event: dict) -> None:
+            self.events.append(event)
+
+    instance = InstanceInfo(namespace="default", service="api", instance_id="api-instance-x-0",
+                            state="running", agent="x", host="hx", runner="process")
+    init = SimpleNamespace(namespace="", target="api", command=["true"], tty=False,
+                           workdir="", env={}, width=0, height=0, term="")
+    collect, metrics = Collect(), ApiMetrics()
+    oversight = Oversight(collect, None, metrics)
+
+    def session(start: bool, exit_code: int | None, exc: BaseException | None) -> list[str]:
+        collect.events.clear()
+        record = SessionRecord(id="s", user="u", instance=instance, argv=["true"], tty=False)
+        oversight.opening(record, Identity("u"), init, 0.0)
+        if start:
+            oversight.started(record)
+        record.exit_code = exit_code
+        oversight.ended(record, exc)
+        return [e["event"] for e in collect.events]
+
+    assert session(False, None, Unavailable("agent x is not reachable")) == ["session.failed"]
+    assert collect.events[0]["stage"] == "open" and collect.events[0]["code"] == "unavailable"
+    assert session(True, 0, None) == ["session.started", "session.ended"]
+    assert session(True, None, Unavailable("agent x lost")) == ["session.started",
+                                                                 "session.failed"]
+    assert collect.events[1]["stage"] == "running"
+    assert metrics.sessions.labels("failed")._value.get() == 2
+    assert metrics.sessions.labels("success")._value.get() == 1
+    assert metrics.active._value.get() == 0
