@@ -41,8 +41,8 @@ class AgentMetrics:
     def watch_publisher(self, prefix: str, publisher: object) -> None:
         self.registry.register(PublisherCollector(prefix, lambda: publisher))
 
-    def session_done(self, session: object) -> None:
-        """Counts one finished ExecSession (agent/session.py)."""
+    def session_done(self, session: object) -> str:
+        """Counts one finished ExecSession (agent/session.py); returns its outcome."""
         link = session.link
         if session.result is not None:
             outcome = "exited"
@@ -56,3 +56,4 @@ class AgentMetrics:
         self.bytes.labels("out").inc(link.bytes_out)
         self.retransmits.inc(link.sender.retransmits)
         self.stalls.inc(link.sender.stalls)
+        return outcome

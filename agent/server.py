@@ -175,7 +175,9 @@ class Agent:
 
     async def _session_done(self, session: ExecSession) -> None:
         self.sessions.pop(session.id, None)
-        self.metrics.session_done(session)
+        outcome = self.metrics.session_done(session)
+        log.info("session %s end: outcome=%s result=%s bytes_out=%d", session.id, outcome,
+                 session.result, session.link.bytes_out)
         if session.link.lost is not None and self.audit is not None:
             self.audit.session_lost(session)
 

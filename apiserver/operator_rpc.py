@@ -73,13 +73,16 @@ class OperatorRpcs:
             active = {s.session_id for s in found}
             recordings = self.oversight.recordings
             for m in (await recordings.list()) if recordings is not None else ():
-                if m.get("session_id") in active or m.get("state") != "complete":
+                if m.get("session_id") in active:
                     continue
                 if namespace is not None and m.get("namespace") != namespace:
                     continue
                 exited = m.get("exit_code") is not None
                 found.append(pb.SessionInfo(
-                    session_id=m["session_id"], state="recorded", user=m.get("user", ""),
+                    # "incomplete": its apiserver stopped (or runs elsewhere) mid-session.
+                    session_id=m["session_id"],
+                    state="recorded" if m.get("state") == "complete" else "incomplete",
+                    user=m.get("user", ""),
                     namespace=m.get("namespace", ""), instance_id=m.get("instance", ""),
                     command=m.get("argv", []), tty=True, started=m.get("started", 0.0),
                     duration=m.get("duration") or 0.0, exit_code=m.get("exit_code") or 0,
