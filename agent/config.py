@@ -62,6 +62,7 @@ class AgentConfig(BaseModel):
     max_sessions: int = 256
     exit_grace: float = Field(default=1.0, description="how long to wait for pipes after exit")
     kill_grace: float = Field(default=2.0, description="SIGHUP/SIGTERM to SIGKILL when ending")
+    metrics_listen: str = Field(default="", description="host:port for /metrics; empty=off")
 
     @field_validator("agent_id")
     @classmethod

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 
 from nats.aio.client import Client as NATS
 
+from agent.audit import AgentAudit
 from agent.config import AgentConfig
+from agent.metrics import AgentMetrics
 from agent.registry import Registry
 from agent.runners.base import CommandUnavailable, Runner
 from agent.runners.process import ProcessRunner
@@ -41,10 +44,19 @@ class Agent:
         self.sessions: dict[str, ExecSession] = {}
         self._tasks: set[asyncio.Task] = set()
         self._stopped = asyncio.Event()
+        self.metrics = AgentMetrics(lambda: len(self.sessions))
+        self.audit: AgentAudit | None = None
 
     async def start(self) -> None:
         self.nc = await connect(self.config.nats.url, f"rune-agent {self.config.agent_id}",
                                 self.config.nats.nkey_seed_file, self._on_reconnect)
+        self.audit = AgentAudit(self.nc, self.subjects, self.config.agent_id, self.config.host)
+        await self.audit.start()
+        self.metrics.watch_publisher("rune_agent_audit_events", self.audit.publisher)
+        if self.config.metrics_listen:
+            from rune.metrics import serve
+
+            serve(self.config.metrics_listen, self.metrics.registry)
         self.registry = Registry(self.nc, self.subjects)
         await self.registry.open()
         self.supervisor = Supervisor(self.config, self.registry)
@@ -98,9 +110,12 @@ class Agent:
             await self._reply(msg, ExecOpened(ok=False, error=InvalidArgument(
                 f"malformed exec request: {exc}").to_wire()))
             return
+        received = time.monotonic()
         try:
             reply = await self._open(request)
+            self.metrics.setup.observe(time.monotonic() - received)
         except RuneError as exc:
+            self.metrics.sessions.labels("refused").inc()
             reply = ExecOpened(ok=False, error=exc.to_wire())
         except Exception as exc:  # a runner's unexpected failure must still answer
             log.exception("exec %s failed", request.session_id)
@@ -153,6 +168,7 @@ class Agent:
 
     async def _report_unavailable(self, link: SessionLink, exc: CommandUnavailable) -> None:
         """A command that cannot start ends like a shell's: message on stderr, 126 or 127."""
+        self.metrics.sessions.labels("unavailable").inc()
         try:
             message = f"rune: {exc}\n".encode()
             await link.send(frames.STDERR, message, len(message))
@@ -164,6 +180,11 @@ class Agent:
 
     async def _session_done(self, session: ExecSession) -> None:
         self.sessions.pop(session.id, None)
+        outcome = self.metrics.session_done(session)
+        log.info("session %s end: outcome=%s result=%s bytes_out=%d", session.id, outcome,
+                 session.result, session.link.bytes_out)
+        if session.link.lost is not None and self.audit is not None:
+            self.audit.session_lost(session)
 
     async def stop(self) -> None:
         for session in list(self.sessions.values()):
@@ -174,6 +195,8 @@ class Agent:
             stop = getattr(runner, "stop", None)
             if stop:
                 await stop()
+        if self.audit is not None:
+            await self.audit.stop()
         for task in list(self._tasks):
             task.cancel()
         if self.nc:

@@ -7,6 +7,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, Field
 
+from apiserver.audit import AuditSettings
+from apiserver.recording import RecordingSettings
+
 
 class ApiServerConfig(BaseModel):
     listen: str = "127.0.0.1:8443"
@@ -23,6 +26,9 @@ class ApiServerConfig(BaseModel):
     fanout_window: int = Field(default=256 * 1024,
                                description="per-instance window of a fan-out session")
     fanout_max_parallel: int = Field(default=512, description="cap on --max-parallel")
+    metrics_listen: str = Field(default="", description="host:port for /metrics; empty=off")
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    recording: RecordingSettings = Field(default_factory=RecordingSettings)
 
 
 def load(path: str | Path | None) -> ApiServerConfig:

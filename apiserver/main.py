@@ -14,6 +14,7 @@ from apiserver.auth import OpenAccess
 from apiserver.config import ApiServerConfig, load
 from apiserver.directory import InstanceDirectory
 from apiserver.fanout import FanoutService
+from apiserver.oversight import start_oversight, stop_oversight
 from apiserver.relay import Relay
 from apiserver.service import ExecService
 from rune.natsconn import connect
@@ -31,7 +32,8 @@ async def serve(config: ApiServerConfig) -> None:
     directory = InstanceDirectory(nc, subjects)
     await directory.start()
     access = OpenAccess()
-    service = ExecService(directory, Relay(nc, subjects, config), access, access)
+    oversight = await start_oversight(nc, subjects, config)
+    service = ExecService(directory, Relay(nc, subjects, config), access, access, oversight)
     options = [
         ("grpc.max_receive_message_length", config.max_message),
         ("grpc.max_send_message_length", config.max_message),
@@ -49,6 +51,7 @@ async def serve(config: ApiServerConfig) -> None:
     await stop.wait()
     await server.stop(grace=2)
     await directory.stop()
+    await stop_oversight(oversight)
     await nc.drain()
 
 

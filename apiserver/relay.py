@@ -6,7 +6,9 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from nats.aio.client import Client as NATS
@@ -40,6 +42,15 @@ class SessionRecord:
     signal: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    # Filled for operators (apiserver/oversight.py): where it ran, recorder, kill switch, stats.
+    host: str = ""
+    opened: float = 0.0
+    tap: Any = None
+    kill: asyncio.Event = field(default_factory=asyncio.Event)
+    kill_reason: str = ""
+    retransmits: int = 0
+    stalls: int = 0
+    lost: bool = False
 
 
 class Relay:
@@ -47,6 +58,7 @@ class Relay:
         self.nc = nc
         self.subjects = subjects
         self.config = config
+        self.on_started: Callable[[SessionRecord], None] | None = None
 
     def new_session_id(self) -> str:
         return uuid.uuid4().hex
@@ -59,7 +71,7 @@ class Relay:
             session_id=record.id, namespace=instance.namespace,
             instance_id=instance.instance_id, argv=list(init.command), env=dict(init.env),
             workdir=init.workdir, tty=init.tty, width=init.width or 80,
-            height=init.height or 24, timeout=timeout, window=self.config.window,
+            height=init.height or 24, timeout=timeout, window=self.config.window, user=record.user,
             heartbeat=self.config.heartbeat, lost_after=self.config.lost_after,
         )
         if init.tty and init.term:
@@ -81,15 +93,21 @@ class Relay:
                 session_id=record.id, instance_id=instance.instance_id,
                 host=opened.host or instance.host, agent=instance.agent,
                 service=instance.service, runner=instance.runner)))
-            upstream = asyncio.create_task(self._client_to_agent(context, link))
+            record.host = opened.host or instance.host
+            if self.on_started:
+                self.on_started(record)
+            upstream = asyncio.create_task(self._client_to_agent(context, link, record))
             downstream = asyncio.create_task(self._agent_to_client(context, link, record))
+            killed = asyncio.ensure_future(record.kill.wait())
             try:
                 # The agent enforces the timeout; this backstop covers an agent that never says.
                 done, _ = await asyncio.wait(
-                    (upstream, downstream), timeout=timeout + self.config.heartbeat * 3,
+                    (upstream, downstream, killed), timeout=timeout + self.config.heartbeat * 3,
                     return_when=asyncio.FIRST_COMPLETED)
                 if not done:
                     raise DeadlineExceeded(f"command timed out after {timeout:g}s")
+                if killed in done:
+                    raise Unavailable(f"session ended: {record.kill_reason}")
                 if upstream in done and upstream.exception() is not None:
                     raise upstream.exception()
                 await downstream
@@ -100,8 +118,11 @@ class Relay:
             finally:
                 upstream.add_done_callback(_retrieve)
                 downstream.cancel()
+                killed.cancel()
         finally:
             record.bytes_in, record.bytes_out = link.bytes_out, link.bytes_in
+            record.retransmits, record.stalls = link.sender.retransmits, link.sender.stalls
+            record.lost = link.lost is not None
             if not finished:
                 await asyncio.shield(self._close_remote(link))
             await link.close()
@@ -149,17 +170,21 @@ class Relay:
             pass
 
     async def _client_to_agent(self, context: grpc.aio.ServicerContext,
-                               link: SessionLink) -> None:
+                               link: SessionLink, record: SessionRecord) -> None:
         while True:
             request = await context.read()
             if request is grpc.aio.EOF:
                 return
             kind = request.WhichOneof("msg")
             if kind == "stdin":
+                if record.tap is not None:
+                    record.tap.input(request.stdin)
                 await link.send(frames.STDIN, request.stdin, len(request.stdin))
             elif kind == "stdin_close":
                 await link.send(frames.STDIN_EOF)
             elif kind == "resize":
+                if record.tap is not None:
+                    record.tap.resize(request.resize.width, request.resize.height)
                 await link.send(frames.RESIZE, [request.resize.width, request.resize.height])
             elif kind == "signal":
                 await link.send(frames.SIGNAL, request.signal.number)
@@ -174,6 +199,8 @@ class Relay:
             except Unavailable as exc:
                 raise Unavailable(f"{exc}; the session ended") from None
             if kind == frames.STDOUT:
+                if record.tap is not None:
+                    record.tap.output(payload)
                 await context.write(pb.ExecResponse(stdout=payload))
             elif kind == frames.STDERR:
                 await context.write(pb.ExecResponse(stderr=payload))

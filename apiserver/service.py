@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
 
 from apiserver.auth import Authenticator, Authorizer
 from apiserver.directory import InstanceDirectory
+from apiserver.operator_rpc import OperatorRpcs
+from apiserver.oversight import Oversight
 from apiserver.relay import Relay, SessionRecord
 from rune.errors import InvalidArgument, RuneError
 from rune.proto import exec_pb2 as pb
@@ -16,14 +19,16 @@ from rune.proto import exec_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 
-class ExecService(pb_grpc.ExecServiceServicer):
+class ExecService(OperatorRpcs, pb_grpc.ExecServiceServicer):
     def __init__(self, directory: InstanceDirectory, relay: Relay, auth: Authenticator,
-                 authz: Authorizer) -> None:
+                 authz: Authorizer, oversight: Oversight | None = None) -> None:
         self.directory = directory
         self.relay = relay
         self.auth = auth
         self.authz = authz
         self.sessions: dict[str, SessionRecord] = {}
+        self.oversight = oversight or Oversight()
+        relay.on_started = self.oversight.started
 
     async def StreamExec(self, request_iterator: object,  # noqa: N802 - gRPC's name
                          context: grpc.aio.ServicerContext) -> None:
@@ -35,30 +40,37 @@ class ExecService(pb_grpc.ExecServiceServicer):
     async def _exec(self, context: grpc.aio.ServicerContext) -> None:
         identity = self.auth.authenticate(context.invocation_metadata() or ())
         first = await context.read()
+        received = time.monotonic()
         if first is grpc.aio.EOF or first.WhichOneof("msg") != "init":
             raise InvalidArgument("the first message of a stream must be init")
         init = first.init
         namespace = init.namespace or "default"
-        if not init.target:
-            raise InvalidArgument("no target given")
-        if not init.command:
-            raise InvalidArgument("no command given")
-        self.authz.authorize(identity, "exec-tty" if init.tty else "exec", namespace,
-                             list(init.command))
-        instance = self.directory.resolve(namespace, init.target)
+        try:
+            if not init.target:
+                raise InvalidArgument("no target given")
+            if not init.command:
+                raise InvalidArgument("no command given")
+            self.authz.authorize(identity, "exec-tty" if init.tty else "exec", namespace,
+                                 list(init.command))
+            instance = self.directory.resolve(namespace, init.target)
+        except RuneError as exc:
+            self.oversight.denied(identity, init, exc)
+            raise
         record = SessionRecord(id=self.relay.new_session_id(), user=identity.user,
                                instance=instance, argv=list(init.command), tty=init.tty)
         self.sessions[record.id] = record
         self.directory.busy[instance.key] += 1
-        log.info("session %s start: user=%s target=%s/%s argv0=%s", record.id, identity.user,
-                 namespace, instance.instance_id, init.command[0])
+        self.oversight.opening(record, identity, init, received)
+        outcome: BaseException | None = None
         try:
             await self.relay.run(context, init, instance, record)
+        except BaseException as exc:
+            outcome = exc
+            raise
         finally:
             self.directory.busy[instance.key] -= 1
             self.sessions.pop(record.id, None)
-            log.info("session %s end: exit=%s bytes_out=%d", record.id, record.exit_code,
-                     record.bytes_out)
+            self.oversight.ended(record, outcome)
 
     async def ListInstances(self, request: pb.ListInstancesRequest,  # noqa: N802
                             context: grpc.aio.ServicerContext) -> pb.ListInstancesResponse:

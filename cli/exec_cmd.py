@@ -158,7 +158,8 @@ class ExecCommand:
                         raise
                     raise self._ended from None
             # Said once the terminal is cooked again (a raw one would not start a new line).
-            self.verbose(f"remote exit code {code}, signal {sig}")
+            self.verbose(f"remote exit code {code}, signal {sig}, after "
+                         f"{1000 * (time.monotonic() - began):.1f} ms")
             return exit_status(code, sig)
         except RuneError:
             self._end_line()

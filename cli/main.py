@@ -175,6 +175,11 @@ def _register_subapps() -> None:
     from cli.dev import dev_app
 
     app.add_typer(dev_app, name="dev")
+    from cli.audit_cmd import register as register_audit
+    from cli.sessions_cmd import sessions_app
+
+    register_audit(app)
+    app.add_typer(sessions_app, name="sessions")
 
 
 def main() -> None:

@@ -50,6 +50,21 @@ class Subjects:
     def audit_all(self) -> str:
         return f"{self.prefix}.audit.>"
 
+    def audit_namespace(self, namespace: str) -> str:
+        return f"{self.prefix}.audit.{namespace}.>"
+
+    def recording_meta(self, session: str) -> str:
+        return f"{self.prefix}.rec.{session}.meta"
+
+    def recording_data(self, session: str) -> str:
+        return f"{self.prefix}.rec.{session}.data"
+
+    def recording_meta_all(self) -> str:
+        return f"{self.prefix}.rec.*.meta"
+
+    def recording_all(self) -> str:
+        return f"{self.prefix}.rec.>"
+
     @property
     def instances_bucket(self) -> str:
         return f"{self.prefix}_instances"
@@ -57,3 +72,7 @@ class Subjects:
     @property
     def audit_stream(self) -> str:
         return f"{self.prefix.upper()}_AUDIT"
+
+    @property
+    def recordings_stream(self) -> str:
+        return f"{self.prefix.upper()}_RECORDINGS"

@@ -44,6 +44,26 @@ class ExecServiceStub:
                 request_serializer=rune_dot_proto_dot_exec__pb2.ListInstancesRequest.SerializeToString,
                 response_deserializer=rune_dot_proto_dot_exec__pb2.ListInstancesResponse.FromString,
                 _registered_method=True)
+        self.StreamAudit = channel.unary_stream(
+                '/rune.v1.ExecService/StreamAudit',
+                request_serializer=rune_dot_proto_dot_exec__pb2.AuditRequest.SerializeToString,
+                response_deserializer=rune_dot_proto_dot_exec__pb2.AuditEvent.FromString,
+                _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/rune.v1.ExecService/ListSessions',
+                request_serializer=rune_dot_proto_dot_exec__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=rune_dot_proto_dot_exec__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
+        self.ReplaySession = channel.unary_stream(
+                '/rune.v1.ExecService/ReplaySession',
+                request_serializer=rune_dot_proto_dot_exec__pb2.ReplayRequest.SerializeToString,
+                response_deserializer=rune_dot_proto_dot_exec__pb2.CastChunk.FromString,
+                _registered_method=True)
+        self.KillSession = channel.unary_unary(
+                '/rune.v1.ExecService/KillSession',
+                request_serializer=rune_dot_proto_dot_exec__pb2.KillSessionRequest.SerializeToString,
+                response_deserializer=rune_dot_proto_dot_exec__pb2.KillSessionResponse.FromString,
+                _registered_method=True)
 
 
 class ExecServiceServicer:
@@ -62,6 +82,31 @@ class ExecServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamAudit(self, request, context):
+        """Operators: the audit trail (verb "audit"), sessions, replay and kill (verb "admin").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplaySession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KillSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +119,26 @@ def add_ExecServiceServicer_to_server(servicer, server):
                     servicer.ListInstances,
                     request_deserializer=rune_dot_proto_dot_exec__pb2.ListInstancesRequest.FromString,
                     response_serializer=rune_dot_proto_dot_exec__pb2.ListInstancesResponse.SerializeToString,
+            ),
+            'StreamAudit': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamAudit,
+                    request_deserializer=rune_dot_proto_dot_exec__pb2.AuditRequest.FromString,
+                    response_serializer=rune_dot_proto_dot_exec__pb2.AuditEvent.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=rune_dot_proto_dot_exec__pb2.ListSessionsRequest.FromString,
+                    response_serializer=rune_dot_proto_dot_exec__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'ReplaySession': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReplaySession,
+                    request_deserializer=rune_dot_proto_dot_exec__pb2.ReplayRequest.FromString,
+                    response_serializer=rune_dot_proto_dot_exec__pb2.CastChunk.SerializeToString,
+            ),
+            'KillSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.KillSession,
+                    request_deserializer=rune_dot_proto_dot_exec__pb2.KillSessionRequest.FromString,
+                    response_serializer=rune_dot_proto_dot_exec__pb2.KillSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,6 +195,114 @@ class ExecService:
             '/rune.v1.ExecService/ListInstances',
             rune_dot_proto_dot_exec__pb2.ListInstancesRequest.SerializeToString,
             rune_dot_proto_dot_exec__pb2.ListInstancesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rune.v1.ExecService/StreamAudit',
+            rune_dot_proto_dot_exec__pb2.AuditRequest.SerializeToString,
+            rune_dot_proto_dot_exec__pb2.AuditEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rune.v1.ExecService/ListSessions',
+            rune_dot_proto_dot_exec__pb2.ListSessionsRequest.SerializeToString,
+            rune_dot_proto_dot_exec__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplaySession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rune.v1.ExecService/ReplaySession',
+            rune_dot_proto_dot_exec__pb2.ReplayRequest.SerializeToString,
+            rune_dot_proto_dot_exec__pb2.CastChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KillSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rune.v1.ExecService/KillSession',
+            rune_dot_proto_dot_exec__pb2.KillSessionRequest.SerializeToString,
+            rune_dot_proto_dot_exec__pb2.KillSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

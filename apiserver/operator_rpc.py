@@ -1,0 +1,126 @@
+"""The operators' RPCs of ExecService: audit trail, sessions list, replay and kill.
+
+Mixed into ExecService, which provides `auth`, `authz`, `sessions` and `oversight`.
+Reading the audit trail, listing sessions and replaying one need the verb
+`audit`; killing a live session needs `admin`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from rune.errors import InvalidArgument, NotFound, RuneError, Unavailable
+from rune.proto import exec_pb2 as pb
+from rune.subjects import check_token
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: RuneError) -> None:
+    await context.abort(grpc.StatusCode[exc.grpc_status], exc.message)
+
+
+def _session_id(value: str) -> str:
+    try:
+        return check_token(value, "session id")
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+class OperatorRpcs:
+    auth: Any
+    authz: Any
+    sessions: dict
+    oversight: Any
+
+    def _identity(self, context: grpc.aio.ServicerContext) -> Any:
+        return self.auth.authenticate(context.invocation_metadata() or ())
+
+    async def StreamAudit(self, request: pb.AuditRequest,  # noqa: N802 - gRPC's name
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.AuditEvent]:
+        try:
+            identity = self._identity(context)
+            namespace = None if request.all_namespaces else (request.namespace or "default")
+            self.authz.authorize(identity, "audit", namespace or "*")
+            auditor = self.oversight.auditor
+            if auditor is None:
+                raise Unavailable("auditing is not enabled on this API server")
+            since = time.time() - request.since_seconds if request.since_seconds > 0 else None
+            async for event in auditor.query(namespace, request.user or None, since,
+                                             request.follow):
+                yield pb.AuditEvent(json=json.dumps(event, sort_keys=True))
+        except RuneError as exc:
+            await _abort(context, exc)
+
+    async def ListSessions(self, request: pb.ListSessionsRequest,  # noqa: N802
+                           context: grpc.aio.ServicerContext) -> pb.ListSessionsResponse:
+        try:
+            identity = self._identity(context)
+            namespace = None if request.all_namespaces else (request.namespace or "default")
+            self.authz.authorize(identity, "audit", namespace or "*")
+            now = time.time()
+            found = []
+            for r in list(self.sessions.values()):
+                if namespace is None or r.instance.namespace == namespace:
+                    found.append(pb.SessionInfo(
+                        session_id=r.id, state="active", user=r.user,
+                        namespace=r.instance.namespace, instance_id=r.instance.instance_id,
+                        command=r.argv, tty=r.tty, started=r.started,
+                        duration=now - r.started, recorded=r.tap is not None))
+            active = {s.session_id for s in found}
+            recordings = self.oversight.recordings
+            for m in (await recordings.list()) if recordings is not None else ():
+                if m.get("session_id") in active:
+                    continue
+                if namespace is not None and m.get("namespace") != namespace:
+                    continue
+                exited = m.get("exit_code") is not None
+                found.append(pb.SessionInfo(
+                    # "incomplete": its apiserver stopped (or runs elsewhere) mid-session.
+                    session_id=m["session_id"],
+                    state="recorded" if m.get("state") == "complete" else "incomplete",
+                    user=m.get("user", ""),
+                    namespace=m.get("namespace", ""), instance_id=m.get("instance", ""),
+                    command=m.get("argv", []), tty=True, started=m.get("started", 0.0),
+                    duration=m.get("duration") or 0.0, exit_code=m.get("exit_code") or 0,
+                    signal=m.get("signal") or 0, recorded=True, exited=exited))
+        except RuneError as exc:
+            await _abort(context, exc)
+        found.sort(key=lambda s: s.started)
+        return pb.ListSessionsResponse(sessions=found)
+
+    async def ReplaySession(self, request: pb.ReplayRequest,  # noqa: N802
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.CastChunk]:
+        try:
+            identity = self._identity(context)
+            session_id = _session_id(request.session_id)
+            recordings = self.oversight.recordings
+            if recordings is None:
+                raise NotFound("session recording is not enabled on this API server")
+            meta = await recordings.meta(session_id)
+            if meta is None:
+                raise NotFound(f"no recording of session {session_id}")
+            self.authz.authorize(identity, "audit", meta.get("namespace") or "default")
+            async for chunk in recordings.cast(session_id):
+                yield pb.CastChunk(data=chunk)
+        except RuneError as exc:
+            await _abort(context, exc)
+
+    async def KillSession(self, request: pb.KillSessionRequest,  # noqa: N802
+                          context: grpc.aio.ServicerContext) -> pb.KillSessionResponse:
+        try:
+            identity = self._identity(context)
+            session_id = _session_id(request.session_id)
+            record = self.sessions.get(session_id)
+            if record is None:
+                raise NotFound(f"no active session {session_id} on this API server")
+            self.authz.authorize(identity, "admin", record.instance.namespace)
+            why = f": {request.reason}" if request.reason else ""
+            record.kill_reason = f"killed by {identity.user}{why}"
+            record.kill.set()
+        except RuneError as exc:
+            await _abort(context, exc)
+        return pb.KillSessionResponse(killed=True)

@@ -1,0 +1,156 @@
+"""Audit events: the versioned JSON schema, and a JetStream publisher that never blocks.
+
+Every event is one JSON object with ``version`` (this schema's number), ``event``
+(one of EVENTS), ``id`` (unique, also the JetStream de-duplication id) and
+``time`` (RFC 3339, UTC); the other fields are described in the README.
+
+The publisher keeps a bounded buffer drained by its own task: a session only
+appends to it. When the broker or the stream is unreachable, events wait there
+and are retried; past the bound the oldest are dropped, counted and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from nats.aio.client import Client as NATS
+
+from rune.ratelog import RateLimitedLog
+
+log = logging.getLogger(__name__)
+loss_log = RateLimitedLog(log)
+
+VERSION = 1
+STARTED = "session.started"
+ENDED = "session.ended"
+DENIED = "session.denied"
+FAILED = "session.failed"
+EVENTS = (STARTED, ENDED, DENIED, FAILED)
+MAX_RETRY_DELAY = 5.0
+
+
+def iso_time(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def make_event(event: str, **fields: Any) -> dict[str, Any]:
+    """A new event of kind `event` stamped with version, id and the current time."""
+    if event not in EVENTS:
+        raise ValueError(f"unknown audit event {event!r}")
+    return {"version": VERSION, "event": event, "id": uuid.uuid4().hex,
+            "time": iso_time(time.time()), **fields}
+
+
+def encode(event: dict[str, Any]) -> bytes:
+    return json.dumps(event, separators=(",", ":"), sort_keys=True).encode()
+
+
+class BufferedPublisher:
+    """Publishes (subject, data, id) to JetStream from a bounded buffer on its own task."""
+
+    def __init__(self, nc: NATS, what: str, limit: int = 10000, ack_timeout: float = 2.0,
+                 ensure: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.nc = nc
+        self.what = what
+        self.limit = limit
+        self.ack_timeout = ack_timeout
+        self._ensure = ensure
+        self._ensured = False
+        self._buffer: deque[tuple[str, bytes, str]] = deque()
+        self._wake = asyncio.Event()
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self._task: asyncio.Task | None = None
+        self.published = 0
+        self.dropped = 0
+        self.failures = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def submit(self, subject: str, data: bytes, msg_id: str | None = None) -> None:
+        """Queues one message; never waits. Drops (and counts) the oldest when full."""
+        if len(self._buffer) >= self.limit:
+            self._buffer.popleft()
+            self.dropped += 1
+            loss_log.warning(f"{self.what}-drop", "%s buffer full (%d): dropped the oldest; "
+                             "%d lost so far", self.what, self.limit, self.dropped)
+        self._buffer.append((subject, data, msg_id or uuid.uuid4().hex))
+        self._empty.clear()
+        self._wake.set()
+
+    async def start(self) -> None:
+        await self._try_ensure()
+        self._task = asyncio.create_task(self._run())
+
+    async def _try_ensure(self) -> bool:
+        if self._ensured or self._ensure is None:
+            self._ensured = True
+            return True
+        try:
+            await self._ensure()
+        except Exception as exc:
+            loss_log.warning(f"{self.what}-ensure", "%s: cannot set up the stream yet: %s",
+                             self.what, exc)
+            return False
+        self._ensured = True
+        return True
+
+    async def _run(self) -> None:
+        delay = 0.05
+        while True:
+            if not self._buffer:
+                self._empty.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            subject, data, msg_id = self._buffer[0]
+            try:
+                if not await self._try_ensure():
+                    raise ConnectionError("stream not set up")
+                # The id lets JetStream drop a duplicate when an ack was lost and we retry.
+                await self.nc.jetstream().publish(subject, data, timeout=self.ack_timeout,
+                                                  headers={"Nats-Msg-Id": msg_id})
+            except Exception as exc:
+                self.failures += 1
+                loss_log.warning(f"{self.what}-retry", "%s: publish failed (%s: %s); %d "
+                                 "buffered, retrying", self.what, type(exc).__name__, exc,
+                                 len(self._buffer))
+                if "no response from stream" in str(exc).lower():
+                    self._ensured = False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_DELAY)
+                continue
+            delay = 0.05
+            if self._buffer and self._buffer[0][2] == msg_id:
+                self._buffer.popleft()
+            self.published += 1
+
+    async def flush(self, timeout: float) -> bool:
+        """Waits (bounded) until everything queued so far is stored; True when it was."""
+        try:
+            await asyncio.wait_for(self._empty.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self, timeout: float = 2.0) -> None:
+        if self._task is not None:
+            await self.flush(timeout)
+            self._task.cancel()
+            self._task = None
+        if self._buffer:
+            self.dropped += len(self._buffer)
+            log.error("%s: %d messages could not be stored before shutdown and are lost",
+                      self.what, len(self._buffer))
+            self._buffer.clear()
