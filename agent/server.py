@@ -75,7 +75,8 @@ class Agent:
         subject = self.subjects.agent_heartbeat(self.config.agent_id)
         while True:
             try:
-                await self.nc.publish(subject, frames.pack({"sessions": len(self.sessions)}))
+                await self.nc.publish(subject, frames.pack({"sessions": len(self.sessions),
+                                                            "interval": ALIVE_INTERVAL}))
             except Exception:
                 pass
             await asyncio.sleep(ALIVE_INTERVAL)

@@ -62,6 +62,8 @@ def decode(data: bytes) -> tuple[int, int, Any]:
         raise MalformedFrame(f"unknown frame kind {kind!r} or bad sequence {seq!r}")
     if kind in DATA_KINDS and not isinstance(payload, bytes):
         raise MalformedFrame(f"{NAMES[kind]} frame without bytes payload")
+    if kind in DATA_KINDS and len(payload) > MAX_DATA:
+        raise MalformedFrame(f"{NAMES[kind]} frame of {len(payload)} bytes exceeds {MAX_DATA}")
     return kind, seq, payload
 
 
