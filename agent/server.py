@@ -15,7 +15,14 @@ from agent.runners.process import ProcessRunner
 from agent.session import ExecSession
 from agent.supervisor import Supervisor
 from rune import frames
-from rune.errors import InvalidArgument, NotFound, NotRunning, ResourceExhausted, RuneError
+from rune.errors import (
+    InvalidArgument,
+    NotFound,
+    NotRunning,
+    ResourceExhausted,
+    RuneError,
+    Unavailable,
+)
 from rune.link import LinkSettings, SessionLink
 from rune.models import ExecOpen, ExecOpened, InstanceInfo
 from rune.natsconn import connect
@@ -162,6 +169,10 @@ class Agent:
         self.sessions.pop(session.id, None)
 
     async def stop(self) -> None:
+        for session in list(self.sessions.values()):
+            # Say so rather than fall silent: the client learns at once, not after beats.
+            gone = Unavailable(f"agent {self.config.agent_id} is shutting down")
+            await session.link.send(frames.ERROR, gone.to_wire())
         for session in list(self.sessions.values()):
             await session.execution.terminate(self.config.kill_grace)
         if self.supervisor:

@@ -138,6 +138,22 @@ def test_agent_killed_mid_session(fresh):
     assert rune("exec", "api", "true").returncode == 255
 
 
+def test_agent_stopped_mid_session_says_so(fresh):
+    """SIGTERM to the agent: the CLI hears at once that it is shutting down; no orphan."""
+    stack, rune = fresh
+    mark = marker("stop")
+    session = Session(rune, "api", *sleeper_argv(mark))
+    _started(session)
+    os.kill(stack.procs["agent-a1"].pid, signal.SIGTERM)
+    stopped = time.monotonic()
+    code = session.wait(timeout=10)
+    figure("agent SIGTERM -> CLI exit", f"{time.monotonic() - stopped:.2f}s")
+    assert code == 255
+    assert session.errors() == ["Error: agent a1 is shutting down"], session.stderr_text
+    assert time.monotonic() - stopped <= LOST + SLACK
+    wait_for(lambda: not pids_with(mark), KILL_GRACE + SLACK, "remote command gone")
+
+
 def test_lost_agent_comes_back(fresh):
     """An agent that beats again after a restart is running again in the registry."""
     stack, rune = fresh
@@ -320,13 +336,16 @@ def test_idle_timeout_ends_a_silent_session(idle):
     """No I/O for the idle timeout: exit 254, its own message, the command is stopped."""
     stack, rune = idle
     mark = marker("idle")
+    session = Session(rune, "api", "sh", "-c", "sleep 600", mark)
+    session.session_id()
     start = time.monotonic()
-    result = rune("exec", "api", "sh", "-c", "sleep 600", mark, timeout=30)
+    code = session.wait(timeout=30)
     took = time.monotonic() - start
-    figure("idle timeout 1.5 s -> CLI exit", f"{took:.2f}s after start")
-    assert result.returncode == 254
-    assert result.stderr.decode().startswith("Error: session idle: no input or output for 1.5s")
-    assert took < 1.5 + SLACK + 2
+    figure("idle timeout 1.5 s: session start -> CLI exit", f"{took:.2f}s")
+    assert code == 254
+    assert session.errors() == ["Error: session idle: no input or output for 1.5s (the "
+                                "server's idle timeout); the remote command was stopped"]
+    assert 1.5 * 0.9 <= took <= 1.5 + SLACK
     wait_for(lambda: not pids_with(mark), KILL_GRACE + SLACK + 2, "idle command stopped")
 
 
