@@ -64,6 +64,9 @@ class Agent:
             self.runners["docker"] = docker_runner
         await self.nc.subscribe(self.subjects.agent_exec(self.config.agent_id),
                                 cb=self._on_exec)
+        # Answering pings lets the apiserver tell "slow" from "gone" (no responders).
+        await self.nc.subscribe(self.subjects.agent_ping(self.config.agent_id),
+                                cb=self._on_ping)
         self.supervisor.start()
         self._spawn(self._announce_alive())
         log.info("agent %s ready on %s", self.config.agent_id, self.config.nats.url)
@@ -87,6 +90,12 @@ class Agent:
             except Exception:
                 pass
             await asyncio.sleep(ALIVE_INTERVAL)
+
+    async def _on_ping(self, msg: object) -> None:
+        try:
+            await msg.respond(b"")
+        except Exception:
+            pass  # no reply subject, or the connection is going: nothing to answer
 
     def lookup(self, namespace: str, instance_id: str) -> InstanceInfo | None:
         if self.registry is None:

@@ -74,6 +74,7 @@ class Relay:
             settings=LinkSettings(window=self.config.window, heartbeat=self.config.heartbeat,
                                   lost_after=self.config.lost_after),
             peer=f"agent {instance.agent}",
+            probe=lambda: self._agent_gone(instance.agent),
         )
         await link.open()
         finished = False
@@ -144,6 +145,17 @@ class Relay:
                 raise IdleTimeout(f"session idle: no input or output for {limit:g}s (the "
                                   "server's idle timeout); the remote command was stopped")
             await asyncio.sleep(min(limit - quiet, 1.0) + 0.01)
+
+    async def _agent_gone(self, agent: str) -> bool:
+        """True only when the broker says nobody serves the agent's subjects any more."""
+        try:
+            await self.nc.request(self.subjects.agent_ping(agent), b"",
+                                  timeout=self.config.heartbeat)
+        except NoRespondersError:
+            return True
+        except Exception:
+            return False
+        return False
 
     async def _close_remote(self, link: SessionLink) -> None:
         try:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -55,12 +56,19 @@ class SessionLink:
         accepts: frozenset[int],
         settings: LinkSettings | None = None,
         peer: str = "peer",
+        probe: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.nc = nc
         self.settings = settings or LinkSettings()
         self.send_subject = send_subject
         self.recv_subject = recv_subject
         self.peer = peer
+        # Asks the broker whether the peer is still connected (True: it is gone for sure),
+        # so a peer that died is lost after two silent intervals instead of lost_after.
+        self._probe = probe
+        self._probing: asyncio.Task | None = None
+        self._last_probe = 0.0
+        self._connected_since = float("-inf")  # set by a reconnect only
         self._accepts = accepts
         self.sender = Sender(self._publish, self.settings.window, self.settings.rto)
         self.receiver = Receiver(self.settings.window)
@@ -86,6 +94,8 @@ class SessionLink:
         self._task = asyncio.create_task(self._maintain())
 
     async def close(self) -> None:
+        if self._probing:
+            self._probing.cancel()
         if self._task:
             self._task.cancel()
             self._task = None
@@ -206,6 +216,7 @@ class SessionLink:
             if self._disconnected_since is not None:
                 # Back after a broker blip: restart the peer's clock, repair the gap now.
                 self._disconnected_since = None
+                self._connected_since = now
                 self._last_heard = now
                 await self._ack()
                 await self.sender.retransmit(min_interval=0)
@@ -223,3 +234,25 @@ class SessionLink:
             if silent >= s.heartbeat * s.lost_after and self.lost is None:
                 self.declare_lost(Unavailable(
                     f"{self.peer} lost: no heartbeat for {silent:.1f}s"))
+            elif self._probe_due(now, silent):
+                self._last_probe = now
+                self._probing = asyncio.create_task(self._run_probe(silent))
+
+    def _probe_due(self, now: float, silent: float) -> bool:
+        s = self.settings
+        return (self._probe is not None and self.lost is None
+                and silent >= s.heartbeat * min(2, s.lost_after)
+                and now - self._last_probe >= s.heartbeat
+                and (self._probing is None or self._probing.done())
+                # Right after a broker restart the peer may simply not be back yet.
+                and now - self._connected_since >= s.heartbeat * s.lost_after)
+
+    async def _run_probe(self, silent: float) -> None:
+        try:
+            gone = await self._probe()
+        except Exception:  # a failed probe proves nothing: the heartbeat rule decides
+            return
+        if gone and self._last_heard < self._last_probe:
+            self.declare_lost(Unavailable(
+                f"{self.peer} lost: no heartbeat for {silent:.1f}s and no longer connected "
+                "to the broker"))

@@ -22,6 +22,9 @@ class Subjects:
     def agent_exec(self, agent: str) -> str:
         return f"{self.prefix}.agent.{agent}.exec"
 
+    def agent_ping(self, agent: str) -> str:
+        return f"{self.prefix}.agent.{agent}.ping"
+
     def agent_all(self, agent: str) -> str:
         return f"{self.prefix}.agent.{agent}.>"
 

@@ -144,3 +144,27 @@ def test_oversized_data_frame_is_malformed():
     """A data frame above MAX_DATA is rejected by the codec."""
     with pytest.raises(frames.MalformedFrame):
         frames.decode(frames.encode(frames.STDOUT, 1, b"z" * (frames.MAX_DATA + 1)))
+
+
+@pytest.mark.parametrize("gone", [True, False])
+async def test_probe_shortens_the_wait_only_for_a_peer_that_left(gone):
+    """A peer the broker says is gone is lost after two intervals; otherwise after all."""
+    bus = FakeBus()
+    probes = []
+
+    async def probe() -> bool:
+        probes.append(time.monotonic())
+        return gone
+
+    link = SessionLink(bus, "a", "b", frozenset(), LinkSettings(heartbeat=0.1, lost_after=5),
+                       "agent a9", probe=probe)
+    await link.open()
+    took = await until(lambda: link.lost is not None, 3)
+    assert probes
+    if gone:
+        assert 0.2 <= took < 0.4
+        assert "no longer connected to the broker" in str(link.lost)
+    else:
+        assert took >= 0.5
+        assert "no longer connected" not in str(link.lost)
+    await link.close()
