@@ -201,9 +201,16 @@ class SessionLink:
 
     async def _maintain(self) -> None:
         s = self.settings
+        last_tick = time.monotonic()
         while True:
             await asyncio.sleep(TICK)
             now = time.monotonic()
+            stalled = now - last_tick - TICK
+            last_tick = now
+            if stalled > TICK:
+                # Our own process was starved: the peer's frames may be waiting unread, so
+                # only silence while we were running counts against it.
+                self._last_heard += stalled
             if not self.nc.is_connected:
                 # Frames published now only pile up in the client's buffer; and silence
                 # is no sign of the peer's death until our own connection is back.

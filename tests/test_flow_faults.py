@@ -168,3 +168,17 @@ async def test_probe_shortens_the_wait_only_for_a_peer_that_left(gone):
         assert took >= 0.5
         assert "no longer connected" not in str(link.lost)
     await link.close()
+
+
+async def test_own_stall_is_not_the_peers_silence():
+    """Our event loop starved for many intervals: the peer is not lost for it."""
+    bus = FakeBus()
+    agent, server = pair(bus, LinkSettings(heartbeat=0.05, lost_after=3))
+    await agent.open()
+    await server.open()
+    await asyncio.sleep(0.1)
+    time.sleep(0.5)  # blocks the loop: ten times the loss bound
+    await asyncio.sleep(0.06)
+    assert agent.lost is None and server.lost is None
+    await agent.close()
+    await server.close()
