@@ -77,9 +77,13 @@ class InstanceDirectory:
 
     async def _watch_liveness(self) -> None:
         disconnected = False
+        last_tick = time.monotonic()
         while True:
             await asyncio.sleep(LIVENESS_TICK)
             now = time.monotonic()
+            if now - last_tick > 1.0:
+                self._since = now  # we were starved: unread beats may be waiting
+            last_tick = now
             if not self._nc.is_connected:
                 # We hear nobody while our own connection is down: that is not their fault.
                 self._since = now
