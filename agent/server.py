@@ -18,7 +18,14 @@ from agent.runners.process import ProcessRunner
 from agent.session import ExecSession
 from agent.supervisor import Supervisor
 from rune import frames
-from rune.errors import InvalidArgument, NotFound, NotRunning, ResourceExhausted, RuneError
+from rune.errors import (
+    InvalidArgument,
+    NotFound,
+    NotRunning,
+    ResourceExhausted,
+    RuneError,
+    Unavailable,
+)
 from rune.link import LinkSettings, SessionLink
 from rune.models import ExecOpen, ExecOpened, InstanceInfo
 from rune.natsconn import connect
@@ -69,6 +76,9 @@ class Agent:
             self.runners["docker"] = docker_runner
         await self.nc.subscribe(self.subjects.agent_exec(self.config.agent_id),
                                 cb=self._accept_exec)
+        # Answering pings lets the apiserver tell "slow" from "gone" (no responders).
+        await self.nc.subscribe(self.subjects.agent_ping(self.config.agent_id),
+                                cb=self._on_ping)
         self.supervisor.start()
         self._spawn(self._announce_alive())
         log.info("agent %s ready on %s", self.config.agent_id, self.config.nats.url)
@@ -87,10 +97,17 @@ class Agent:
         subject = self.subjects.agent_heartbeat(self.config.agent_id)
         while True:
             try:
-                await self.nc.publish(subject, frames.pack({"sessions": len(self.sessions)}))
+                await self.nc.publish(subject, frames.pack({"sessions": len(self.sessions),
+                                                            "interval": ALIVE_INTERVAL}))
             except Exception:
                 pass
             await asyncio.sleep(ALIVE_INTERVAL)
+
+    async def _on_ping(self, msg: object) -> None:
+        try:
+            await msg.respond(b"")
+        except Exception:
+            pass  # no reply subject, or the connection is going: nothing to answer
 
     def lookup(self, namespace: str, instance_id: str) -> InstanceInfo | None:
         if self.registry is None:
@@ -187,6 +204,10 @@ class Agent:
             self.audit.session_lost(session)
 
     async def stop(self) -> None:
+        for session in list(self.sessions.values()):
+            # Say so rather than fall silent: the client learns at once, not after beats.
+            gone = Unavailable(f"agent {self.config.agent_id} is shutting down")
+            await session.link.send(frames.ERROR, gone.to_wire())
         for session in list(self.sessions.values()):
             await session.execution.terminate(self.config.kill_grace)
         if self.supervisor:

@@ -1,14 +1,21 @@
-"""The apiserver's live view of every instance, watched from the registry KV bucket."""
+"""The apiserver's live view of every instance, watched from the registry KV bucket.
+
+Agents also beat on `rune.out.<agent>._alive`; an agent silent for `lost_after`
+of its beat intervals is lost, and its instances show (and resolve) as "lost"
+whatever the bucket last said, until it beats again.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 
 from nats.aio.client import Client as NATS
 from pydantic import ValidationError
 
+from rune import frames
 from rune.errors import NotFound, NotRunning
 from rune.models import INSTANCE_MARK, InstanceInfo
 from rune.registry import open_instances_bucket
@@ -16,27 +23,106 @@ from rune.subjects import Subjects
 
 log = logging.getLogger(__name__)
 
+DEFAULT_BEAT = 1.0  # assumed for an agent not heard yet
+LIVENESS_TICK = 0.1
+
 
 class InstanceDirectory:
-    def __init__(self, nc: NATS, subjects: Subjects) -> None:
+    def __init__(self, nc: NATS, subjects: Subjects, lost_after: int = 3) -> None:
         self._nc = nc
         self._subjects = subjects
+        self.lost_after = lost_after
         self.instances: dict[str, InstanceInfo] = {}
         self.busy: Counter[str] = Counter()
-        self._task: asyncio.Task | None = None
+        self._kv = None
+        self._follower: asyncio.Task | None = None
+        self._liveness: asyncio.Task | None = None
         self.ready = asyncio.Event()
+        self._beats: dict[str, tuple[float, float]] = {}  # agent -> (last beat, interval)
+        self._since = time.monotonic()  # silence before this instant is not held against anyone
+        self.lost_agents: set[str] = set()
 
     async def start(self) -> None:
-        kv = await open_instances_bucket(self._nc, self._subjects)
-        watcher = await kv.watchall()
-        self._task = asyncio.create_task(self._follow(watcher))
+        self._kv = await open_instances_bucket(self._nc, self._subjects)
+        await self._nc.subscribe(self._subjects.all_agent_heartbeats(), cb=self._on_beat)
+        self._since = time.monotonic()
+        self._follower = asyncio.create_task(self._follow())
+        self._liveness = asyncio.create_task(self._watch_liveness())
         await self.ready.wait()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for task in (self._follower, self._liveness):
+            if task:
+                task.cancel()
 
-    async def _follow(self, watcher: object) -> None:
+    async def _on_beat(self, msg: object) -> None:
+        agent = self._subjects.heartbeat_agent(msg.subject)
+        if agent is None:
+            return
+        interval = DEFAULT_BEAT
+        try:
+            beat = frames.unpack(msg.data)
+            if isinstance(beat, dict) and isinstance(beat.get("interval"), (int, float)):
+                interval = min(max(float(beat["interval"]), 0.05), 60.0)
+        except frames.MalformedFrame:
+            pass  # a beat is a beat: only its interval is optional
+        self._beats[agent] = (time.monotonic(), interval)
+        if agent in self.lost_agents:
+            self.lost_agents.discard(agent)
+            log.info("agent %s is back", agent)
+
+    def _silent_too_long(self, agent: str, now: float) -> bool:
+        last, interval = self._beats.get(agent, (self._since, DEFAULT_BEAT))
+        return now - max(last, self._since) > interval * self.lost_after
+
+    async def _watch_liveness(self) -> None:
+        disconnected = False
+        last_tick = time.monotonic()
+        while True:
+            await asyncio.sleep(LIVENESS_TICK)
+            now = time.monotonic()
+            if now - last_tick > 1.0:
+                self._since = now  # we were starved: unread beats may be waiting
+            last_tick = now
+            if not self._nc.is_connected:
+                # We hear nobody while our own connection is down: that is not their fault.
+                self._since = now
+                disconnected = True
+                continue
+            if disconnected:
+                disconnected = False
+                self._rewatch()
+            agents = {i.agent for i in self.instances.values()} | set(self._beats)
+            for agent in agents - self.lost_agents:
+                if self._silent_too_long(agent, now):
+                    self.lost_agents.add(agent)
+                    log.warning("agent %s lost: no liveness beat for %d intervals; its "
+                                "instances are now lost", agent, self.lost_after)
+
+    def effective(self, info: InstanceInfo) -> InstanceInfo:
+        """The entry as users see it: a lost agent's instances are lost, not running."""
+        if info.agent in self.lost_agents and info.state != "lost":
+            return info.model_copy(update={"state": "lost"})
+        return info
+
+    async def _follow(self) -> None:
+        """Applies bucket updates; watches again when the watch fails."""
+        while True:
+            try:
+                await self._apply(await self._kv.watchall())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("registry watch failed (%s); watching again", exc)
+            await asyncio.sleep(0.5)
+
+    def _rewatch(self) -> None:
+        """A broker restart may take the watch's consumer with it: start a fresh watch."""
+        if self._follower:
+            self._follower.cancel()
+        self._follower = asyncio.create_task(self._follow())
+
+    async def _apply(self, watcher: object) -> None:
         async for entry in watcher:
             if entry is None:  # the watcher's "caught up" marker
                 self.ready.set()
@@ -50,7 +136,7 @@ class InstanceDirectory:
                 log.warning("ignoring malformed registry entry %s: %s", entry.key, exc)
 
     def list(self, namespace: str | None = None) -> list[InstanceInfo]:
-        items = [i for i in self.instances.values()
+        items = [self.effective(i) for i in self.instances.values()
                  if namespace is None or i.namespace == namespace]
         return sorted(items, key=lambda i: (i.namespace, i.service, i.instance_id))
 
@@ -58,13 +144,15 @@ class InstanceDirectory:
         """A service name → its least busy running instance; an instance id → that one."""
         if INSTANCE_MARK in target:
             info = self.instances.get(f"{namespace}.{target}")
+            info = self.effective(info) if info is not None else None
             if info is None:
                 raise NotFound(f'instance not found: no instance "{target}" in namespace '
                                f'"{namespace}"')
             if info.state != "running":
-                raise NotRunning(f'instance not running: "{target}" is {info.state}')
+                why = f" (agent {info.agent} lost)" if info.agent in self.lost_agents else ""
+                raise NotRunning(f'instance not running: "{target}" is {info.state}{why}')
             return info
-        candidates = [i for i in self.instances.values()
+        candidates = [self.effective(i) for i in self.instances.values()
                       if i.namespace == namespace and i.service == target]
         if not candidates:
             raise NotFound(f'instance not found: no service or instance "{target}" in '

@@ -29,7 +29,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 async def serve(config: ApiServerConfig) -> None:
     subjects = Subjects(config.prefix)
     nc = await connect(config.nats_url, "rune-apiserver", config.nats_nkey_seed_file)
-    directory = InstanceDirectory(nc, subjects)
+    directory = InstanceDirectory(nc, subjects, config.lost_after)
     await directory.start()
     access = OpenAccess()
     oversight = await start_oversight(nc, subjects, config)

@@ -17,7 +17,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from apiserver.config import ApiServerConfig
 from rune import errors, frames
-from rune.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from rune.errors import DeadlineExceeded, IdleTimeout, InvalidArgument, Unavailable
 from rune.link import LinkSettings, SessionLink
 from rune.models import ExecOpen, ExecOpened, InstanceInfo
 from rune.proto import exec_pb2 as pb
@@ -51,6 +51,8 @@ class SessionRecord:
     retransmits: int = 0
     stalls: int = 0
     lost: bool = False
+    last_io: float = field(default_factory=time.monotonic)
+    writing: bool = False  # output is on its way to a (maybe slow) client: not idle
 
 
 class Relay:
@@ -84,30 +86,39 @@ class Relay:
             settings=LinkSettings(window=self.config.window, heartbeat=self.config.heartbeat,
                                   lost_after=self.config.lost_after),
             peer=f"agent {instance.agent}",
+            probe=lambda: self._agent_gone(instance.agent),
         )
         await link.open()
         finished = False
         try:
             opened = await self._open(instance, request)
+            # Every status the server ends this stream with carries the session id: how
+            # the client tells the server's verdict from a broken connection.
+            context.set_trailing_metadata((("rune-session", record.id),))
             await context.write(pb.ExecResponse(started=pb.Started(
                 session_id=record.id, instance_id=instance.instance_id,
                 host=opened.host or instance.host, agent=instance.agent,
                 service=instance.service, runner=instance.runner)))
             record.host = opened.host or instance.host
+            record.last_io = time.monotonic()
             if self.on_started:
                 self.on_started(record)
             upstream = asyncio.create_task(self._client_to_agent(context, link, record))
             downstream = asyncio.create_task(self._agent_to_client(context, link, record))
             killed = asyncio.ensure_future(record.kill.wait())
+            idle = asyncio.create_task(self._idle_watch(record))
             try:
                 # The agent enforces the timeout; this backstop covers an agent that never says.
                 done, _ = await asyncio.wait(
-                    (upstream, downstream, killed), timeout=timeout + self.config.heartbeat * 3,
+                    (upstream, downstream, killed, idle),
+                    timeout=timeout + self.config.heartbeat * 3,
                     return_when=asyncio.FIRST_COMPLETED)
                 if not done:
                     raise DeadlineExceeded(f"command timed out after {timeout:g}s")
                 if killed in done:
                     raise Unavailable(f"session ended: {record.kill_reason}")
+                if idle in done:
+                    raise idle.exception()
                 if upstream in done and upstream.exception() is not None:
                     raise upstream.exception()
                 await downstream
@@ -119,6 +130,7 @@ class Relay:
                 upstream.add_done_callback(_retrieve)
                 downstream.cancel()
                 killed.cancel()
+                idle.cancel()
         finally:
             record.bytes_in, record.bytes_out = link.bytes_out, link.bytes_in
             record.retransmits, record.stalls = link.sender.retransmits, link.sender.stalls
@@ -162,6 +174,32 @@ class Relay:
             raise errors.from_wire(opened.error)
         return opened
 
+    async def _idle_watch(self, record: SessionRecord) -> None:
+        """Raises IdleTimeout once no byte moved either way for the server's idle timeout."""
+        limit = self.config.idle_timeout
+        if limit <= 0:
+            await asyncio.Event().wait()  # off: never fires
+        while True:
+            quiet = time.monotonic() - record.last_io
+            if record.writing:
+                quiet = 0.0
+            if quiet >= limit:
+                log.info("session %s: idle for %.1fs; ending it", record.id, quiet)
+                raise IdleTimeout(f"session idle: no input or output for {limit:g}s (the "
+                                  "server's idle timeout); the remote command was stopped")
+            await asyncio.sleep(min(limit - quiet, 1.0) + 0.01)
+
+    async def _agent_gone(self, agent: str) -> bool:
+        """True only when the broker says nobody serves the agent's subjects any more."""
+        try:
+            await self.nc.request(self.subjects.agent_ping(agent), b"",
+                                  timeout=self.config.heartbeat)
+        except NoRespondersError:
+            return True
+        except Exception:
+            return False
+        return False
+
     async def _close_remote(self, link: SessionLink) -> None:
         try:
             await link.send(frames.CLOSE, "client gone")
@@ -177,9 +215,14 @@ class Relay:
                 return
             kind = request.WhichOneof("msg")
             if kind == "stdin":
+                data = request.stdin
+                record.last_io = time.monotonic()
                 if record.tap is not None:
-                    record.tap.input(request.stdin)
-                await link.send(frames.STDIN, request.stdin, len(request.stdin))
+                    record.tap.input(data)
+                # Frames stay under the codec's data limit whatever size the client sent.
+                for i in range(0, len(data), frames.MAX_DATA):
+                    chunk = data[i:i + frames.MAX_DATA]
+                    await link.send(frames.STDIN, chunk, len(chunk))
             elif kind == "stdin_close":
                 await link.send(frames.STDIN_EOF)
             elif kind == "resize":
@@ -198,12 +241,16 @@ class Relay:
                 kind, payload = await link.recv()
             except Unavailable as exc:
                 raise Unavailable(f"{exc}; the session ended") from None
-            if kind == frames.STDOUT:
-                if record.tap is not None:
+            if kind in (frames.STDOUT, frames.STDERR):
+                if kind == frames.STDOUT and record.tap is not None:
                     record.tap.output(payload)
-                await context.write(pb.ExecResponse(stdout=payload))
-            elif kind == frames.STDERR:
-                await context.write(pb.ExecResponse(stderr=payload))
+                record.writing = True
+                try:
+                    await context.write(pb.ExecResponse(stdout=payload) if kind == frames.STDOUT
+                                        else pb.ExecResponse(stderr=payload))
+                finally:
+                    record.writing = False
+                    record.last_io = time.monotonic()
             elif kind == frames.EXIT:
                 code = int(payload.get("code", 255)) if isinstance(payload, dict) else 255
                 sig = int(payload.get("signal", 0)) if isinstance(payload, dict) else 0

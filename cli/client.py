@@ -67,9 +67,14 @@ class ApiClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def translate(self, exc: grpc.aio.AioRpcError) -> RuneError:
+    def translate(self, exc: grpc.aio.AioRpcError, started: bool = False) -> RuneError:
         """Turns a gRPC failure into the error tree; transport failures name the server."""
         details = exc.details() or ""
+        if started and exc.code() == grpc.StatusCode.UNAVAILABLE and not exc.trailing_metadata():
+            # Statuses the server sends on a started stream carry trailers (rune-session);
+            # an UNAVAILABLE without them is the connection itself breaking.
+            return Unavailable(f"lost the connection to the API server at {self.address} "
+                               f"({details or 'connection closed'}); the session ended")
         if exc.code() == grpc.StatusCode.UNAVAILABLE and _is_transport_failure(details):
             return Unavailable(f"failed to create API client: failed to connect to API server "
                                f"at {self.address} ({details})")
@@ -145,7 +150,7 @@ class ExecStream:
             try:
                 response = await self.call.read()
             except grpc.aio.AioRpcError as exc:
-                raise self.client.translate(exc) from None
+                raise self.client.translate(exc, started=True) from None
             if response is grpc.aio.EOF:
                 raise Unavailable("the API server ended the stream without an exit status")
             kind = response.WhichOneof("msg")

@@ -8,6 +8,7 @@
      ├── NotRunning               FAILED_PRECONDITION  255
      ├── ResourceExhausted        RESOURCE_EXHAUSTED   255
      ├── DeadlineExceeded         DEADLINE_EXCEEDED    124
+     ├── IdleTimeout              ABORTED              254  (no I/O for the server's idle timeout)
      ├── Unavailable              UNAVAILABLE          255  (agent, broker or apiserver lost)
      └── Internal                 INTERNAL             255
 
@@ -71,6 +72,12 @@ class DeadlineExceeded(RuneError):
     exit_code = 124
 
 
+class IdleTimeout(RuneError):
+    code = "idle_timeout"
+    grpc_status = "ABORTED"
+    exit_code = 254
+
+
 class Unavailable(RuneError):
     code = "unavailable"
     grpc_status = "UNAVAILABLE"
@@ -85,7 +92,7 @@ _BY_CODE = {
     cls.code: cls
     for cls in (
         InvalidArgument, Unauthenticated, PermissionDenied, NotFound, NotRunning,
-        ResourceExhausted, DeadlineExceeded, Unavailable, Internal,
+        ResourceExhausted, DeadlineExceeded, IdleTimeout, Unavailable, Internal,
     )
 }
 _BY_STATUS = {cls.grpc_status: cls for cls in _BY_CODE.values()}

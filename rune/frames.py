@@ -54,7 +54,7 @@ def decode(data: bytes) -> tuple[int, int, Any]:
     try:
         frame = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types
-        raise MalformedFrame(f"undecodable frame: {exc}") from None
+        raise MalformedFrame(f"undecodable frame ({type(exc).__name__}: {exc})") from None
     if not isinstance(frame, list) or len(frame) != 3:
         raise MalformedFrame("frame is not a [kind, seq, payload] array")
     kind, seq, payload = frame
@@ -62,6 +62,8 @@ def decode(data: bytes) -> tuple[int, int, Any]:
         raise MalformedFrame(f"unknown frame kind {kind!r} or bad sequence {seq!r}")
     if kind in DATA_KINDS and not isinstance(payload, bytes):
         raise MalformedFrame(f"{NAMES[kind]} frame without bytes payload")
+    if kind in DATA_KINDS and len(payload) > MAX_DATA:
+        raise MalformedFrame(f"{NAMES[kind]} frame of {len(payload)} bytes exceeds {MAX_DATA}")
     return kind, seq, payload
 
 

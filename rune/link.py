@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -35,11 +36,15 @@ class LinkSettings:
         heartbeat: float = 2.0,
         lost_after: int = 3,
         rto: float = 1.0,
+        reconnect_grace: float = 30.0,
     ) -> None:
         self.window = window
         self.heartbeat = heartbeat
         self.lost_after = lost_after
         self.rto = rto
+        # While our own broker connection is down the peer cannot be heard, which says
+        # nothing about the peer: allow this long for the reconnect before giving up.
+        self.reconnect_grace = reconnect_grace
 
 
 class SessionLink:
@@ -51,12 +56,19 @@ class SessionLink:
         accepts: frozenset[int],
         settings: LinkSettings | None = None,
         peer: str = "peer",
+        probe: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.nc = nc
         self.settings = settings or LinkSettings()
         self.send_subject = send_subject
         self.recv_subject = recv_subject
         self.peer = peer
+        # Asks the broker whether the peer is still connected (True: it is gone for sure),
+        # so a peer that died is lost after two silent intervals instead of lost_after.
+        self._probe = probe
+        self._probing: asyncio.Task | None = None
+        self._last_probe = 0.0
+        self._connected_since = float("-inf")  # set by a reconnect only
         self._accepts = accepts
         self.sender = Sender(self._publish, self.settings.window, self.settings.rto)
         self.receiver = Receiver(self.settings.window)
@@ -68,6 +80,8 @@ class SessionLink:
         self._last_sent = time.monotonic()
         self._last_heard = time.monotonic()
         self._last_ack = 0.0
+        self._last_dup_ack = 0.0
+        self._disconnected_since: float | None = None
         self.lost: Unavailable | None = None
         self.lost_event = asyncio.Event()
         self.bytes_in = 0
@@ -80,6 +94,8 @@ class SessionLink:
         self._task = asyncio.create_task(self._maintain())
 
     async def close(self) -> None:
+        if self._probing:
+            self._probing.cancel()
         if self._task:
             self._task.cancel()
             self._task = None
@@ -105,7 +121,14 @@ class SessionLink:
 
     async def _on_msg(self, msg: Any) -> None:
         try:
-            kind, seq, payload = frames.decode(msg.data)
+            await self._handle(msg.data)
+        except Exception as exc:  # garbage must never take the session down
+            garbage_log.warning("handler", "dropped frame on %s: %s: %s", self.recv_subject,
+                                type(exc).__name__, exc)
+
+    async def _handle(self, data: bytes) -> None:
+        try:
+            kind, seq, payload = frames.decode(data)
         except frames.MalformedFrame as exc:
             garbage_log.warning("malformed", "dropped frame on %s: %s", self.recv_subject, exc)
             return
@@ -125,6 +148,15 @@ class SessionLink:
             self._ready.set()
         elif accepted is None:
             await self._ack()
+        else:
+            garbage_log.warning("duplicate", "dropped duplicate or stale %s frame %d on %s",
+                                frames.NAMES[kind], seq, self.recv_subject)
+            # A retransmitted frame means the peer missed our ack: repeat it (at most every
+            # TICK, so a burst of duplicates costs one ack).
+            now = time.monotonic()
+            if now - self._last_dup_ack >= TICK:
+                self._last_dup_ack = now
+                await self._ack()
 
     async def recv(self) -> tuple[int, Any]:
         """The next frame in order; the previous one counts as consumed. Raises when lost."""
@@ -169,17 +201,65 @@ class SessionLink:
 
     async def _maintain(self) -> None:
         s = self.settings
+        last_tick = time.monotonic()
         while True:
             await asyncio.sleep(TICK)
             now = time.monotonic()
+            stalled = now - last_tick - TICK
+            last_tick = now
+            if stalled > TICK:
+                # Our own process was starved: the peer's frames may be waiting unread, so
+                # only silence while we were running counts against it.
+                self._last_heard += stalled
+            if not self.nc.is_connected:
+                # Frames published now only pile up in the client's buffer; and silence
+                # is no sign of the peer's death until our own connection is back.
+                if self._disconnected_since is None:
+                    self._disconnected_since = now
+                elif now - self._disconnected_since > s.reconnect_grace:
+                    self.declare_lost(Unavailable(
+                        f"broker unavailable for {now - self._disconnected_since:.1f}s"))
+                continue
+            if self._disconnected_since is not None:
+                # Back after a broker blip: restart the peer's clock, repair the gap now.
+                self._disconnected_since = None
+                self._connected_since = now
+                self._last_heard = now
+                await self._ack()
+                await self.sender.retransmit(min_interval=0)
             if self.receiver.ack_due() and now - self._last_ack >= TICK:
                 await self._ack()
             await self.sender.tick()
-            if time.monotonic() - self._last_sent >= s.heartbeat:
+            if now - self._last_sent >= s.heartbeat or now - self._last_ack >= s.heartbeat:
+                # Sent while idle, and at least every interval: a lost ack is repeated too.
+                self._last_ack = now
                 await self._publish(
                     frames.encode(frames.HEARTBEAT, 0, [self.receiver.consumed,
                                                         self.receiver.received])
                 )
             silent = now - self._last_heard
-            if silent > s.heartbeat * s.lost_after and self.lost is None:
-                self.declare_lost(Unavailable(f"{self.peer} lost: no heartbeat for {silent:.1f}s"))
+            if silent >= s.heartbeat * s.lost_after and self.lost is None:
+                self.declare_lost(Unavailable(
+                    f"{self.peer} lost: no heartbeat for {silent:.1f}s"))
+            elif self._probe_due(now, silent):
+                self._last_probe = now
+                self._probing = asyncio.create_task(self._run_probe(silent))
+
+    def _probe_due(self, now: float, silent: float) -> bool:
+        s = self.settings
+        return (self._probe is not None and self.lost is None
+                and silent >= s.heartbeat * min(2, s.lost_after)
+                and now - self._last_probe >= s.heartbeat
+                and (self._probing is None or self._probing.done())
+                # Right after a broker restart the peer may simply not be back yet.
+                and now - self._connected_since >= s.heartbeat * s.lost_after)
+
+    async def _run_probe(self, silent: float) -> None:
+        try:
+            gone = await self._probe()
+        except Exception:  # a failed probe proves nothing: the heartbeat rule decides
+            return
+        if gone and self._last_heard < self._last_probe:
+            self.declare_lost(Unavailable(
+                f"{self.peer} lost: no heartbeat for {silent:.1f}s and no longer connected "
+                "to the broker"))

@@ -22,6 +22,9 @@ class Subjects:
     def agent_exec(self, agent: str) -> str:
         return f"{self.prefix}.agent.{agent}.exec"
 
+    def agent_ping(self, agent: str) -> str:
+        return f"{self.prefix}.agent.{agent}.ping"
+
     def agent_all(self, agent: str) -> str:
         return f"{self.prefix}.agent.{agent}.>"
 
@@ -43,6 +46,14 @@ class Subjects:
 
     def all_agent_heartbeats(self) -> str:
         return f"{self.prefix}.out.*._alive"
+
+    def heartbeat_agent(self, subject: str) -> str | None:
+        """The agent id of a liveness subject, None when the subject is not one."""
+        head, tail = f"{self.prefix}.out.", "._alive"
+        if not (subject.startswith(head) and subject.endswith(tail)):
+            return None
+        agent = subject[len(head):-len(tail)]
+        return agent if _TOKEN.match(agent) else None
 
     def audit(self, namespace: str, event: str) -> str:
         return f"{self.prefix}.audit.{namespace}.{event}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import os
 import pwd
@@ -37,6 +38,17 @@ def _killpg(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """In the child: be killed when the agent dies, even by SIGKILL (no orphans)."""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the agent died before prctl took effect
+        os._exit(255)
 
 
 def _user_ids(user: str | None) -> tuple[int, int] | None:
@@ -82,7 +94,8 @@ class PipeExecution:
         return status_from_returncode(await self.proc.wait())
 
     async def terminate(self, grace: float) -> None:
-        await _terminate_group(self.pid, signal.SIGTERM, grace, self.proc.wait)
+        # SIGHUP, as when an ssh connection drops: the command's session is gone.
+        await _terminate_group(self.pid, signal.SIGHUP, grace, self.proc.wait)
 
     async def kill(self) -> None:
         _killpg(self.pid, signal.SIGKILL)
@@ -244,23 +257,26 @@ class ProcessRunner:
             raise CommandUnavailable(126, f"workdir {cwd}: no such directory")
         path = resolve_executable(request.argv[0], env, cwd)
         ids = _user_ids(context.user)
+        agent_pid = os.getpid()
 
         def become_user() -> None:
             if ids:
                 os.setgid(ids[1])
                 os.setuid(ids[0])
+            _die_with(agent_pid)  # after setuid, which would clear it
 
         if request.tty:
             ptyproc = PtyProcess.spawn(
                 [path, *request.argv[1:]], cwd=cwd, env=env,
                 dimensions=(request.height or 24, request.width or 80),
-                preexec_fn=become_user if ids else None,
+                preexec_fn=become_user,
             )
             return PtyExecution(ptyproc)
         proc = await asyncio.create_subprocess_exec(
             *request.argv, executable=path,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=env, cwd=cwd, start_new_session=True,
-            limit=1024 * 1024, **({"user": ids[0], "group": ids[1]} if ids else {}),
+            limit=1024 * 1024, preexec_fn=lambda: _die_with(agent_pid),
+            **({"user": ids[0], "group": ids[1]} if ids else {}),
         )
         return PipeExecution(proc)
