@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+import yaml
 from conftest import ROOT
 
 from agent.runners.docker import derived_instance_id
@@ -59,3 +61,34 @@ def test_missing_engine_fails_when_required_and_skips_otherwise(tmp_path):
     failed = subprocess.run(argv, cwd=ROOT, capture_output=True, timeout=120,
                             env={**env, "RUNE_REQUIRE_DOCKER": "1"})
     assert failed.returncode == 1 and b"RUNE_REQUIRE_DOCKER=1" in failed.stdout
+
+
+def _compose_command() -> list[str] | None:
+    for argv in (["docker", "compose"], ["docker-compose"]):
+        try:
+            if subprocess.run([*argv, "version"], capture_output=True, timeout=30).returncode == 0:
+                return argv
+        except OSError:
+            continue
+    return None
+
+
+def test_compose_file_is_valid():
+    """docker-compose.yml parses, and wires NATS, the apiserver, the agent and a demo service."""
+    compose = _compose_command()
+    if compose is None:
+        reason = "neither `docker compose` nor `docker-compose` is installed"
+        if os.environ.get("RUNE_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"compose validation is required here: {reason}")
+        pytest.skip(reason)
+    result = subprocess.run([*compose, "-f", str(ROOT / "docker-compose.yml"), "config"],
+                            capture_output=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr.decode()
+    services = yaml.safe_load(result.stdout)["services"]
+    assert set(services) >= {"nats", "apiserver", "agent", "demo"}
+    agent_mounts = str(services["agent"]["volumes"])
+    assert "/var/run/docker.sock" in agent_mounts
+    assert services["agent"]["pid"] == "host"
+    assert services["demo"]["labels"] == {"rune.namespace": "default", "rune.service": "demo"}
+    assert "broker_config" in str(services["nats"]["volumes"])
+    assert (ROOT / "broker_config" / "nats-compose.conf").is_file()
