@@ -61,7 +61,7 @@ def main() -> None:
     import docker
 
     client = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
-    run_id = f"bench-{os.getpid()}"
+    run_id = f"docker-bench-{os.getpid()}"
     labels = {"rune.namespace": "default", "rune.service": "bench",
               "rune.instance": "bench-instance-0", "rune.bench": run_id}
     container = client.create_container(
