@@ -119,3 +119,17 @@ def test_tty_separate_output_is_one_stream(rune):
     """With -t the command's stderr arrives on the terminal stream, like docker exec -t."""
     result = rune("exec", "-t", "api", "sh", "-c", "echo out; echo err >&2")
     assert result.stdout.replace(b"\r\n", b"\n") == b"out\nerr\n"
+
+
+def test_tty_command_not_found_is_127(rune):
+    """Under a TTY too, a command missing from the image exits 127 with a message."""
+    result = rune("exec", "-t", "api", "no-such-command-xyz")
+    assert result.returncode == 127
+    assert b"no-such-command-xyz" in result.stdout + result.stderr
+
+
+def test_missing_workdir_is_126(rune):
+    """A --workdir that does not exist in the container exits 126, saying why."""
+    result = rune("exec", "--workdir", "/no/such/dir", "api", "pwd")
+    assert result.returncode == 126
+    assert b"/no/such/dir" in result.stderr
