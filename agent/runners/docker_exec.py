@@ -159,13 +159,15 @@ class DockerExecution:
     async def _read(self) -> None:
         state: list = [b"", 0, 0]
         first = True
-        while True:
+        ended = False
+        while not ended:
             try:
                 data = await self._loop.sock_recv(self._sock, RECV_SIZE)
             except OSError:
                 data = b""
             if not data:
                 break
+            data, ended = self._more(data)
             out: dict[int, list] = {}
             if self.tty:
                 out[1] = [data]
@@ -182,6 +184,24 @@ class DockerExecution:
         for output in self._streams.values():
             await output.queue.put(None)
         await self._exit_from_inspect()
+
+    def _more(self, data: bytes) -> tuple[bytes, bool]:
+        """Adds what else is already readable: few large frames, not one per engine write."""
+        parts, total, ended = [data], len(data), False
+        while total < RECV_SIZE:
+            try:
+                more = self._sock.recv(RECV_SIZE - total)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                ended = True
+                break
+            if not more:
+                ended = True
+                break
+            parts.append(more)
+            total += len(more)
+        return (data if len(parts) == 1 else b"".join(parts)), ended
 
     async def _start_failed(self, out: dict[int, list]) -> bool:
         """The engine writes a failed start (no such command…) as output: make it 127/126."""
