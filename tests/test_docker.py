@@ -64,8 +64,10 @@ def test_instance_label_names_the_instance(rune, docker_stack, docker_engine):
 
 
 def test_unlabelled_and_foreign_containers_are_ignored(docker_stack, docker_engine):
-    """Containers without the labels (or of another agent's selection) are not instances."""
+    """Containers without the labels, outside the selection or another agent's are skipped."""
     docker_engine.run({"rune.service": "halfway"})  # no namespace label
+    docker_engine.run({"rune.namespace": "default", "rune.service": "elsewhere",
+                       "rune.agent": "another-agent"})
     marker = {"rune.namespace": "default", "rune.service": "foreign"}
     created = docker_engine.client.create_container(
         "rune-test-busybox:latest", ["sleep", "600"], labels={**marker, "rune.test": "other"},
@@ -76,7 +78,7 @@ def test_unlabelled_and_foreign_containers_are_ignored(docker_stack, docker_engi
         docker_engine.run({"rune.namespace": "default", "rune.service": "witness"})
         wait_until(lambda: _states(docker_stack, "witness"), "witness adopted")
         services = {i.service for i in asyncio.run(docker_stack._list())}
-        assert "halfway" not in services and "foreign" not in services
+        assert not services & {"halfway", "foreign", "elsewhere"}
     finally:
         docker_engine.client.remove_container(created["Id"], force=True)
 

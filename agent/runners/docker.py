@@ -86,7 +86,7 @@ class DockerRunner:
                                            self.settings.threads + 2)
             await self._call(self.client.ping)
         except DockerException as exc:
-            raise Unavailable(f"docker engine not reachable: {exc}") from exc
+            raise ConnectionError(f"docker engine not reachable: {exc}") from exc
         await self._open_events()
         await self._adopt_running()
         for service in self.settings.services:
@@ -99,10 +99,12 @@ class DockerRunner:
         if self._follower:
             self._follower.cancel()
         self._close_events()
-        await asyncio.gather(*(self._remove_managed(cid) for cid in list(self._managed)))
+        managed = list(self._managed)
+        await asyncio.gather(*(self._remove_managed(cid) for cid in managed))
         for cid, info in list(self._infos.items()):
-            await self.registry.remove(info)  # the agent no longer vouches for them
-            self._infos.pop(cid, None)
+            if cid not in managed:  # adopted: the agent no longer vouches for them
+                await self.registry.remove(info)
+                self._infos.pop(cid, None)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # --- the engine's event stream ----------------------------------------------------
@@ -201,6 +203,8 @@ class DockerRunner:
                 await self._set_state(cid, "exited")
 
     async def _adopt(self, cid: str, labels: dict, name: str, image: str, state: str) -> None:
+        if labels.get(AGENT_LABEL, self.config.agent_id) != self.config.agent_id:
+            return  # run by another agent on this engine
         try:
             namespace = check_token(labels.get(NAMESPACE_LABEL, ""), "namespace")
             service = check_token(labels.get(SERVICE_LABEL, ""), "service")
