@@ -130,8 +130,10 @@ class DockerRunner:
             if not self._stopping:
                 log.warning("docker event stream ended: %s", exc)
         finally:
-            if not loop.is_closed():
+            try:
                 loop.call_soon_threadsafe(self._events.put_nowait, None)
+            except RuntimeError:
+                pass  # the loop is closed: the agent has stopped
 
     def _close_events(self) -> None:
         if self._stream is not None:

@@ -24,6 +24,7 @@ RECV_SIZE = frames.MAX_DATA
 QUEUED_CHUNKS = 4  # per stream: with the reader stopped, the engine stops the command's writes
 START_FAILED = b"OCI runtime exec failed"
 PID_TRIES = 100
+RESIZE_TRIES = 5
 
 Inspect = Callable[[], Awaitable[dict]]
 Resize = Callable[[int, int], Awaitable[None]]
@@ -272,13 +273,19 @@ class DockerExecution:
 
     async def _apply_size(self) -> None:
         """One resize call at a time, always ending at the latest size asked for."""
-        applied = None
+        applied, failures = None, 0
         while self._size != applied:
-            applied = self._size
+            size = self._size
             try:
-                await self._resize(*applied)
+                await self._resize(*size)
+                applied = size
             except Exception as exc:
-                log.debug("exec %s: resize failed: %s", self.exec_id[:12], exc)
+                # Right after start the engine may not have the process yet: retry, bounded.
+                failures += 1
+                if failures >= RESIZE_TRIES or self._exit.done():
+                    log.debug("exec %s: resize failed: %s", self.exec_id[:12], exc)
+                    return
+                await asyncio.sleep(0.02 * 2 ** failures)
 
     # --- signals ----------------------------------------------------------------------
     async def _learn_pid(self) -> None:
