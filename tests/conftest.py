@@ -167,6 +167,8 @@ def docker_agent_extra(engine: DockerEngine, services: list[dict] | None = None)
 DOCKER_SERVICES = [
     {"name": "api", "namespace": "default", "replicas": 2, "image": DOCKER_IMAGE,
      "command": SLEEP_FOREVER, "network_mode": "none", "workdir": DOCKER_API_WORKDIR},
+    {"name": "keeper", "namespace": "default", "replicas": 1, "image": DOCKER_IMAGE,
+     "command": SLEEP_FOREVER, "network_mode": "none", "env": {"ROLE": "keeper"}},
 ]
 
 
@@ -182,7 +184,7 @@ def docker_stack(tmp_path_factory: pytest.TempPathFactory, docker_engine: Docker
     try:
         stack.start_nats()
         stack.start_apiserver()
-        stack.start_agent("a1", [], docker_agent_extra(engine, DOCKER_SERVICES), wait_running=4)
+        stack.start_agent("a1", [], docker_agent_extra(engine, DOCKER_SERVICES), wait_running=5)
         # A container that exits at once: its instance shows "exited", never "running".
         engine.run({"rune.namespace": "default", "rune.service": "crashy"}, ["sh", "-c", "exit 1"])
         wait_until(lambda: any(i.service == "crashy" and i.state == "exited"

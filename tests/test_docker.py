@@ -135,3 +135,16 @@ def test_missing_workdir_is_126(rune):
     result = rune("exec", "--workdir", "/no/such/dir", "api", "pwd")
     assert result.returncode == 126
     assert b"/no/such/dir" in result.stderr
+
+
+def test_service_run_by_the_agent_is_restarted(rune, docker_stack, docker_engine):
+    """A configured service's container that dies is started again, and exec works on it."""
+    name = "rune-a1-keeper-0"
+    before = docker_engine.client.inspect_container(name)["State"]
+    os.kill(before["Pid"], signal.SIGKILL)  # its main process dies, not a user's stop
+    wait_until(lambda: (docker_engine.client.inspect_container(name)["State"]["Pid"]
+                        not in (0, before["Pid"])), "keeper restarted", timeout=30)
+    wait_until(lambda: _states(docker_stack, "keeper").get("keeper-instance-a1-0") == "running",
+               "keeper running again")
+    result = rune("exec", "keeper-instance-a1-0", "sh", "-c", "echo $ROLE $RUNE_SERVICE")
+    assert result.stdout == b"keeper keeper\n"
