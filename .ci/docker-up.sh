@@ -76,3 +76,15 @@ log "storage driver: $(docker info --format '{{.Driver}}'), socket: ${DOCKER_HOS
 # busybox-static is needed for the image even when someone else started the engine.
 dpkg -s busybox-static >/dev/null 2>&1 || install_packages
 "$BUILD_IMAGE"
+
+# The suite validates docker-compose.yml with `docker compose` or, failing that, Debian's
+# docker-compose (v1); install the latter when neither is there.
+if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null; then
+    log "installing docker-compose"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose \
+        >>/tmp/docker-up-apt.log 2>&1 || {
+        apt-get update -q >>/tmp/docker-up-apt.log 2>&1
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose \
+            >>/tmp/docker-up-apt.log 2>&1
+    } || die "apt-get install docker-compose failed, see /tmp/docker-up-apt.log"
+fi

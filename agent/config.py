@@ -47,9 +47,45 @@ class ProcessService(BaseModel):
         return check_token(value, "namespace")
 
 
+class DockerService(BaseModel):
+    """A service whose replicas the agent runs as containers (the engine restarts them)."""
+
+    name: str
+    namespace: str = "default"
+    image: str
+    command: list[str] | None = None
+    replicas: int = Field(default=1, ge=0, le=1000)
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: str | None = None
+    user: str | None = None
+    network_mode: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        return shlex.split(value) if isinstance(value, str) else value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return ProcessService._name(value)  # the same rules as process services
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        return check_token(value, "namespace")
+
+
 class DockerSettings(BaseModel):
     enabled: bool = False
-    base_url: str | None = None
+    base_url: str | None = Field(default=None, description="engine URL; default: DOCKER_HOST "
+                                 "or the local socket")
+    match_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="adopt only labelled containers that also carry these labels")
+    services: list[DockerService] = Field(default_factory=list)
+    threads: int = Field(default=32, ge=2, description="threads for the synchronous SDK")
 
 
 class AgentConfig(BaseModel):

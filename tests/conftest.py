@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from cli.devstack import Stack, free_port
+from cli.devstack import Stack, free_port, wait_until
 
 # pexpect forks this process (forkpty), which has used gRPC: gRPC's fork handlers would
 # rebuild its pollers in the child, whose inherited descriptors pexpect then closes.
@@ -86,3 +88,113 @@ class Rune:
 @pytest.fixture(scope="session")
 def rune(stack: Stack) -> Rune:
     return Rune(stack)
+
+
+# --- Docker: a real engine, containers labelled per run so cleanup is sure ---------------
+
+DOCKER_IMAGE = "rune-test-busybox:latest"
+DOCKER_RUN_LABEL = "rune.test"
+DOCKER_API_WORKDIR = "/srv/api"
+SLEEP_FOREVER = ["sh", "-c", "exec sleep 2147483647"]
+
+
+def docker_unavailable() -> str | None:
+    """Why no Docker test can run here, or None when the engine and the image are there."""
+    try:
+        import docker
+        from docker.errors import DockerException, ImageNotFound
+    except ImportError:
+        return "the docker Python SDK is not installed"
+    try:
+        client = docker.APIClient(version="auto", timeout=10, **docker.utils.kwargs_from_env())
+        client.ping()
+    except (DockerException, OSError) as exc:
+        return f"no Docker Engine answers ({exc}); run .ci/docker-up.sh"
+    try:
+        client.inspect_image(DOCKER_IMAGE)
+    except ImageNotFound:
+        return f"image {DOCKER_IMAGE} is missing; run tests/images/build-test-image.sh"
+    finally:
+        client.close()
+    return None
+
+
+class DockerEngine:
+    """The test session's handle on the engine: runs labelled containers, removes them all."""
+
+    def __init__(self) -> None:
+        import docker
+
+        self.client = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
+        self.run_id = f"{os.getpid()}-{time.monotonic_ns()}"
+        self.labels = {DOCKER_RUN_LABEL: self.run_id}
+
+    def run(self, labels: dict[str, str], command: list[str] | None = None,
+            env: dict[str, str] | None = None, name: str | None = None) -> str:
+        """Starts a container of the test image (no network) and returns its id."""
+        created = self.client.create_container(
+            DOCKER_IMAGE, command or SLEEP_FOREVER, labels={**self.labels, **labels},
+            environment=env or {}, name=name,
+            host_config=self.client.create_host_config(network_mode="none"))
+        self.client.start(created["Id"])
+        return created["Id"]
+
+    def cleanup(self) -> None:
+        for item in self.client.containers(all=True, filters={
+                "label": f"{DOCKER_RUN_LABEL}={self.run_id}"}):
+            try:
+                self.client.remove_container(item["Id"], force=True)
+            except Exception:
+                pass
+        self.client.close()
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    """A reachable engine with the test image; skips without one, fails when CI requires it."""
+    reason = docker_unavailable()
+    if reason:
+        if os.environ.get("RUNE_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"Docker tests are required here (RUNE_REQUIRE_DOCKER=1): {reason}")
+        pytest.skip(reason)
+    engine = DockerEngine()
+    yield engine
+    engine.cleanup()
+
+
+def docker_agent_extra(engine: DockerEngine, services: list[dict] | None = None) -> dict:
+    """Agent config that adopts this run's labelled containers and runs `services`."""
+    return {"docker": {"enabled": True, "match_labels": engine.labels,
+                       "services": services or []}}
+
+
+DOCKER_SERVICES = [
+    {"name": "api", "namespace": "default", "replicas": 2, "image": DOCKER_IMAGE,
+     "command": SLEEP_FOREVER, "network_mode": "none", "workdir": DOCKER_API_WORKDIR},
+    {"name": "keeper", "namespace": "default", "replicas": 1, "image": DOCKER_IMAGE,
+     "command": SLEEP_FOREVER, "network_mode": "none", "env": {"ROLE": "keeper"}},
+]
+
+
+@pytest.fixture(scope="session")
+def docker_stack(tmp_path_factory: pytest.TempPathFactory, docker_engine: DockerEngine):
+    """The process stack's instances as containers: api ×2 run by the agent, the rest adopted."""
+    engine = docker_engine
+    engine.run({"rune.namespace": "default", "rune.service": "worker"})
+    engine.run({"rune.namespace": "prod", "rune.service": "db",
+                "rune.instance": "db-instance-a1-0"})
+    stack = Stack(tmp_path_factory.mktemp("docker-stack"), nats_port=free_port(),
+                  api_port=free_port())
+    try:
+        stack.start_nats()
+        stack.start_apiserver()
+        stack.start_agent("a1", [], docker_agent_extra(engine, DOCKER_SERVICES), wait_running=5)
+        # A container that exits at once: its instance shows "exited", never "running".
+        engine.run({"rune.namespace": "default", "rune.service": "crashy"}, ["sh", "-c", "exit 1"])
+        wait_until(lambda: any(i.service == "crashy" and i.state == "exited"
+                               for i in asyncio.run(stack._list())), "crashy exited")
+    except BaseException:
+        stack.stop()
+        raise
+    yield stack
+    stack.stop()
