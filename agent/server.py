@@ -44,7 +44,8 @@ class Agent:
 
     async def start(self) -> None:
         self.nc = await connect(self.config.nats.url, f"rune-agent {self.config.agent_id}",
-                                self.config.nats.nkey_seed_file, self._on_reconnect)
+                                self.config.nats.nkey_seed_file, self._on_reconnect,
+                                self.subjects.agent_inbox(self.config.agent_id))
         self.registry = Registry(self.nc, self.subjects)
         await self.registry.open()
         self.supervisor = Supervisor(self.config, self.registry)
@@ -83,7 +84,7 @@ class Agent:
     def lookup(self, namespace: str, instance_id: str) -> InstanceInfo | None:
         if self.registry is None:
             return None
-        return self.registry.current.get(f"{namespace}.{instance_id}")
+        return self.registry.current.get(f"{self.config.agent_id}.{namespace}.{instance_id}")
 
     async def _on_exec(self, msg: object) -> None:
         try:

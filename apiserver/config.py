@@ -7,6 +7,50 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, Field
 
+VERBS = ("exec", "exec-tty", "list", "audit", "admin")
+
+
+class CommandRules(BaseModel):
+    allowed_commands: list[str] = Field(default_factory=list,
+                                        description="if set, only these may run")
+    blocked_commands: list[str] = Field(default_factory=list)
+
+
+class TokenEntry(BaseModel):
+    """A bearer token as the server keeps it: only its SHA-256, never the token."""
+
+    user: str
+    groups: list[str] = Field(default_factory=list)
+    sha256: str
+
+
+class Role(CommandRules):
+    verbs: list[str] = Field(description=f"any of {', '.join(VERBS)}, or *")
+    namespaces: list[str] = Field(default_factory=lambda: ["*"])
+
+
+class Binding(BaseModel):
+    role: str
+    users: list[str] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list)
+
+
+class AuthConfig(BaseModel):
+    enabled: bool = Field(default=True, description="false: anyone may do anything")
+    tokens: list[TokenEntry] = Field(default_factory=list)
+    roles: dict[str, Role] = Field(default_factory=dict)
+    bindings: list[Binding] = Field(default_factory=list)
+    namespaces: dict[str, CommandRules] = Field(default_factory=dict,
+                                                description="command rules per namespace")
+
+
+class LimitsConfig(BaseModel):
+    max_sessions_per_user: int = 32
+    max_sessions_per_agent: int = 256
+    max_argv_bytes: int = 128 * 1024
+    max_argc: int = 4096
+    max_env_bytes: int = 64 * 1024
+
 
 class ApiServerConfig(BaseModel):
     listen: str = "127.0.0.1:8443"
@@ -20,6 +64,13 @@ class ApiServerConfig(BaseModel):
     lost_after: int = 3
     open_timeout: float = 5.0
     max_message: int = 4 * 1024 * 1024
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    insecure: bool = Field(default=False, description="allow plaintext on non-loopback")
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    exec: CommandRules = Field(default_factory=CommandRules,
+                               description="command rules for everyone")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
 
 def load(path: str | Path | None) -> ApiServerConfig:

@@ -134,6 +134,8 @@ class Relay:
             if request is grpc.aio.EOF:
                 return
             kind = request.WhichOneof("msg")
+            if request.ByteSize() > self.config.max_message:
+                raise InvalidArgument("message exceeds the maximum message size")
             if kind == "stdin":
                 await link.send(frames.STDIN, request.stdin, len(request.stdin))
             elif kind == "stdin_close":

@@ -46,10 +46,12 @@ class ExecResult:
 class ApiClient:
     def __init__(self, address: str, token: str | None = None, ca_file: str | None = None,
                  tls: bool = False) -> None:
+        address, tls = _scheme(address, tls)
         self.address = address
+        self.tls = bool(tls or ca_file)
         options = [("grpc.max_receive_message_length", MAX_MESSAGE),
                    ("grpc.max_send_message_length", MAX_MESSAGE)]
-        if tls or ca_file:
+        if self.tls:
             roots = open(ca_file, "rb").read() if ca_file else None
             credentials = grpc.ssl_channel_credentials(root_certificates=roots)
             self.channel = grpc.aio.secure_channel(address, credentials, options=options)
@@ -70,6 +72,10 @@ class ApiClient:
     def translate(self, exc: grpc.aio.AioRpcError) -> RuneError:
         """Turns a gRPC failure into the error tree; transport failures name the server."""
         details = exc.details() or ""
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and _is_tls_failure(details):
+            return Unavailable(f"failed to create API client: TLS handshake with API server at "
+                               f"{self.address} failed: its certificate is not trusted or "
+                               f"does not match (check --ca-file) ({details})")
         if exc.code() == grpc.StatusCode.UNAVAILABLE and _is_transport_failure(details):
             return Unavailable(f"failed to create API client: failed to connect to API server "
                                f"at {self.address} ({details})")
@@ -87,6 +93,22 @@ class ApiClient:
 
     def exec_stream(self) -> ExecStream:
         return ExecStream(self)
+
+
+def _scheme(address: str, tls: bool) -> tuple[str, bool]:
+    """`https://h:p` forces TLS, `http://h:p` plaintext; a bare h:p is TLS unless loopback."""
+    if address.startswith("https://"):
+        return address[8:].rstrip("/"), True
+    if address.startswith("http://"):
+        return address[7:].rstrip("/"), tls
+    host = address.rsplit(":", 1)[0].strip("[]")
+    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    return address, tls or not loopback
+
+
+def _is_tls_failure(details: str) -> bool:
+    lowered = details.lower()
+    return any(m in lowered for m in ("ssl", "handshake", "certificate", "tls"))
 
 
 def _is_transport_failure(details: str) -> bool:

@@ -50,6 +50,13 @@ class Subjects:
     def audit_all(self) -> str:
         return f"{self.prefix}.audit.>"
 
+    def inbox(self, component: str) -> str:
+        """A component's private reply-inbox prefix, so broker permissions can fence it."""
+        return f"_INBOX_{self.prefix}.{component}"
+
+    def agent_inbox(self, agent: str) -> str:
+        return self.inbox(f"agent.{agent}")
+
     @property
     def instances_bucket(self) -> str:
         return f"{self.prefix}_instances"
