@@ -7,10 +7,13 @@ Every failure surfaces as a RuneError from rune.errors.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import grpc
+# gRPC core logs a failed TLS handshake on stderr at INFO; the CLI says it in one line.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+import grpc  # noqa: E402
 
 from rune.errors import RuneError, Unavailable, from_status
 from rune.proto import exec_pb2 as pb
