@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 VERBS = ("exec", "exec-tty", "list", "audit", "admin")
 
@@ -28,6 +28,15 @@ class Role(CommandRules):
     verbs: list[str] = Field(description=f"any of {', '.join(VERBS)}, or *")
     namespaces: list[str] = Field(default_factory=lambda: ["*"])
 
+    @field_validator("verbs")
+    @classmethod
+    def _known(cls, verbs: list[str]) -> list[str]:
+        verbs = [v.replace(":", "-") for v in verbs]  # `exec:tty` is `exec-tty`
+        unknown = sorted(set(verbs) - {*VERBS, "*"})
+        if unknown:
+            raise ValueError(f"unknown verbs {unknown}: use {', '.join(VERBS)} or *")
+        return verbs
+
 
 class Binding(BaseModel):
     role: str
@@ -45,8 +54,8 @@ class AuthConfig(BaseModel):
 
 
 class LimitsConfig(BaseModel):
-    max_sessions_per_user: int = 32
-    max_sessions_per_agent: int = 256
+    max_sessions_per_user: int = Field(default=32, description="0 = no limit; off without auth")
+    max_sessions_per_agent: int = Field(default=256, description="0 = no limit")
     max_argv_bytes: int = 128 * 1024
     max_argc: int = 4096
     max_env_bytes: int = 64 * 1024

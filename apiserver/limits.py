@@ -34,7 +34,7 @@ def check_init(init: pb.ExecInit, limits: LimitsConfig) -> None:
 
 
 class SessionLimits:
-    """Counts live sessions per user and per agent; refuses past the configured maxima."""
+    """Counts live sessions per user and per agent; refuses past the maxima (0 = no limit)."""
 
     def __init__(self, limits: LimitsConfig) -> None:
         self.limits = limits
@@ -42,10 +42,11 @@ class SessionLimits:
         self.per_agent: Counter[str] = Counter()
 
     def acquire(self, user: str, agent: str) -> None:
-        if self.per_user[user] >= self.limits.max_sessions_per_user:
+        cap_user, cap_agent = self.limits.max_sessions_per_user, self.limits.max_sessions_per_agent
+        if cap_user and self.per_user[user] >= cap_user:
             raise ResourceExhausted(f'too many sessions: user "{user}" already has '
                                     f"{self.per_user[user]} (the maximum)")
-        if self.per_agent[agent] >= self.limits.max_sessions_per_agent:
+        if cap_agent and self.per_agent[agent] >= cap_agent:
             raise ResourceExhausted(f'too many sessions: host agent "{agent}" already runs '
                                     f"{self.per_agent[agent]} (the maximum)")
         self.per_user[user] += 1

@@ -53,7 +53,10 @@ async def serve(config: ApiServerConfig) -> None:
                        inbox_prefix=subjects.inbox("apiserver"))
     directory = InstanceDirectory(nc, subjects)
     await directory.start()
-    service = ExecService(directory, Relay(nc, subjects, config), authn, authz, config.limits)
+    limits = config.limits
+    if not config.auth.enabled:  # everyone is "anonymous": a per-user cap would be global
+        limits = limits.model_copy(update={"max_sessions_per_user": 0})
+    service = ExecService(directory, Relay(nc, subjects, config), authn, authz, limits)
     # gRPC's own cap sits above ours, so an oversized message reaches our check and is
     # refused as INVALID_ARGUMENT with a clear message instead of a transport error.
     options = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,5 +63,7 @@ def create_token(config_path: str | Path, user: str, groups: Sequence[str] = ())
     entry = TokenEntry(user=user, groups=list(groups), sha256=digest(token))
     auth = data.setdefault("auth", {})
     auth.setdefault("tokens", []).append(entry.model_dump())
+    if not path.exists():  # a new config is private from the start
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return token

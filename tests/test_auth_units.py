@@ -65,6 +65,9 @@ def test_token_create_writes_only_the_hash(tmp_path):
     second = create_token(config, "bob")
     assert len(yaml.safe_load(config.read_text())["auth"]["tokens"]) == 2
     assert second != token
+    fresh = tmp_path / "new.yaml"
+    create_token(fresh, "cid")
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o600
 
 
 @pytest.mark.parametrize("argv", [["rm", "-rf", "/x"], ["/bin/rm", "-rf", "/x"],
@@ -224,3 +227,14 @@ def test_cli_warns_about_exposed_token_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "accessible by others" in err and "secret" not in err
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_no_limit_when_zero_and_unknown_verbs_rejected():
+    """0 lifts a session limit; a role with an unknown verb is a config error."""
+    limits = SessionLimits(LimitsConfig(max_sessions_per_user=0, max_sessions_per_agent=0))
+    for _ in range(1000):
+        limits.acquire("anonymous", "h1")
+    with pytest.raises(ValueError, match="unknown verbs"):
+        AuthConfig.model_validate({"roles": {"r": {"verbs": ["exce"]}}})
+    role = AuthConfig.model_validate({"roles": {"r": {"verbs": ["exec:tty"]}}}).roles["r"]
+    assert role.verbs == ["exec-tty"]
