@@ -31,9 +31,10 @@ def public_key(seed: bytes) -> str:
 
 def apiserver_permissions(s: Subjects) -> dict:
     return {
-        "publish": {"allow": [s.agent_exec("*"), f"{s.prefix}.in.>", s.audit_all(),
+        "publish": {"allow": [s.agent_all("*"), f"{s.prefix}.in.>", s.audit_all(),
                               "$JS.API.>", "$JS.ACK.>"]},
-        "subscribe": {"allow": [f"{s.prefix}.out.>", f"{s.inbox('apiserver')}.>"]},
+        "subscribe": {"allow": [f"{s.prefix}.out.>", s.audit_all(),
+                                f"{s.inbox('apiserver')}.>"]},
     }
 
 
