@@ -111,9 +111,11 @@ def main_command(
     settings.insecure = settings.insecure or insecure
     if bool(settings.tls_cert) != bool(settings.tls_key):
         _fail("--tls-cert and --tls-key go together")
+    from rune.errors import RuneError
+
     try:
         run(serve(settings))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuneError) as exc:
         _fail(str(exc))
 
 

@@ -107,6 +107,7 @@ class Stack:
         self.broker_dir: Path | None = None  # set by secure(): nkeys for every component
         self.auth: dict = {"enabled": False}
         self.token_files: dict[str, Path] = {}
+        self.admin: str | None = None
         self.ca_file: str | None = None  # when the apiserver serves TLS
         self.nats_port = nats_port
         self.api_port = api_port
@@ -142,7 +143,7 @@ class Stack:
 
     @property
     def admin_token(self) -> str | None:
-        path = self.token_files.get(getattr(self, "admin", ""))
+        path = self.token_files.get(self.admin or "")
         return path.read_text().strip() if path else None
 
     def nkey(self, name: str) -> str | None:
