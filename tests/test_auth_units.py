@@ -238,3 +238,27 @@ def test_no_limit_when_zero_and_unknown_verbs_rejected():
         AuthConfig.model_validate({"roles": {"r": {"verbs": ["exce"]}}})
     role = AuthConfig.model_validate({"roles": {"r": {"verbs": ["exec:tty"]}}}).roles["r"]
     assert role.verbs == ["exec-tty"]
+
+
+async def test_directory_believes_only_entries_under_their_agents_key():
+    """A registry entry claiming another agent than its key's is ignored (forged routing)."""
+    from types import SimpleNamespace
+
+    from apiserver.directory import InstanceDirectory
+    from rune.models import InstanceInfo
+
+    def entry(key: str, agent: str) -> SimpleNamespace:
+        info = InstanceInfo(namespace="default", service="api", state="running",
+                            instance_id=f"api-instance-{agent}-0", agent=agent, host="h",
+                            runner="process")
+        return SimpleNamespace(key=key, value=info.model_dump_json().encode(), operation="PUT")
+
+    async def watcher():
+        yield entry("a1.default.api-instance-a1-0", "a1")
+        yield entry("a1.default.api-instance-b2-0", "b2")  # a1 pretending to route b2's
+        yield None
+
+    directory = InstanceDirectory(None, None)
+    await directory._follow(watcher())
+    assert list(directory.instances) == ["a1.default.api-instance-a1-0"]
+    assert directory.resolve("default", "api-instance-a1-0").agent == "a1"
