@@ -134,7 +134,10 @@ class ExecStream:
             env=options.env, workdir=options.workdir, tty=options.tty, width=options.width,
             height=options.height, timeout_seconds=options.timeout, term=options.term)
         try:
-            await self.call.write(pb.ExecRequest(init=init))
+            try:
+                await self.call.write(pb.ExecRequest(init=init))
+            except asyncio.InvalidStateError:
+                pass  # the server already ended the call (a refused token): read says why
             first = await self.call.read()
         except grpc.aio.AioRpcError as exc:
             raise self.client.translate(exc) from None
