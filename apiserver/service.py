@@ -36,8 +36,10 @@ class ExecService(pb_grpc.ExecServiceServicer):
             await context.abort(grpc.StatusCode[exc.grpc_status], exc.message)
 
     async def _exec(self, context: grpc.aio.ServicerContext) -> None:
-        identity = self.auth.authenticate(context.invocation_metadata() or ())
+        # Read init before refusing a token: ending the call while the client still writes
+        # its first message makes gRPC report an internal error instead of our status.
         first = await context.read()
+        identity = self.auth.authenticate(context.invocation_metadata() or ())
         if first is grpc.aio.EOF or first.WhichOneof("msg") != "init":
             raise InvalidArgument("the first message of a stream must be init")
         if first.ByteSize() > self.relay.config.max_message:

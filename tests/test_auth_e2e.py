@@ -339,14 +339,3 @@ def test_tls_with_a_wrong_ca_fails_clearly(rune, tls_api):
                                     f"API server at {address} failed")
     assert len(result.stderr.strip().splitlines()) == 1
 
-
-async def test_refusal_that_ends_the_call_before_init_is_still_reported(secure):
-    """The server refuses a bad token before reading init; the client reports that, not a
-    write on a finished call."""
-    from rune.errors import Unauthenticated
-
-    async with ApiClient(secure.api_address, token="rune_wrong") as client:
-        stream = client.exec_stream()
-        await stream.call.code()  # the RPC has ended before the client writes anything
-        with pytest.raises(Unauthenticated, match="invalid token"):
-            await stream.start(ExecOptions(target="api", command=["true"]))

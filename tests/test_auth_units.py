@@ -262,3 +262,30 @@ async def test_directory_believes_only_entries_under_their_agents_key():
     await directory._follow(watcher())
     assert list(directory.instances) == ["a1.default.api-instance-a1-0"]
     assert directory.resolve("default", "api-instance-a1-0").agent == "a1"
+
+
+async def test_refusal_that_ends_the_call_before_init_is_still_reported():
+    """A server that ends the call before the client writes init: the client reports its
+    status (here UNAUTHENTICATED), not a write on a finished call."""
+    import grpc
+
+    from cli.client import ApiClient, ExecOptions
+    from rune.proto import exec_pb2_grpc as pb_grpc
+
+    class Refusing(pb_grpc.ExecServiceServicer):
+        async def StreamExec(self, request_iterator, context):  # noqa: N802
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "authentication failed: invalid token")
+
+    server = grpc.aio.server()
+    pb_grpc.add_ExecServiceServicer_to_server(Refusing(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with ApiClient(f"127.0.0.1:{port}", token="x") as client:
+            stream = client.exec_stream()
+            await stream.call.code()  # the RPC has ended before the client writes anything
+            with pytest.raises(Unauthenticated, match="invalid token"):
+                await stream.start(ExecOptions(target="api", command=["true"]))
+    finally:
+        await server.stop(None)
