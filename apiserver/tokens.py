@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from apiserver.config import TokenEntry
 from rune.errors import Unauthenticated
 
 TOKEN_PREFIX = "rune_"
+log = logging.getLogger(__name__)
 
 
 def new_token() -> str:
@@ -51,6 +53,9 @@ class TokenAuthenticator:
             if hmac.compare_digest(presented, stored):
                 found = entry
         if found is None:
+            # Logged without the token: a mistyped token is often another valid one.
+            log.warning("authentication failed: unknown token (sha256 prefix %s)",
+                        presented.hex()[:8])
             raise Unauthenticated("authentication failed: invalid token")
         return Identity(user=found.user, groups=tuple(found.groups))
 
