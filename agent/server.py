@@ -56,7 +56,8 @@ class Agent:
 
     async def start(self) -> None:
         self.nc = await connect(self.config.nats.url, f"rune-agent {self.config.agent_id}",
-                                self.config.nats.nkey_seed_file, self._on_reconnect)
+                                self.config.nats.nkey_seed_file, self._on_reconnect,
+                                self.subjects.agent_inbox(self.config.agent_id))
         self.audit = AgentAudit(self.nc, self.subjects, self.config.agent_id, self.config.host)
         await self.audit.start()
         self.metrics.watch_publisher("rune_agent_audit_events", self.audit.publisher)
@@ -112,7 +113,7 @@ class Agent:
     def lookup(self, namespace: str, instance_id: str) -> InstanceInfo | None:
         if self.registry is None:
             return None
-        return self.registry.current.get(f"{namespace}.{instance_id}")
+        return self.registry.current.get(f"{self.config.agent_id}.{namespace}.{instance_id}")
 
     async def _accept_exec(self, msg: object) -> None:
         # Subscription callbacks run one at a time: open each session in its own task so

@@ -25,6 +25,10 @@ class Authorizer(Protocol):
         """Raises PermissionDenied when `identity` may not do `verb` in `namespace`."""
         ...
 
+    def allows(self, identity: Identity, verb: str, namespace: str) -> bool:
+        """Whether `identity` may do `verb` in `namespace` (for filtering listings)."""
+        ...
+
 
 class OpenAccess:
     """Everyone may do everything: only for a stack with no auth configured."""
@@ -35,3 +39,6 @@ class OpenAccess:
     def authorize(self, identity: Identity, verb: str, namespace: str,
                   argv: Sequence[str] | None = None) -> None:
         return None
+
+    def allows(self, identity: Identity, verb: str, namespace: str) -> bool:
+        return True

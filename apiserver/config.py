@@ -5,10 +5,63 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from apiserver.audit import AuditSettings
 from apiserver.recording import RecordingSettings
+
+VERBS = ("exec", "exec-tty", "list", "audit", "admin")
+
+
+class CommandRules(BaseModel):
+    allowed_commands: list[str] = Field(default_factory=list,
+                                        description="if set, only these may run")
+    blocked_commands: list[str] = Field(default_factory=list)
+
+
+class TokenEntry(BaseModel):
+    """A bearer token as the server keeps it: only its SHA-256, never the token."""
+
+    user: str
+    groups: list[str] = Field(default_factory=list)
+    sha256: str
+
+
+class Role(CommandRules):
+    verbs: list[str] = Field(description=f"any of {', '.join(VERBS)}, or *")
+    namespaces: list[str] = Field(default_factory=lambda: ["*"])
+
+    @field_validator("verbs")
+    @classmethod
+    def _known(cls, verbs: list[str]) -> list[str]:
+        verbs = [v.replace(":", "-") for v in verbs]  # `exec:tty` is `exec-tty`
+        unknown = sorted(set(verbs) - {*VERBS, "*"})
+        if unknown:
+            raise ValueError(f"unknown verbs {unknown}: use {', '.join(VERBS)} or *")
+        return verbs
+
+
+class Binding(BaseModel):
+    role: str
+    users: list[str] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list)
+
+
+class AuthConfig(BaseModel):
+    enabled: bool = Field(default=True, description="false: anyone may do anything")
+    tokens: list[TokenEntry] = Field(default_factory=list)
+    roles: dict[str, Role] = Field(default_factory=dict)
+    bindings: list[Binding] = Field(default_factory=list)
+    namespaces: dict[str, CommandRules] = Field(default_factory=dict,
+                                                description="command rules per namespace")
+
+
+class LimitsConfig(BaseModel):
+    max_sessions_per_user: int = Field(default=32, description="0 = no limit; off without auth")
+    max_sessions_per_agent: int = Field(default=256, description="0 = no limit")
+    max_argv_bytes: int = 128 * 1024
+    max_argc: int = 4096
+    max_env_bytes: int = 64 * 1024
 
 
 class ApiServerConfig(BaseModel):
@@ -29,6 +82,13 @@ class ApiServerConfig(BaseModel):
     metrics_listen: str = Field(default="", description="host:port for /metrics; empty=off")
     audit: AuditSettings = Field(default_factory=AuditSettings)
     recording: RecordingSettings = Field(default_factory=RecordingSettings)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    insecure: bool = Field(default=False, description="allow plaintext on non-loopback")
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    exec: CommandRules = Field(default_factory=CommandRules,
+                               description="command rules for everyone")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
 
 def load(path: str | Path | None) -> ApiServerConfig:

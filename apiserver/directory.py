@@ -131,9 +131,15 @@ class InstanceDirectory:
                 self.instances.pop(entry.key, None)
                 continue
             try:
-                self.instances[entry.key] = InstanceInfo.model_validate_json(entry.value)
+                info = InstanceInfo.model_validate_json(entry.value)
             except ValidationError as exc:
                 log.warning("ignoring malformed registry entry %s: %s", entry.key, exc)
+                continue
+            if info.key != entry.key:  # an agent may write only its own keys: believe no other
+                log.warning("ignoring registry entry %s that claims agent %s", entry.key,
+                            info.agent)
+                continue
+            self.instances[entry.key] = info
 
     def list(self, namespace: str | None = None) -> list[InstanceInfo]:
         items = [self.effective(i) for i in self.instances.values()
@@ -143,7 +149,8 @@ class InstanceDirectory:
     def resolve(self, namespace: str, target: str) -> InstanceInfo:
         """A service name → its least busy running instance; an instance id → that one."""
         if INSTANCE_MARK in target:
-            info = self.instances.get(f"{namespace}.{target}")
+            info = next((i for i in self.instances.values()
+                         if i.namespace == namespace and i.instance_id == target), None)
             info = self.effective(info) if info is not None else None
             if info is None:
                 raise NotFound(f'instance not found: no instance "{target}" in namespace '

@@ -5,49 +5,83 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from typing import Annotated, Optional
 
 import grpc
 import typer
 
-from apiserver.auth import OpenAccess
 from apiserver.config import ApiServerConfig, load
-from apiserver.directory import InstanceDirectory
-from apiserver.fanout import FanoutService
-from apiserver.oversight import start_oversight, stop_oversight
-from apiserver.relay import Relay
-from apiserver.service import ExecService
-from rune.natsconn import connect
-from rune.proto import exec_pb2_grpc as pb_grpc
 from rune.runtime import configure_logging, run
-from rune.subjects import Subjects
 
 log = logging.getLogger(__name__)
-app = typer.Typer(add_completion=False, help=__doc__)
+app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
+token_app = typer.Typer(add_completion=False, help="Manage bearer tokens.")
+app.add_typer(token_app, name="token")
+
+
+def build_access(config: ApiServerConfig) -> tuple[object, object]:
+    """The authenticator and authorizer the config asks for."""
+    from apiserver.auth import OpenAccess
+
+    if not config.auth.enabled:
+        return OpenAccess(), OpenAccess()
+    from apiserver.rbac import RoleAuthorizer
+    from apiserver.tokens import TokenAuthenticator
+
+    return TokenAuthenticator(config.auth.tokens), RoleAuthorizer(config.auth, config.exec)
 
 
 async def serve(config: ApiServerConfig) -> None:
+    from apiserver.directory import InstanceDirectory
+    from apiserver.fanout import FanoutService
+    from apiserver.oversight import start_oversight, stop_oversight
+    from apiserver.relay import Relay
+    from apiserver.service import ExecService
+    from apiserver.tls import check_plaintext_allowed, is_loopback, server_credentials
+    from rune.natsconn import connect
+    from rune.proto import exec_pb2_grpc as pb_grpc
+    from rune.subjects import Subjects
+
+    tls = bool(config.tls_cert and config.tls_key)
+    if not tls:
+        check_plaintext_allowed(config.listen, config.insecure)
+    if not config.auth.enabled and not is_loopback(config.listen) and not config.insecure:
+        raise ValueError("refusing to serve without authentication on a non-loopback "
+                         "address: enable auth, or give --insecure")
+    authn, authz = build_access(config)
     subjects = Subjects(config.prefix)
-    nc = await connect(config.nats_url, "rune-apiserver", config.nats_nkey_seed_file)
+    nc = await connect(config.nats_url, "rune-apiserver", config.nats_nkey_seed_file,
+                       inbox_prefix=subjects.inbox("apiserver"))
     directory = InstanceDirectory(nc, subjects, config.lost_after)
     await directory.start()
-    access = OpenAccess()
+    limits = config.limits
+    if not config.auth.enabled:  # everyone is "anonymous": a per-user cap would be global
+        limits = limits.model_copy(update={"max_sessions_per_user": 0})
     oversight = await start_oversight(nc, subjects, config)
-    service = ExecService(directory, Relay(nc, subjects, config), access, access, oversight)
+    service = ExecService(directory, Relay(nc, subjects, config), authn, authz, limits,
+                          oversight)
+    # gRPC's own cap sits above ours, so an oversized message reaches our check and is
+    # refused as INVALID_ARGUMENT with a clear message instead of a transport error.
     options = [
-        ("grpc.max_receive_message_length", config.max_message),
+        ("grpc.max_receive_message_length", config.max_message * 2 + 65536),
         ("grpc.max_send_message_length", config.max_message),
     ]
     server = grpc.aio.server(options=options)
     pb_grpc.add_ExecServiceServicer_to_server(service, server)
     pb_grpc.add_FanoutServiceServicer_to_server(FanoutService(service), server)
-    server.add_insecure_port(config.listen)
+    if tls:
+        server.add_secure_port(config.listen, server_credentials(config.tls_cert,
+                                                                 config.tls_key))
+    else:
+        server.add_insecure_port(config.listen)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    print(f"rune-apiserver listening on {config.listen}", flush=True)
+    print(f"rune-apiserver listening on {config.listen} ({'TLS' if tls else 'plaintext'}, "
+          f"auth {'on' if config.auth.enabled else 'OFF'})", flush=True)
     await stop.wait()
     await server.stop(grace=2)
     await directory.stop()
@@ -61,6 +95,10 @@ def main_command(
     config: Annotated[Optional[str], typer.Option(help="YAML config file")] = None,  # noqa: UP045
     listen: Annotated[Optional[str], typer.Option(help="host:port to serve gRPC on")] = None,  # noqa: UP045
     nats_url: Annotated[Optional[str], typer.Option(help="NATS server URL")] = None,  # noqa: UP045
+    tls_cert: Annotated[Optional[str], typer.Option(help="PEM certificate (chain)")] = None,  # noqa: UP045
+    tls_key: Annotated[Optional[str], typer.Option(help="PEM private key")] = None,  # noqa: UP045
+    insecure: Annotated[bool, typer.Option(
+        help="allow plaintext or no auth on a non-loopback address")] = False,
     log_level: str = "INFO",
     log_format: str = "text",
 ) -> None:
@@ -68,12 +106,60 @@ def main_command(
     if ctx.invoked_subcommand is not None:
         return
     configure_logging(log_level, log_format)
-    settings = load(config)
-    if listen:
-        settings.listen = listen
-    if nats_url:
-        settings.nats_url = nats_url
-    run(serve(settings))
+    try:
+        settings = load(config)
+    except (OSError, ValueError) as exc:
+        _fail(f"bad config {config}: {exc}")
+    for name, value in (("listen", listen), ("nats_url", nats_url), ("tls_cert", tls_cert),
+                        ("tls_key", tls_key)):
+        if value:
+            setattr(settings, name, value)
+    settings.insecure = settings.insecure or insecure
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        _fail("--tls-cert and --tls-key go together")
+    from rune.errors import RuneError
+
+    try:
+        run(serve(settings))
+    except (OSError, ValueError, RuneError) as exc:
+        _fail(str(exc))
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"Error: {message}\n")
+    raise typer.Exit(1)
+
+
+@token_app.command("create")
+def token_create(
+    user: Annotated[str, typer.Option(help="the user the token authenticates")],
+    config: Annotated[str, typer.Option(help="the apiserver's YAML config to add it to")],
+    group: Annotated[Optional[list[str]], typer.Option(help="a group, repeatable")] = None,  # noqa: UP045
+) -> None:
+    """Make a new token: printed once, only its hash is written to the config."""
+    from apiserver.tokens import create_token
+
+    print(create_token(config, user, group or []))
+    sys.stderr.write(f"token for user {user} added to {config} (as a hash); restart the "
+                     "apiserver to use it. Store the token in a file readable only by you.\n")
+
+
+@app.command("broker-config")
+def broker_config(
+    agents: Annotated[str, typer.Option(help="comma-separated agent ids")],
+    out: Annotated[str, typer.Option(help="directory to write into")] = "broker_config/out",
+    prefix: str = "rune",
+) -> None:
+    """Write nats-server auth config and nkeys seeds for the apiserver, agents, audit."""
+    from broker_config.generate import generate
+
+    ids = [a.strip() for a in agents.split(",") if a.strip()]
+    try:
+        written = generate(out, ids, prefix)
+    except ValueError as exc:
+        _fail(str(exc))
+    for path in written:
+        print(path)
 
 
 def main() -> None:

@@ -214,6 +214,8 @@ class Relay:
             if request is grpc.aio.EOF:
                 return
             kind = request.WhichOneof("msg")
+            if request.ByteSize() > self.config.max_message:
+                raise InvalidArgument("message exceeds the maximum message size")
             if kind == "stdin":
                 data = request.stdin
                 record.last_io = time.monotonic()

@@ -8,11 +8,13 @@ import time
 import grpc
 
 from apiserver.auth import Authenticator, Authorizer
+from apiserver.config import LimitsConfig
 from apiserver.directory import InstanceDirectory
+from apiserver.limits import SessionLimits, check_init
 from apiserver.operator_rpc import OperatorRpcs
 from apiserver.oversight import Oversight
 from apiserver.relay import Relay, SessionRecord
-from rune.errors import InvalidArgument, RuneError
+from rune.errors import InvalidArgument, PermissionDenied, RuneError
 from rune.proto import exec_pb2 as pb
 from rune.proto import exec_pb2_grpc as pb_grpc
 
@@ -21,7 +23,9 @@ log = logging.getLogger(__name__)
 
 class ExecService(OperatorRpcs, pb_grpc.ExecServiceServicer):
     def __init__(self, directory: InstanceDirectory, relay: Relay, auth: Authenticator,
-                 authz: Authorizer, oversight: Oversight | None = None) -> None:
+                 authz: Authorizer, limits: LimitsConfig | None = None,
+                 oversight: Oversight | None = None) -> None:
+        self.limits = SessionLimits(limits or LimitsConfig())
         self.directory = directory
         self.relay = relay
         self.auth = auth
@@ -38,21 +42,32 @@ class ExecService(OperatorRpcs, pb_grpc.ExecServiceServicer):
             await context.abort(grpc.StatusCode[exc.grpc_status], exc.message)
 
     async def _exec(self, context: grpc.aio.ServicerContext) -> None:
-        identity = self.auth.authenticate(context.invocation_metadata() or ())
+        # Read init before refusing a token: ending the call while the client still writes
+        # its first message makes gRPC report an internal error instead of our status.
         first = await context.read()
         received = time.monotonic()
+        identity = self.auth.authenticate(context.invocation_metadata() or ())
         if first is grpc.aio.EOF or first.WhichOneof("msg") != "init":
             raise InvalidArgument("the first message of a stream must be init")
+        if first.ByteSize() > self.relay.config.max_message:
+            raise InvalidArgument("init message exceeds the maximum message size")
         init = first.init
+        check_init(init, self.limits.limits)
         namespace = init.namespace or "default"
         try:
             if not init.target:
                 raise InvalidArgument("no target given")
             if not init.command:
                 raise InvalidArgument("no command given")
-            self.authz.authorize(identity, "exec-tty" if init.tty else "exec", namespace,
-                                 list(init.command))
+            try:
+                self.authz.authorize(identity, "exec-tty" if init.tty else "exec", namespace,
+                                     list(init.command))
+            except PermissionDenied as exc:
+                log.warning("denied: user=%s namespace=%s target=%s argv0=%s: %s",
+                            identity.user, namespace, init.target, init.command[0], exc)
+                raise
             instance = self.directory.resolve(namespace, init.target)
+            self.limits.acquire(identity.user, instance.agent)
         except RuneError as exc:
             self.oversight.denied(identity, init, exc)
             raise
@@ -68,6 +83,7 @@ class ExecService(OperatorRpcs, pb_grpc.ExecServiceServicer):
             outcome = exc
             raise
         finally:
+            self.limits.release(identity.user, instance.agent)
             self.directory.busy[instance.key] -= 1
             self.sessions.pop(record.id, None)
             self.oversight.ended(record, outcome)
@@ -77,12 +93,16 @@ class ExecService(OperatorRpcs, pb_grpc.ExecServiceServicer):
         try:
             identity = self.auth.authenticate(context.invocation_metadata() or ())
             namespace = None if request.all_namespaces else (request.namespace or "default")
-            self.authz.authorize(identity, "list", namespace or "*")
+            if namespace is not None:
+                self.authz.authorize(identity, "list", namespace)
         except RuneError as exc:
             await context.abort(grpc.StatusCode[exc.grpc_status], exc.message)
+        visible = {}  # with -A, only the namespaces the caller may list
         return pb.ListInstancesResponse(instances=[
             pb.Instance(namespace=i.namespace, service=i.service, instance_id=i.instance_id,
                         state=i.state, host=i.host, agent=i.agent, runner=i.runner,
                         labels=i.labels)
             for i in self.directory.list(namespace)
+            if namespace is not None or visible.setdefault(
+                i.namespace, self.authz.allows(identity, "list", i.namespace))
         ])

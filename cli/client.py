@@ -7,10 +7,13 @@ Every failure surfaces as a RuneError from rune.errors.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import grpc
+# gRPC core logs a failed TLS handshake on stderr at INFO; the CLI says it in one line.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+import grpc  # noqa: E402
 
 from rune.errors import RuneError, Unavailable, from_status
 from rune.proto import exec_pb2 as pb
@@ -46,10 +49,12 @@ class ExecResult:
 class ApiClient:
     def __init__(self, address: str, token: str | None = None, ca_file: str | None = None,
                  tls: bool = False) -> None:
+        address, tls = _scheme(address, tls)
         self.address = address
+        self.tls = bool(tls or ca_file)
         options = [("grpc.max_receive_message_length", MAX_MESSAGE),
                    ("grpc.max_send_message_length", MAX_MESSAGE)]
-        if tls or ca_file:
+        if self.tls:
             roots = open(ca_file, "rb").read() if ca_file else None
             credentials = grpc.ssl_channel_credentials(root_certificates=roots)
             self.channel = grpc.aio.secure_channel(address, credentials, options=options)
@@ -75,6 +80,10 @@ class ApiClient:
             # an UNAVAILABLE without them is the connection itself breaking.
             return Unavailable(f"lost the connection to the API server at {self.address} "
                                f"({details or 'connection closed'}); the session ended")
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and _is_tls_failure(details):
+            return Unavailable(f"failed to create API client: TLS handshake with API server at "
+                               f"{self.address} failed: its certificate is not trusted or "
+                               f"does not match (check --ca-file) ({details})")
         if exc.code() == grpc.StatusCode.UNAVAILABLE and _is_transport_failure(details):
             return Unavailable(f"failed to create API client: failed to connect to API server "
                                f"at {self.address} ({details})")
@@ -92,6 +101,22 @@ class ApiClient:
 
     def exec_stream(self) -> ExecStream:
         return ExecStream(self)
+
+
+def _scheme(address: str, tls: bool) -> tuple[str, bool]:
+    """`https://h:p` forces TLS, `http://h:p` plaintext; a bare h:p is TLS unless loopback."""
+    if address.startswith("https://"):
+        return address[8:].rstrip("/"), True
+    if address.startswith("http://"):
+        return address[7:].rstrip("/"), tls
+    host = address.rsplit(":", 1)[0].strip("[]")
+    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    return address, tls or not loopback
+
+
+def _is_tls_failure(details: str) -> bool:
+    lowered = details.lower()
+    return any(m in lowered for m in ("ssl", "handshake", "certificate", "tls"))
 
 
 def _is_transport_failure(details: str) -> bool:
@@ -114,7 +139,10 @@ class ExecStream:
             env=options.env, workdir=options.workdir, tty=options.tty, width=options.width,
             height=options.height, timeout_seconds=options.timeout, term=options.term)
         try:
-            await self.call.write(pb.ExecRequest(init=init))
+            try:
+                await self.call.write(pb.ExecRequest(init=init))
+            except asyncio.InvalidStateError:
+                pass  # the server already ended the call (a refused token): read says why
             first = await self.call.read()
         except grpc.aio.AioRpcError as exc:
             raise self.client.translate(exc) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from cli.devstack import DEMO_SERVICES, Stack, StackError, stop_pid
+from cli.devstack import DEMO_SERVICES, DEV_USER, Stack, StackError, stop_pid
 
 dev_app = typer.Typer(add_completion=False, no_args_is_help=True,
                       help="Run the local development stack.")
@@ -33,6 +34,7 @@ def up(
                          "run `rune dev down` first\n")
         raise typer.Exit(255)
     stack = Stack(state_dir, nats_port=nats_port, api_port=api_port)
+    stack.secure(["local"], admin=getpass.getuser())
     try:
         print(f"starting nats-server on {stack.nats_url} ...", flush=True)
         stack.start_nats()
@@ -46,8 +48,14 @@ def up(
         raise typer.Exit(255) from None
     stack.save_pids()
     api_flag = "" if api_port == 8443 else f" --api-server {stack.api_address}"
-    print(f"\nready. logs in {stack.logs}\n\ntry:\n  rune instances{api_flag}\n"
-          f"  rune exec{api_flag} api ls -la\n  rune exec{api_flag} api sh\n")
+    config_file = _point_cli_at(stack, api_port)
+    dev_token = stack.token_files[DEV_USER]
+    print(f"\nready. logs in {stack.logs}\n"
+          f"your admin token: {stack.token_files[stack.admin]} (set in {config_file})\n"
+          f"restricted user {DEV_USER!r} (exec and list in namespace default only, "
+          f"rm -rf and friends blocked): {dev_token}\n\ntry:\n  rune instances{api_flag}\n"
+          f"  rune exec{api_flag} api ls -la\n  rune exec{api_flag} api sh\n"
+          f"  rune exec{api_flag} --token-file {dev_token} -n prod api ls   # denied\n")
     if detach:
         print("stop it with: rune dev down")
         return
@@ -76,6 +84,17 @@ def down(
         print(f"stopping {name} (pid {recorded[name]})")
         stop_pid(recorded[name])
     pids.unlink()
+
+
+def _point_cli_at(stack: Stack, api_port: int) -> Path:
+    """Makes the user's CLI config use the dev stack's admin token (other keys are kept)."""
+    from cli.settings import load_user_config, save_user_config
+
+    config = load_user_config()
+    config.token_file = str(stack.token_files[stack.admin])
+    if api_port != 8443 or config.api_server:
+        config.api_server = stack.api_address
+    return save_user_config(config)
 
 
 def _alive(recorded: dict[str, int]) -> bool:

@@ -29,6 +29,29 @@ DEMO_SERVICES = [
 ]
 
 
+# The restricted user `rune dev up` makes, so RBAC can be tried at once.
+DEV_USER = "dev"
+DEV_BLOCKED = ["rm -rf", "shutdown", "reboot", "halt", "poweroff", "mkfs", "dd"]
+
+
+def dev_auth(admin: str, tokens: dict[str, str]) -> dict:
+    """The dev stack's RBAC: `admin` may do anything, `dev` exec and list in default only."""
+    from apiserver.tokens import digest
+
+    return {
+        "enabled": True,
+        "tokens": [{"user": user, "groups": [], "sha256": digest(token)}
+                   for user, token in tokens.items()],
+        "roles": {
+            "admin": {"verbs": ["*"], "namespaces": ["*"]},
+            "developer": {"verbs": ["exec", "exec-tty", "list"], "namespaces": ["default"],
+                          "blocked_commands": DEV_BLOCKED},
+        },
+        "bindings": [{"role": "admin", "users": [admin]},
+                     {"role": "developer", "users": [DEV_USER]}],
+    }
+
+
 class StackError(RuntimeError):
     pass
 
@@ -81,11 +104,50 @@ class Stack:
     def __init__(self, state_dir: str | Path, nats_port: int = 4222, api_port: int = 8443,
                  nats_conf: str | None = None) -> None:
         self.state_dir = Path(state_dir).resolve()
+        self.broker_dir: Path | None = None  # set by secure(): nkeys for every component
+        self.auth: dict = {"enabled": False}
+        self.token_files: dict[str, Path] = {}
+        self.admin: str | None = None
+        self.ca_file: str | None = None  # when the apiserver serves TLS
         self.nats_port = nats_port
         self.api_port = api_port
         self.nats_conf = nats_conf
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs = self.state_dir / "logs"
+
+    def secure(self, agents: list[str], admin: str = "admin", auth: dict | None = None) -> None:
+        """Before start: nkeys users for the broker and bearer tokens (admin and `dev`).
+
+        `auth` replaces the RBAC of dev_auth(); its tokens are added to the ones made here.
+        """
+        from apiserver.tokens import new_token
+        from broker_config.generate import generate
+
+        self.broker_dir = self.state_dir / "broker"
+        generate(self.broker_dir, agents)
+        self.nats_conf = str(self.broker_dir / "nats.conf")
+        tokens = {admin: new_token(), DEV_USER: new_token()}
+        self.auth = dev_auth(admin, tokens)
+        if auth is not None:
+            self.auth = {**auth, "tokens": [*self.auth["tokens"], *auth.get("tokens", [])]}
+        token_dir = self.state_dir / "tokens"
+        token_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(token_dir, 0o700)
+        for user, token in tokens.items():
+            path = token_dir / f"{user}.token"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
+            self.token_files[user] = path
+        self.admin = admin
+
+    @property
+    def admin_token(self) -> str | None:
+        path = self.token_files.get(self.admin or "")
+        return path.read_text().strip() if path else None
+
+    def nkey(self, name: str) -> str | None:
+        return str(self.broker_dir / f"{name}.nk") if self.broker_dir else None
 
     @property
     def nats_url(self) -> str:
@@ -122,7 +184,8 @@ class Stack:
     def start_apiserver(self, extra: dict | None = None) -> subprocess.Popen:
         if port_open(self.api_port):
             raise StackError(f"port {self.api_port} is already in use")
-        config = {"listen": self.api_address, "nats_url": self.nats_url, **(extra or {})}
+        config = {"listen": self.api_address, "nats_url": self.nats_url, "auth": self.auth,
+                  "nats_nkey_seed_file": self.nkey("apiserver"), **(extra or {})}
         path = self.state_dir / "apiserver.yaml"
         path.write_text(yaml.safe_dump(config))
         proc = self._spawn("apiserver", [sys.executable, "-m", "apiserver.main", "--config",
@@ -135,7 +198,7 @@ class Stack:
                            extra: dict | None = None) -> Path:
         config = {
             "agent_id": agent_id, "host": f"{socket.gethostname()}-{agent_id}",
-            "nats": {"url": self.nats_url},
+            "nats": {"url": self.nats_url, "nkey_seed_file": self.nkey(f"agent-{agent_id}")},
             "state_dir": str(self.state_dir / "agents" / agent_id), "services": services,
             **(extra or {}),
         }
@@ -157,7 +220,8 @@ class Stack:
     async def _list(self) -> list:
         from cli.client import ApiClient
 
-        async with ApiClient(self.api_address) as client:
+        async with ApiClient(self.api_address, token=self.admin_token,
+                             ca_file=self.ca_file) as client:
             return await client.list_instances(all_namespaces=True)
 
     def running_instances(self, agent_id: str) -> int:

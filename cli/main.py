@@ -24,7 +24,6 @@ def fail(message: str, code: int = 255) -> typer.Exit:
 
 
 def _token(token_file: str | None) -> str | None:
-    token_file = token_file or os.environ.get("RUNE_TOKEN_FILE")
     if not token_file:
         return None
     from cli.tokens import read_token_file
@@ -37,7 +36,8 @@ def _client(api_server: str | None, token_file: str | None, ca_file: str | None)
 
     config = load_user_config()
     return ApiClient(api_server or config.api_server or DEFAULT_API_SERVER,
-                     token=_token(token_file or config.token_file),
+                     token=_token(token_file or os.environ.get("RUNE_TOKEN_FILE")
+                                  or config.token_file),
                      ca_file=ca_file or config.ca_file)
 
 

@@ -26,7 +26,9 @@ class InstanceInfo(BaseModel):
 
     @property
     def key(self) -> str:
-        return f"{self.namespace}.{self.instance_id}"
+        # The agent comes first so that broker permissions can limit each agent to its own
+        # keys ($KV.<bucket>.<agent>.>), and readers can check who wrote an entry.
+        return f"{self.agent}.{self.namespace}.{self.instance_id}"
 
 
 class ExecOpen(BaseModel):

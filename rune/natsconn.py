@@ -16,6 +16,7 @@ async def connect(
     name: str,
     nkey_seed_file: str | None = None,
     on_reconnect: Callable[[], Awaitable[None]] | None = None,
+    inbox_prefix: str | None = None,
 ) -> NATS:
     async def error_cb(exc: Exception) -> None:
         log.warning("nats: %s: %s", type(exc).__name__, exc)
@@ -31,6 +32,8 @@ async def connect(
     options: dict = {}
     if nkey_seed_file:
         options["nkeys_seed"] = nkey_seed_file
+    if inbox_prefix:
+        options["inbox_prefix"] = inbox_prefix
     return await nats.connect(
         servers=[url],
         name=name,

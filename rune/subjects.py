@@ -76,6 +76,13 @@ class Subjects:
     def recording_all(self) -> str:
         return f"{self.prefix}.rec.>"
 
+    def inbox(self, component: str) -> str:
+        """A component's private reply-inbox prefix, so broker permissions can fence it."""
+        return f"_INBOX_{self.prefix}.{component}"
+
+    def agent_inbox(self, agent: str) -> str:
+        return self.inbox(f"agent.{agent}")
+
     @property
     def instances_bucket(self) -> str:
         return f"{self.prefix}_instances"
