@@ -44,7 +44,7 @@ class ExecOpen(BaseModel):
     width: int = 80
     height: int = 24
     timeout: float = 300.0
-    user: str = ""
+    user: str = ""  # the rune user who asked (for audit), not an OS account
     window: int = 4 * 1024 * 1024
     heartbeat: float = 2.0
     lost_after: int = 3

@@ -259,7 +259,7 @@ async def test_directory_believes_only_entries_under_their_agents_key():
         yield None
 
     directory = InstanceDirectory(None, None)
-    await directory._follow(watcher())
+    await directory._apply(watcher())
     assert list(directory.instances) == ["a1.default.api-instance-a1-0"]
     assert directory.resolve("default", "api-instance-a1-0").agent == "a1"
 

@@ -215,7 +215,7 @@ def test_verbose_names_the_rule(trune):
     child.expect_exact(PROMPT)
     child.sendline("exit 4")
     # Written once the terminal is cooked again: the newline comes out as CR LF.
-    child.expect_exact("rune: remote exit code 4, signal 0\r\n")
+    child.expect(r"rune: remote exit code 4, signal 0, after [0-9.]+ ms\r\n")
     child.expect(pexpect.EOF)
 
 

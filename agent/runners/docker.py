@@ -286,7 +286,7 @@ class DockerRunner:
             created = await self._call(
                 self.client.exec_create, cid, request.argv, stdout=True, stderr=True,
                 stdin=True, tty=request.tty, environment=env,
-                workdir=request.workdir or None, user=request.user or "")
+                workdir=request.workdir or None)  # request.user is who asked, not a uid
             exec_id = created["Id"]
             sockio = await self._call(self.client.exec_start, exec_id, tty=request.tty,
                                       socket=True)
