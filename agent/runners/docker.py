@@ -283,10 +283,12 @@ class DockerRunner:
         if request.tty:
             env.setdefault("TERM", "xterm-256color")
         try:
+            # request.user is who asked (for audit), not an account in the container: the
+            # command runs as the container's own user, as with `docker exec` without -u.
             created = await self._call(
                 self.client.exec_create, cid, request.argv, stdout=True, stderr=True,
                 stdin=True, tty=request.tty, environment=env,
-                workdir=request.workdir or None, user=request.user or "")
+                workdir=request.workdir or None)
             exec_id = created["Id"]
             sockio = await self._call(self.client.exec_start, exec_id, tty=request.tty,
                                       socket=True)
