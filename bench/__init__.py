@@ -7,3 +7,8 @@ A section is a module `bench/<name>.py` listed in bench.runner.SECTIONS. It expo
 with the helpers in bench.rows; the runner catches its failures and, when the module does
 not exist yet, prints its rows as "not landed".
 """
+
+import os
+
+# Sections fork PTY children after using gRPC in this process: keep gRPC's fork handlers out.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import argparse
 import resource
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from bench import report, runner
-from bench.context import ROOT, BenchContext, Sizes
-from bench.dockerbox import DockerBox, DockerUnavailable
-from bench.sshd import Sshd, SshdUnavailable
-from cli.devstack import Stack, free_port
-
-AGENT_ID = "bench"
-SERVICES = [{"name": "api", "namespace": "default", "replicas": 1,
-             "command": ["sh", "-c", "exec sleep 2147483647"]}]
+from bench.context import ROOT, Sizes
+from bench.harness import bench_context
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -50,52 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     sizes = Sizes.quick() if args.quick else Sizes()
-    workdir = Path(tempfile.mkdtemp(prefix="rune-bench-"))
     began = time.monotonic()
-    stack = Stack(workdir / "stack", nats_port=free_port(), api_port=free_port())
-    ctx = BenchContext(stack=stack, workdir=workdir, quick=args.quick, sizes=sizes,
-                       agent_id=AGENT_ID)
-    try:
-        print(f"bench: starting nats-server, rune-apiserver, rune-agent in {workdir}",
-              file=sys.stderr, flush=True)
-        stack.start_nats()
-        stack.start_apiserver()
-        stack.start_agent(AGENT_ID, SERVICES, {"max_sessions": max(sizes.sessions) + 100})
-        _start_baselines(ctx)
+    with bench_context(sizes, args.quick, args.keep) as ctx:
         results, timings = runner.run_all(ctx, only)
-    finally:
-        _stop_baselines(ctx)
-        stack.stop()
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
     meta = report.meta_for(args.quick, time.monotonic() - began) | {"section_seconds": timings}
     print(report.markdown(results, meta))
     report.write_json(args.json, results, meta)
     print(f"\nbench: JSON written to {args.json}", file=sys.stderr)
     return 0
-
-
-def _start_baselines(ctx: BenchContext) -> None:
-    sshd = Sshd(ctx.workdir)
-    try:
-        sshd.start()
-        ctx.sshd = sshd
-    except SshdUnavailable as exc:
-        ctx.sshd_reason = str(exc)
-    docker = DockerBox()
-    try:
-        docker.start()
-        ctx.docker = docker
-    except (DockerUnavailable, OSError) as exc:
-        docker.stop()
-        ctx.docker_reason = str(exc)
-
-
-def _stop_baselines(ctx: BenchContext) -> None:
-    if ctx.docker:
-        ctx.docker.stop()
-    if ctx.sshd:
-        ctx.sshd.stop()
 
 
 if __name__ == "__main__":

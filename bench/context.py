@@ -24,6 +24,7 @@ class Sizes:
     stream_bytes: int = 1 << 30   # stdout throughput
     echo_n: int = 200             # keystrokes
     fanout: tuple[int, ...] = (10, 100, 500)
+    fanout_runs: int = 5          # fan-outs timed at each size
     sessions: tuple[int, ...] = (200, 500)
     loaded_setup_n: int = 50      # setup latency while the idle sessions are open
     warmup: int = 3
@@ -31,7 +32,7 @@ class Sizes:
     @classmethod
     def quick(cls) -> Sizes:
         return cls(setup_n=20, cli_n=8, stream_bytes=8 << 20, echo_n=20, fanout=(10,),
-                   sessions=(10, 20), loaded_setup_n=5, warmup=1)
+                   fanout_runs=2, sessions=(10, 20), loaded_setup_n=5, warmup=1)
 
 
 @dataclass

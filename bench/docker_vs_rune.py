@@ -1,120 +1,113 @@
 """`rune exec` into a container vs plain `docker exec` on the same container, in one run.
 
-    python bench/docker_vs_rune.py [--runs 10] [--size-mib 1024] [--tty]
+    python bench/docker_vs_rune.py [--runs 200] [--size-mib 1024] [--tty]
 
-Starts a local stack (nats-server, apiserver, an agent with the Docker runner) and one
-labelled container of rune-test-busybox, then times, alternating the two tools:
-setup (`true`, whole client process, wall clock) and stdout throughput (`head -c SIZE
-/dev/zero`, counted by this script). Removes the container and stops the stack at the end.
+An agent with the Docker runner adopts the bench's labelled busybox container; the two
+tools then take turns: setup (`true`, whole client process, wall clock) and stdout
+throughput (`head -c SIZE /dev/zero`, every byte counted by the bench).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import subprocess
+import dataclasses
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # `python bench/docker_vs_rune.py`: the repo root holds bench/
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cli.devstack import Stack, free_port, wait_until  # noqa: E402
+from bench import rows  # noqa: E402
+from bench.context import BenchContext, Sizes  # noqa: E402
+from bench.dockerbox import SERVICE, DockerBox  # noqa: E402
+from bench.procs import drain, timed_run  # noqa: E402
+from cli.devstack import Stack, stop_pid  # noqa: E402
 
-IMAGE = "rune-test-busybox:latest"
+SECTION = "extra: rune into Docker containers vs docker exec"
+AGENT = "bench-docker"
+TTY = "docker_tty"  # ctx.extra key: also measure throughput with a remote TTY
 
 
-def timed(argv: list[str], env: dict) -> float:
-    start = time.perf_counter()
-    subprocess.run(argv, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                   env=env, cwd=ROOT)
-    return time.perf_counter() - start
+def adopt(stack: Stack, box: DockerBox) -> None:
+    """Starts an agent whose Docker runner owns just BOX's container; waits until it runs."""
+    stack.start_agent(AGENT, [], {"docker": {"enabled": True,
+                                             "match_labels": {"rune.bench": box.name}}},
+                      wait_running=1)
 
 
-def throughput(argv: list[str], env: dict, size: int) -> float:
-    """MiB/s of the command's stdout as read here; checks that every byte arrived."""
-    buf = bytearray(1 << 20)
-    got = 0
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env,
-                            cwd=ROOT, bufsize=0)
-    while n := proc.stdout.readinto(buf):
-        got += n
-    code = proc.wait()
-    elapsed = time.perf_counter() - start
-    if code != 0 or got < size:  # a TTY may add bytes (none for /dev/zero), never lose any
-        raise SystemExit(f"{argv[:3]}: exit {code}, {got} of {size} bytes")
-    return size / elapsed / 2**20
+def release(stack: Stack) -> None:
+    """Stops that agent (an adopted container outlives it)."""
+    proc = stack.procs.pop(f"agent-{AGENT}", None)
+    if proc is not None:
+        stop_pid(proc.pid, 10.0, proc)
+
+
+def setup_times(rune: list[str], docker: list[str], n: int, warmup: int,
+                env: dict) -> tuple[list[float], list[float]]:
+    """`true` through each tool, taking turns so that load drifts hit both alike."""
+    for _ in range(warmup):
+        timed_run(rune, env)
+        timed_run(docker)
+    rune_s, docker_s = [], []
+    for _ in range(n):
+        rune_s.append(timed_run(rune, env))
+        docker_s.append(timed_run(docker))
+    return rune_s, docker_s
+
+
+def run(ctx: BenchContext) -> list[dict]:
+    if not ctx.docker:
+        return [rows.absent(row_id, SECTION, name, rows.SKIPPED, ctx.docker_reason)
+                for row_id, name in (("docker.setup.rune", "rune exec into a container"),
+                                     ("docker.setup.docker", "docker exec"))]
+    adopt(ctx.stack, ctx.docker)
+    try:
+        return _measure(ctx)
+    finally:
+        release(ctx.stack)
+
+
+def _measure(ctx: BenchContext) -> list[dict]:
+    rune_s, docker_s = setup_times(ctx.rune_argv(SERVICE, "true"), ctx.docker.argv("true"),
+                                   ctx.sizes.cli_n, ctx.sizes.warmup, ctx.env)
+    out = [rows.latency("docker.setup.rune", SECTION,
+                        f"`rune exec {SERVICE} true` into a container (whole CLI process)",
+                        rune_s),
+           rows.latency("docker.setup.docker", SECTION, "`docker exec CONTAINER true`, same "
+                        "container", docker_s, ref="docker.setup.rune")]
+    size = ctx.sizes.stream_bytes
+    produce = ["head", "-c", str(size), "/dev/zero"]
+    for tty in (False, True) if ctx.extra.get(TTY) else (False,):
+        mode = "tty" if tty else "nontty"
+        flag = ["--tty" if tty else "--no-tty"]
+        label = f"{size >> 20} MiB{' (TTY)' if tty else ''}"
+        rune_id = f"docker.stream.{mode}.rune"
+        elapsed = drain(ctx.rune_argv(*flag, SERVICE, *produce), size, ctx.env)
+        out.append(rows.throughput(rune_id, SECTION,
+                                   f"rune exec {flag[0]} into a container, {label}", size,
+                                   elapsed))
+        elapsed = drain(ctx.docker.argv(*produce, tty=tty), size)
+        out.append(rows.throughput(f"docker.stream.{mode}.docker", SECTION,
+                                   f"docker exec{' -t' if tty else ''}, same container, {label}",
+                                   size, elapsed, ref=rune_id))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--size-mib", type=int, default=1024)
-    parser.add_argument("--rounds", type=int, default=2, help="throughput runs per tool")
+    parser.add_argument("--runs", type=int, default=Sizes.cli_n)
+    parser.add_argument("--size-mib", type=int, default=Sizes.stream_bytes >> 20)
     parser.add_argument("--tty", action="store_true", help="also measure with a remote TTY")
     args = parser.parse_args()
+    from bench.harness import standalone
 
-    import docker
+    sizes = dataclasses.replace(Sizes(), cli_n=args.runs, stream_bytes=args.size_mib << 20)
 
-    client = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
-    run_id = f"docker-bench-{os.getpid()}"
-    labels = {"rune.namespace": "default", "rune.service": "bench",
-              "rune.instance": "bench-instance-0", "rune.bench": run_id}
-    container = client.create_container(
-        IMAGE, ["sh", "-c", "exec sleep 2147483647"], labels=labels, name=f"rune-{run_id}",
-        host_config=client.create_host_config(network_mode="none"))["Id"]
-    client.start(container)
-    stack = Stack(Path(tempfile.mkdtemp(prefix="rune-docker-bench-")), nats_port=free_port(),
-                  api_port=free_port())
-    env = {**os.environ, "RUNE_CONFIG": str(stack.state_dir / "none.yaml")}
-    try:
-        stack.start_nats()
-        stack.start_apiserver()
-        stack.start_agent("bench", [], {"docker": {"enabled": True,
-                                                   "match_labels": {"rune.bench": run_id}}},
-                          wait_running=1)
-        wait_until(lambda: stack.running_instances("bench") >= 1, "container adopted")
-        def docker_cmd(*flags: str) -> list[str]:
-            return ["docker", "exec", *flags, container[:12]]
+    def with_tty(ctx: BenchContext) -> list[dict]:
+        ctx.extra[TTY] = args.tty
+        return run(ctx)
 
-        def rune_cmd(*flags: str) -> list[str]:
-            return [sys.executable, "-m", "cli.main", "exec", "--api-server",
-                    stack.api_address, *flags, "bench-instance-0"]
-
-        python_cmd = [sys.executable, "-c", "pass"]
-
-        print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-        times: dict[str, list[float]] = {"docker exec": [], "rune exec": [], "python -c pass": []}
-        timed([*rune_cmd(), "true"], env)  # warm caches once
-        for _ in range(args.runs):
-            times["docker exec"].append(timed([*docker_cmd(), "true"], env))
-            times["rune exec"].append(timed([*rune_cmd(), "true"], env))
-            times["python -c pass"].append(timed(python_cmd, env))
-        print(f"\nsetup: `true`, whole client process, {args.runs} runs each")
-        for name, values in times.items():
-            print(f"  {name:15} median {statistics.median(values) * 1000:7.1f} ms"
-                  f"   min {min(values) * 1000:7.1f} ms")
-
-        size = args.size_mib * 2**20
-        payload = ["head", "-c", str(size), "/dev/zero"]
-        print(f"\nthroughput: `{' '.join(payload)}` to this script's pipe")
-        for flags in [(), *([("-t",)] if args.tty else [])]:
-            label = " ".join(flags)
-            rates: dict[str, list[float]] = {"docker exec": [], "rune exec": []}
-            for _ in range(args.rounds):
-                rates["docker exec"].append(throughput([*docker_cmd(*flags), *payload], env, size))
-                rates["rune exec"].append(throughput([*rune_cmd(*flags), *payload], env, size))
-            for name, values in rates.items():
-                print(f"  {name + (' ' + label if label else ''):15} best {max(values):7.1f} "
-                      f"MiB/s   median {statistics.median(values):7.1f} MiB/s")
-        print(f"\nload average after: {os.getloadavg()[0]:.1f}")
-    finally:
-        stack.stop()
-        client.remove_container(container, force=True)
+    standalone(with_tty, sizes)
 
 
 if __name__ == "__main__":

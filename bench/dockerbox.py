@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 IMAGE = "rune-test-busybox:latest"
+SERVICE = "dockerbox"  # the container's service name for rune
 
 
 class DockerUnavailable(RuntimeError):
@@ -17,6 +18,9 @@ class DockerBox:
     def __init__(self, image: str = IMAGE) -> None:
         self.image = image
         self.name = f"rune-bench-{os.getpid()}"
+        # Lets an agent with the Docker runner adopt this very container (docker_vs_rune).
+        self.labels = {"rune.namespace": "default", "rune.service": SERVICE,
+                       "rune.bench": self.name}
         self.started = False
 
     def start(self) -> None:
@@ -30,7 +34,9 @@ class DockerBox:
         if info.returncode != 0:
             raise DockerUnavailable("no Docker Engine answers (docker info failed)")
         run = subprocess.run(["docker", "run", "-d", "--rm", "--name", self.name,
-                              "--network", "none", self.image, "sleep", "2147483647"],
+                              "--network", "none",
+                              *(f"--label={k}={v}" for k, v in self.labels.items()),
+                              self.image, "sleep", "2147483647"],
                              capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
         if run.returncode != 0:
             raise DockerUnavailable(f"docker run {self.image} failed: "

@@ -1,33 +1,46 @@
-"""Times `rune exec SERVICE --all true` at 10, 100 and 500 instances; apiserver RSS too.
+"""Fan-out of `true` with `rune exec SERVICE --all` to 10, 100 and 500 instances; apiserver RSS.
 
-    python -m bench.fanout [--runs 3]
+    python bench/fanout.py [--runs 5] [--sizes 10,100,500]
 
-Starts its own nats-server, apiserver and fleets of agents (several per process, each
-its own NATS client) on free loopback ports; prints one row per size.
+Each size is a fleet of real agents (several per process, each its own NATS client)
+started for it under the bench's stack and stopped after it.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
-import statistics
+import dataclasses
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-from cli.devstack import Stack, free_port
-from tests.multi_agent import start_fleet
+if __name__ == "__main__":  # `python bench/fanout.py`: the repo root holds bench/
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench import rows  # noqa: E402
+from bench.context import ROOT, BenchContext, Sizes  # noqa: E402
+from cli.devstack import Stack, stop_pid  # noqa: E402
+from tests.multi_agent import start_fleet  # noqa: E402
 
-SIZES = {10: (2, 5), 100: (10, 10), 500: (25, 20)}  # instances: (agents, replicas)
+SECTION = "4. fan-out of `true`"
+SINGLE = "setup.rune_cli"  # one `rune exec api true`, section 1
+SHAPES = {10: (2, 5), 100: (10, 10), 500: (25, 20)}  # instances: (agents, replicas)
+
+
+def shape(size: int) -> tuple[int, int]:
+    """Agents and replicas per agent for SIZE instances (at most 20 replicas per agent)."""
+    if size in SHAPES:
+        return SHAPES[size]
+    agents = -(-size // 20)
+    if size % agents:
+        raise ValueError(f"{size} instances do not split evenly over {agents} agents")
+    return agents, size // agents
 
 
 def rss_kib(pid: int, field: str = "VmRSS") -> int:
-    for line in open(f"/proc/{pid}/status"):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
@@ -53,54 +66,88 @@ class RssSampler(threading.Thread):
         return self.peak
 
 
-def fanout_once(stack: Stack, service: str) -> tuple[float, float, str]:
+def fanout_once(argv: list[str], env: dict | None = None) -> tuple[float, float, str]:
     """Wall time of the whole CLI, the slowest instance's session, the summary's tally."""
-    argv = [sys.executable, "-m", "cli.main", "exec", "--api-server", stack.api_address,
-            service, "--all", "true"]
     began = time.perf_counter()
-    result = subprocess.run(argv, cwd=ROOT, stdout=subprocess.DEVNULL,
+    result = subprocess.run(argv, cwd=ROOT, stdout=subprocess.DEVNULL, env=env,
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=600)
     elapsed = time.perf_counter() - began
     lines = result.stderr.decode().strip().splitlines()
     if result.returncode != 0:
-        raise SystemExit(f"{service}: exit {result.returncode}: {lines[-1]}")
-    slowest = max(float(line.split()[3].rstrip("s")) for line in lines
-                  if "-instance-" in line)
+        raise RuntimeError(f"{argv[-3]}: exit {result.returncode}: {lines[-1:]}")
+    slowest = max(float(line.split()[3].rstrip("s")) for line in lines if "-instance-" in line)
     return elapsed, slowest, lines[-1]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
-    stack = Stack(tempfile.mkdtemp(prefix="rune-fanout-bench-"), nats_port=free_port(),
-                  api_port=free_port())
+def measure_size(stack: Stack, argv: list[str], runs: int, warmup: int,
+                 env: dict | None = None) -> dict:
+    """RUNS fan-outs of ARGV: wall times, slowest session, apiserver RSS before and at peak."""
+    for _ in range(warmup):
+        fanout_once(argv, env)
+    api_pid = stack.procs["apiserver"].pid
+    before = rss_kib(api_pid)
+    sampler = RssSampler(api_pid)
+    sampler.start()
+    times, slowest, tally = [], 0.0, ""
     try:
-        stack.start_nats()
-        stack.start_apiserver()
-        for size, (agents, replicas) in SIZES.items():
-            start_fleet(stack, agents, replicas, service=f"f{size}", id_prefix=f"s{size}x",
-                        timeout=300, processes=max(1, agents // 5))
-        api_pid = stack.procs["apiserver"].pid
-        print(f"{'instances':>9}  {'agents':>6}  {'median':>8}  {'best':>8}  "
-              f"{'slowest session':>15}  {'apiserver RSS before/peak':>26}  result")
-        for size, (agents, _) in SIZES.items():
-            fanout_once(stack, f"f{size}")  # warm-up: imports, connections
-            before = rss_kib(api_pid)
-            sampler = RssSampler(api_pid)
-            sampler.start()
-            times, slowest, last = [], 0.0, ""
-            for _ in range(args.runs):
-                elapsed, slow, last = fanout_once(stack, f"f{size}")
-                times.append(elapsed)
-                slowest = max(slowest, slow)
-            peak = sampler.stop()
-            print(f"{size:>9}  {agents:>6}  {statistics.median(times):>7.3f}s  "
-                  f"{min(times):>7.3f}s  {slowest:>14.2f}s  "
-                  f"{before / 1024:>11.1f} / {peak / 1024:.1f} MiB      {last}", flush=True)
+        for _ in range(runs):
+            elapsed, slow, tally = fanout_once(argv, env)
+            times.append(elapsed)
+            slowest = max(slowest, slow)
     finally:
-        stack.stop(timeout=30)
-        shutil.rmtree(stack.state_dir, ignore_errors=True)
+        peak = sampler.stop()
+    return {"times": times, "slowest_s": slowest, "tally": tally, "rss_before_kib": before,
+            "rss_peak_kib": peak}
+
+
+def run(ctx: BenchContext) -> list[dict]:
+    out = []
+    for size in ctx.sizes.fanout:
+        name = f"rune fan-out to {size} instances (whole CLI process)"
+        try:
+            out.extend(_size_rows(ctx, size, name))
+        except Exception as exc:
+            out.append(rows.absent(f"fanout.{size}", SECTION, name, rows.ERROR,
+                                   f"{type(exc).__name__}: {exc}"))
+    return out
+
+
+def _size_rows(ctx: BenchContext, size: int, name: str) -> list[dict]:
+    agents, replicas = shape(size)
+    service = f"fanout{size}"
+    procs = start_fleet(ctx.stack, agents, replicas, service=service, id_prefix=f"f{size}x",
+                        timeout=300, processes=max(1, agents // 5))
+    try:
+        got = measure_size(ctx.stack, ctx.rune_argv(service, "--all", "true"),
+                           ctx.sizes.fanout_runs, ctx.sizes.warmup, ctx.env)
+    finally:
+        _stop_fleet(ctx.stack, procs)
+    timing = rows.latency(f"fanout.{size}", SECTION, name, got["times"], ref=SINGLE)
+    rss = rows.figure(f"fanout.{size}.rss", SECTION,
+                      f"apiserver RSS peak during fan-out to {size}",
+                      got["rss_peak_kib"] / 1024, "MiB",
+                      rss_before_mib=got["rss_before_kib"] / 1024)
+    return [timing | {"versus": "one `rune exec api true`", "agents": agents,
+                      "slowest_session_s": got["slowest_s"], "tally": got["tally"]}, rss]
+
+
+def _stop_fleet(stack: Stack, procs: list[subprocess.Popen]) -> None:
+    """Stops a size's agents so they weigh on no later measurement."""
+    for name, proc in list(stack.procs.items()):
+        if proc in procs:
+            stop_pid(proc.pid, 30.0, proc)
+            del stack.procs[name]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=Sizes.fanout_runs)
+    parser.add_argument("--sizes", default=",".join(map(str, Sizes.fanout)))
+    args = parser.parse_args()
+    from bench.harness import standalone
+
+    sizes = tuple(int(s) for s in args.sizes.split(","))
+    standalone(run, dataclasses.replace(Sizes(), fanout=sizes, fanout_runs=args.runs))
 
 
 if __name__ == "__main__":

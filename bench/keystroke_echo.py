@@ -1,7 +1,7 @@
-"""Keystroke echo round trip: `rune exec -t api cat` beside `cat` under a local PTY.
+"""Keystroke echo round trip through a TTY: `rune exec -t api cat` vs `ssh -tt` vs a local PTY.
 
 Types one byte at a time into the terminal the program runs in and times until the
-echo of that byte comes back; prints p50 and p99 (in ms) over N keystrokes.
+echo of that byte comes back; p50 and p99 (in ms) over N keystrokes.
 
     python bench/keystroke_echo.py [--keys 500]
 """
@@ -9,26 +9,27 @@ echo of that byte comes back; prints p50 and p99 (in ms) over N keystrokes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import select
-import statistics
+import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from ptyprocess import PtyProcess
+if __name__ == "__main__":  # `python bench/keystroke_echo.py`: the repo root holds bench/
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-# This process uses gRPC and then forks a PTY child: keep gRPC's fork handlers out of it.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+from ptyprocess import PtyProcess  # noqa: E402
 
-from cli.devstack import Stack, free_port  # noqa: E402
+from bench import rows  # noqa: E402  (sets GRPC_ENABLE_FORK_SUPPORT before gRPC loads)
+from bench.context import ROOT, BenchContext, Sizes  # noqa: E402
 
-SERVICES = [{"name": "api", "namespace": "default", "replicas": 1,
-             "command": ["sh", "-c", "exec sleep 2147483647"]}]
+SECTION = "3. keystroke echo through a TTY (`cat`)"
 LINE = 64  # keystrokes per line; Enter (not timed) keeps the canonical line buffer short
+# The same program everywhere: no ^X echo quirks, a marker once the terminal is set up.
+ECHO = ["sh", "-c", "stty -echoctl; printf ready; exec cat"]
+RUNE, SSH, LOCAL = "echo.rune", "echo.ssh", "echo.local"
 
 
 def read_until(fd: int, needle: bytes, timeout: float = 10.0) -> bytes:
@@ -67,47 +68,51 @@ def measure(proc: PtyProcess, keys: int) -> list[float]:
     return samples
 
 
-def report(name: str, samples: list[float]) -> None:
-    ms = sorted(s * 1000 for s in samples)
-    p99 = ms[min(len(ms) - 1, int(round(0.99 * len(ms))) - 1)]
-    print(f"{name:<28} n={len(ms)}  p50 {statistics.median(ms):7.3f} ms  p99 {p99:7.3f} ms")
-
-
-def bench_local(keys: int) -> list[float]:
-    proc = PtyProcess.spawn(["cat"], dimensions=(24, 80))
+def echo_times(argv: list[str], keys: int, warmup: int, env: dict | None = None) -> list[float]:
+    """ARGV (which ends up running ECHO) on a fresh local PTY: KEYS timed keystrokes."""
+    proc = PtyProcess.spawn(argv, cwd=str(ROOT), env=env, dimensions=(24, 80))
     try:
-        return measure(proc, keys)
+        read_until(proc.fd, b"ready", timeout=30)
+        return measure(proc, warmup + keys)[warmup:]
     finally:
         proc.terminate(force=True)
 
 
-def bench_rune(keys: int) -> list[float]:
-    with tempfile.TemporaryDirectory() as tmp:
-        stack = Stack(tmp, nats_port=free_port(), api_port=free_port())
-        try:
-            stack.start_nats()
-            stack.start_apiserver()
-            stack.start_agent("a1", SERVICES)
-            env = {**os.environ, "RUNE_CONFIG": str(Path(tmp) / "none.yaml")}
-            proc = PtyProcess.spawn(
-                [sys.executable, "-m", "cli.main", "exec", "--api-server", stack.api_address,
-                 "-t", "api", "sh", "-c", "stty -echoctl; printf ready; exec cat"],
-                cwd=str(ROOT), env=env, dimensions=(24, 80))
-            try:
-                read_until(proc.fd, b"ready", timeout=30)
-                return measure(proc, keys)
-            finally:
-                proc.terminate(force=True)
-        finally:
-            stack.stop()
+def run(ctx: BenchContext) -> list[dict]:
+    n, warmup = ctx.sizes.echo_n, ctx.sizes.warmup
+    rune_name = f"`rune exec -t {ctx.target} cat`"
+    out = [_guard(RUNE, rune_name, lambda: rows.latency(
+        RUNE, SECTION, rune_name, echo_times(ctx.rune_argv("-t", ctx.target, *ECHO), n, warmup,
+                                             ctx.env)))]
+    if ctx.sshd:
+        # ssh joins its arguments into one remote shell line: quote the command as one.
+        out.append(_guard(SSH, "`ssh -tt localhost cat`", lambda: rows.latency(
+            SSH, SECTION, "`ssh -tt localhost cat`",
+            echo_times(ctx.sshd.argv(shlex.join(ECHO), tty=True), n, warmup), ref=RUNE)))
+    else:
+        out.append(rows.absent(SSH, SECTION, "`ssh -tt localhost cat`", rows.SKIPPED,
+                               ctx.sshd_reason))
+    out.append(_guard(LOCAL, "`cat` on a local PTY (the floor)", lambda: rows.latency(
+        LOCAL, SECTION, "`cat` on a local PTY (the floor)", echo_times(ECHO, n, warmup),
+        ref=RUNE) | {"floor": True}))
+    return out
+
+
+def _guard(row_id: str, name: str, measure: object) -> dict:
+    """One failed measurement becomes an error row; the others still run."""
+    try:
+        return measure()
+    except Exception as exc:
+        return rows.absent(row_id, SECTION, name, rows.ERROR, f"{type(exc).__name__}: {exc}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, default=500)
     args = parser.parse_args()
-    report("local PTY (cat)", bench_local(args.keys))
-    report("rune exec -t api cat", bench_rune(args.keys))
+    from bench.harness import standalone
+
+    standalone(run, dataclasses.replace(Sizes(), echo_n=args.keys))
 
 
 if __name__ == "__main__":

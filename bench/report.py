@@ -45,6 +45,8 @@ def _versus(row: dict) -> str:
         return "reference" if row.get("is_ref") else "—"
     if row.get("versus_idle"):
         return f"{ratio:.2f}× the idle setup latency"
+    if row.get("versus"):
+        return f"{ratio:.2f}× {row['versus']}"
     if row.get("floor"):
         if row["better"] == "higher":
             return f"floor: rune gets 1/{1 / ratio:.1f} of it"

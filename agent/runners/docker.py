@@ -283,6 +283,8 @@ class DockerRunner:
         if request.tty:
             env.setdefault("TERM", "xterm-256color")
         try:
+            # request.user is who asked (for audit), not an account in the container: the
+            # command runs as the container's own user, as with `docker exec` without -u.
             created = await self._call(
                 self.client.exec_create, cid, request.argv, stdout=True, stderr=True,
                 stdin=True, tty=request.tty, environment=env,
