@@ -18,17 +18,18 @@ class NatsSettings(BaseModel):
     prefix: str = "rune"
 
 
-class ProcessService(BaseModel):
+class ServiceSpec(BaseModel):
+    """What every declared service has, whichever runner starts its replicas."""
+
     name: str
     namespace: str = "default"
-    command: list[str]
     replicas: int = Field(default=1, ge=0, le=10000)
     workdir: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     user: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("command", mode="before")
+    @field_validator("command", mode="before", check_fields=False)
     @classmethod
     def _split(cls, value: object) -> object:
         return shlex.split(value) if isinstance(value, str) else value
@@ -47,34 +48,17 @@ class ProcessService(BaseModel):
         return check_token(value, "namespace")
 
 
-class DockerService(BaseModel):
+class ProcessService(ServiceSpec):
+    command: list[str]
+
+
+class DockerService(ServiceSpec):
     """A service whose replicas the agent runs as containers (the engine restarts them)."""
 
-    name: str
-    namespace: str = "default"
     image: str
     command: list[str] | None = None
     replicas: int = Field(default=1, ge=0, le=1000)
-    env: dict[str, str] = Field(default_factory=dict)
-    workdir: str | None = None
-    user: str | None = None
     network_mode: str | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("command", mode="before")
-    @classmethod
-    def _split(cls, value: object) -> object:
-        return shlex.split(value) if isinstance(value, str) else value
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        return ProcessService._name(value)  # the same rules as process services
-
-    @field_validator("namespace")
-    @classmethod
-    def _namespace(cls, value: str) -> str:
-        return check_token(value, "namespace")
 
 
 class DockerSettings(BaseModel):
