@@ -308,5 +308,6 @@ class DockerRunner:
         if exec_id in self._died:  # a quick command can end before its exec_start returns
             execution.exec_died(self._died.pop(exec_id))
         if request.tty:
-            execution.resize(request.width, request.height)
+            # Applied before the session starts, so the first keystroke meets the right size.
+            await execution.initial_size(request.width, request.height)
         return execution

@@ -271,6 +271,12 @@ class DockerExecution:
         if self._resizing is None or self._resizing.done():
             self._resizing = self._loop.create_task(self._apply_size())
 
+    async def initial_size(self, width: int, height: int) -> None:
+        if self.tty and width > 0 and height > 0:
+            self._size = (width, height)
+            self._resizing = self._loop.create_task(self._apply_size())
+            await asyncio.shield(self._resizing)
+
     async def _apply_size(self) -> None:
         """One resize call at a time, always ending at the latest size asked for."""
         applied, failures = None, 0
