@@ -10,7 +10,7 @@ from pathlib import Path
 
 from agent.config import AgentConfig, ProcessService
 from agent.registry import Registry
-from agent.runners.process import InstanceContext
+from agent.runners.process import InstanceContext, spawn_options, user_ids
 from rune.models import INSTANCE_MARK, InstanceInfo
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,9 @@ class SupervisedInstance:
 
     def start(self) -> None:
         Path(self.workdir).mkdir(parents=True, exist_ok=True)
+        self._ids = user_ids(self.service.user)
+        if self._ids and not self.service.workdir:
+            os.chown(self.workdir, *self._ids)  # the instance's own directory is its user's
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
@@ -58,8 +61,9 @@ class SupervisedInstance:
             started = time.monotonic()
             try:
                 self.proc = await asyncio.create_subprocess_exec(
-                    *self.service.command, cwd=self.workdir, env=self.context.env,
+                    *self.service.command, env=self.context.env,
                     stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
+                    **spawn_options(self.workdir, self._ids),
                 )
             except OSError as exc:
                 log.error("instance %s cannot start: %s", self.id, exc)

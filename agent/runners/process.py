@@ -51,13 +51,40 @@ def _die_with(parent: int) -> None:
         os._exit(255)
 
 
-def _user_ids(user: str | None) -> tuple[int, int] | None:
+def user_ids(user: str | None) -> tuple[int, int] | None:
+    """(uid, gid) to switch to for `user`, or None when no switch is needed."""
     if not user:
         return None
     entry = pwd.getpwnam(user)
     if entry.pw_uid == os.getuid():
         return None
     return entry.pw_uid, entry.pw_gid
+
+
+def child_setup(cwd: str | None, ids: tuple[int, int] | None,
+                die_with: int | None = None) -> Callable[[], None]:
+    """The pre-exec step: enter `cwd` while still privileged, drop to `ids`, and tie the
+    child's life to process `die_with` (after setuid, which would clear that)."""
+
+    def step() -> None:
+        if cwd:
+            os.chdir(cwd)
+        if ids:
+            os.setgroups([])
+            os.setgid(ids[1])
+            os.setuid(ids[0])
+        if die_with:
+            _die_with(die_with)
+
+    return step
+
+
+def spawn_options(cwd: str, ids: tuple[int, int] | None, die_with: int | None = None) -> dict:
+    """Keyword arguments for create_subprocess_exec that work on asyncio and uvloop alike
+    (uvloop has no user=/group=, and changes directory only after a pre-exec step)."""
+    if ids is None and die_with is None:
+        return {"cwd": cwd}
+    return {"preexec_fn": child_setup(cwd, ids, die_with)}
 
 
 class PipeExecution:
@@ -256,27 +283,19 @@ class ProcessRunner:
         if not os.path.isdir(cwd):
             raise CommandUnavailable(126, f"workdir {cwd}: no such directory")
         path = resolve_executable(request.argv[0], env, cwd)
-        ids = _user_ids(context.user)
+        ids = user_ids(context.user)
         agent_pid = os.getpid()
-
-        def become_user() -> None:
-            if ids:
-                os.setgid(ids[1])
-                os.setuid(ids[0])
-            _die_with(agent_pid)  # after setuid, which would clear it
-
         if request.tty:
             ptyproc = PtyProcess.spawn(
                 [path, *request.argv[1:]], cwd=cwd, env=env,
                 dimensions=(request.height or 24, request.width or 80),
-                preexec_fn=become_user,
+                preexec_fn=child_setup(None, ids, agent_pid),  # ptyprocess enters cwd first
             )
             return PtyExecution(ptyproc)
         proc = await asyncio.create_subprocess_exec(
             *request.argv, executable=path,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=env, cwd=cwd, start_new_session=True,
-            limit=1024 * 1024, preexec_fn=lambda: _die_with(agent_pid),
-            **({"user": ids[0], "group": ids[1]} if ids else {}),
+            stderr=asyncio.subprocess.PIPE, env=env, start_new_session=True,
+            limit=1024 * 1024, **spawn_options(cwd, ids, agent_pid),
         )
         return PipeExecution(proc)
