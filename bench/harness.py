@@ -34,8 +34,9 @@ def bench_context(sizes: Sizes, quick: bool, keep: bool = False) -> Iterator[Ben
         print(f"bench: starting nats-server, rune-apiserver, rune-agent in {workdir}",
               file=sys.stderr, flush=True)
         stack.start_nats()
-        stack.start_apiserver()
-        stack.start_agent(AGENT_ID, SERVICES, {"max_sessions": max(sizes.sessions) + 100})
+        cap = max(sizes.sessions) + 100  # the idle-session rows hold this many open
+        stack.start_apiserver({"limits": {"max_sessions_per_agent": cap}})
+        stack.start_agent(AGENT_ID, SERVICES, {"max_sessions": cap})
         _start_baselines(ctx)
         yield ctx
     finally:

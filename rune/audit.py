@@ -58,10 +58,13 @@ class BufferedPublisher:
     """Publishes (subject, data, id) to JetStream from a bounded buffer on its own task."""
 
     def __init__(self, nc: NATS, what: str, limit: int = 10000, ack_timeout: float = 2.0,
-                 ensure: Callable[[], Awaitable[None]] | None = None) -> None:
+                 ensure: Callable[[], Awaitable[None]] | None = None,
+                 limit_bytes: int = 32 * 1024 * 1024) -> None:
         self.nc = nc
         self.what = what
         self.limit = limit
+        self.limit_bytes = limit_bytes
+        self._buffered_bytes = 0
         self.ack_timeout = ack_timeout
         self._ensure = ensure
         self._ensured = False
@@ -79,13 +82,17 @@ class BufferedPublisher:
         return len(self._buffer)
 
     def submit(self, subject: str, data: bytes, msg_id: str | None = None) -> None:
-        """Queues one message; never waits. Drops (and counts) the oldest when full."""
-        if len(self._buffer) >= self.limit:
-            self._buffer.popleft()
+        """Queues one message; never waits. Drops (and counts) the oldest when full, by count
+        or by bytes, so a fast session can never grow the server's memory."""
+        while self._buffer and (len(self._buffer) >= self.limit
+                                or self._buffered_bytes + len(data) > self.limit_bytes):
+            self._buffered_bytes -= len(self._buffer.popleft()[1])
             self.dropped += 1
-            loss_log.warning(f"{self.what}-drop", "%s buffer full (%d): dropped the oldest; "
-                             "%d lost so far", self.what, self.limit, self.dropped)
+            loss_log.warning(f"{self.what}-drop", "%s buffer full (%d messages, %d bytes): "
+                             "dropped the oldest; %d lost so far", self.what, self.limit,
+                             self.limit_bytes, self.dropped)
         self._buffer.append((subject, data, msg_id or uuid.uuid4().hex))
+        self._buffered_bytes += len(data)
         self._empty.clear()
         self._wake.set()
 
@@ -133,7 +140,7 @@ class BufferedPublisher:
                 continue
             delay = 0.05
             if self._buffer and self._buffer[0][2] == msg_id:
-                self._buffer.popleft()
+                self._buffered_bytes -= len(self._buffer.popleft()[1])
             self.published += 1
 
     async def flush(self, timeout: float) -> bool:

@@ -206,3 +206,13 @@ def test_oversight_event_sequences_per_outcome():
     assert metrics.sessions.labels("failed")._value.get() == 2
     assert metrics.sessions.labels("success")._value.get() == 1
     assert metrics.active._value.get() == 0
+
+
+def test_buffer_is_bounded_in_bytes_too():
+    """A burst of large chunks drops the oldest once the byte cap is reached, and counts it."""
+    publisher = BufferedPublisher(None, "test recording", limit=1000, limit_bytes=1000)
+    for i in range(10):
+        publisher.submit("rune.rec.s.data", bytes([i]) * 300)
+    assert publisher.buffered == 3
+    assert publisher.dropped == 7
+    assert [data[0] for _, data, _ in publisher._buffer] == [7, 8, 9]
