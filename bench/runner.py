@@ -55,14 +55,17 @@ def run_section(name: str, title: str, promised: list[str], ctx: BenchContext) -
 
 def run_all(ctx: BenchContext, only: list[str] | None = None) -> tuple[list[dict], dict]:
     """All sections (or ONLY those), in order; returns rows and seconds per section."""
-    out: list[dict] = []
+    by_section: dict[str, list[dict]] = {}
     timings: dict[str, float] = {}
-    for name, title, promised in SECTIONS:
+    # Memory per idle session is measured first, before the 1 GiB runs inflate the heaps.
+    run_order = sorted(SECTIONS, key=lambda section: section[0] != "concurrency")
+    for name, title, promised in run_order:
         if only and name not in only:
             continue
         began = time.monotonic()
         print(f"bench: {title} …", file=sys.stderr, flush=True)
-        out.extend(run_section(name, title, promised, ctx))
+        by_section[name] = run_section(name, title, promised, ctx)
         timings[name] = round(time.monotonic() - began, 1)
+    out = [row for name, _, _ in SECTIONS for row in by_section.get(name, [])]
     rows.attach_ratios(out)
     return out, timings
