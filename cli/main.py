@@ -121,7 +121,12 @@ def exec_command(
             say(f"api server {client.address}, namespace {options.namespace}, target {target}")
             return await ExecCommand(client, options, say, local_tty).run()
 
-    raise typer.Exit(_run(session(), "failed to initialize exec session"))
+    code = _run(session(), "failed to initialize exec session")
+    # Everything is written (output goes out with os.write; flush what print() buffered):
+    # skip the interpreter's and gRPC's slow teardown, as a short-lived command may.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _run(coro: object, prefix: str = "") -> int:
