@@ -72,7 +72,7 @@ def exec_command(
     if all_ or instances or selector or json_output or no_prefix or fail_fast:
         from cli.fanout_cmd import fanout_exec
 
-        raise typer.Exit(fanout_exec(
+        _exit_now(fanout_exec(
             target, command, namespace=namespace, workdir=workdir, env=env or [], tty=tty,
             timeout=timeout, api_server=api_server, token_file=token_file, ca_file=ca_file,
             all_=all_, instances=instances or [], selector=selector or [],
@@ -121,9 +121,12 @@ def exec_command(
             say(f"api server {client.address}, namespace {options.namespace}, target {target}")
             return await ExecCommand(client, options, say, local_tty).run()
 
-    code = _run(session(), "failed to initialize exec session")
-    # Everything is written (output goes out with os.write; flush what print() buffered):
-    # skip the interpreter's and gRPC's slow teardown, as a short-lived command may.
+    _exit_now(_run(session(), "failed to initialize exec session"))
+
+
+def _exit_now(code: int) -> None:
+    """Exits once everything is written, skipping the interpreter's and gRPC's slow
+    teardown (output goes out with os.write; flush only what print() buffered)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
