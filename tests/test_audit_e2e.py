@@ -17,11 +17,12 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from tests.conftest import ROOT
 
 
-def stream_events(nats_url: str, subject: str = "rune.audit.>") -> list[dict]:
-    """Every audit event now in the RUNE_AUDIT stream on `subject`, in stream order."""
+def stream_events(nats_url: str, subject: str = "rune.audit.>", **connect) -> list[dict]:
+    """Every audit event now in the RUNE_AUDIT stream on `subject`, in stream order
+    (`connect`: credentials such as nkeys_seed= and inbox_prefix= on a locked broker)."""
 
     async def read() -> list[dict]:
-        nc = await nats.connect(nats_url)
+        nc = await nats.connect(nats_url, **connect)
         try:
             js = nc.jetstream()
             sub = await js.pull_subscribe(subject, stream="RUNE_AUDIT",

@@ -343,37 +343,20 @@ def test_tls_with_a_wrong_ca_fails_clearly(rune, tls_api):
 
 def test_denials_are_audited(rune, secure):
     """A refused exec is a session.denied event, read by the audit reader's own credentials."""
-    import json
     import time
 
-    import nats
-    from nats.js.api import AckPolicy, ConsumerConfig
-
     from rune.subjects import Subjects
+    from tests.test_audit_e2e import stream_events
 
     marker = f"denied-{time.monotonic_ns()}"
     assert rune("alice", "exec", "api", "sh", "-c", marker).returncode == 255
 
-    async def denied_events() -> list[dict]:
-        nc = await nats.connect(secure.nats_url, nkeys_seed=secure.nkey("audit-reader"),
-                                inbox_prefix=Subjects().inbox("audit"))
-        try:
-            sub = await nc.jetstream().pull_subscribe(
-                "rune.audit.default.session.denied", stream="RUNE_AUDIT",
-                config=ConsumerConfig(ack_policy=AckPolicy.NONE))
-            pending = (await sub.consumer_info()).num_pending
-            events = []
-            while pending:
-                for msg in await sub.fetch(256, timeout=5):
-                    pending = msg.metadata.num_pending
-                    events.append(json.loads(msg.data))
-            return events
-        finally:
-            await nc.close()
-
     deadline = time.monotonic() + 20
     while True:
-        found = [e for e in asyncio.run(denied_events()) if marker in e.get("argv", [])]
+        events = stream_events(secure.nats_url, "rune.audit.default.session.denied",
+                               nkeys_seed=secure.nkey("audit-reader"),
+                               inbox_prefix=Subjects().inbox("audit"))
+        found = [e for e in events if marker in e.get("argv", [])]
         if found or time.monotonic() > deadline:
             break
         time.sleep(0.2)
