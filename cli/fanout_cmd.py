@@ -184,11 +184,7 @@ def fanout_exec(target: str, command: list[str], *, namespace: str | None, workd
                 selector: list[str], max_parallel: int, fail_fast: bool, prefix: bool,
                 json_output: bool) -> int:
     """Checks the fan-out flags (usage errors exit 2), then runs it; returns the exit status."""
-    import typer
-
-    from cli.main import _client, _run, fail
-    from cli.parsing import parse_duration, parse_env
-    from cli.settings import load_user_config
+    from cli.main import _client, _run, checked_flags, fail, user_config
 
     if tty:
         raise fail("a TTY cannot be used with fan-out (--all, --instances, --selector): "
@@ -196,19 +192,13 @@ def fanout_exec(target: str, command: list[str], *, namespace: str | None, workd
     try:
         selected = parse_instances(instances)
         labels = parse_selector(selector)
-        timeout_seconds = parse_duration(timeout)
-        env_map = parse_env(env)
     except ValueError as exc:
         raise fail(str(exc), 2) from None
     if not (all_ or selected or labels):
         raise fail("--json, --no-prefix and --fail-fast need --all, --instances or "
                    "--selector", 2)
-    if workdir and not workdir.startswith("/"):
-        raise typer.BadParameter("must be an absolute path", param_hint="--workdir")
-    try:
-        config = load_user_config()
-    except (OSError, ValueError) as exc:
-        raise fail(str(exc)) from None
+    timeout_seconds, env_map = checked_flags(timeout, env, workdir)
+    config = user_config()
     options = FanoutOptions(
         target=target, command=command, namespace=namespace or config.namespace or "default",
         all=all_, instances=selected, selector=labels, env=env_map, workdir=workdir,

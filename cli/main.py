@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.parsing import mark_command_start, parse_duration, parse_env
-from cli.settings import DEFAULT_API_SERVER, load_user_config
+from cli.settings import DEFAULT_API_SERVER, UserConfig, load_user_config
 from rune.errors import RuneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__,
@@ -21,6 +21,28 @@ EXEC_CONTEXT = {"ignore_unknown_options": False, "help_option_names": ["-h", "--
 def fail(message: str, code: int = 255) -> typer.Exit:
     sys.stderr.write(f"Error: {message}\n")
     return typer.Exit(code)
+
+
+def checked_flags(timeout: str, env: list[str], workdir: str) -> tuple[float, dict[str, str]]:
+    """--timeout, --env and --workdir, checked alike for one instance or many (exit 2)."""
+    try:
+        timeout_seconds = parse_duration(timeout)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--timeout") from None
+    try:
+        env_map = parse_env(env)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--env") from None
+    if workdir and not workdir.startswith("/"):
+        raise typer.BadParameter("must be an absolute path", param_hint="--workdir")
+    return timeout_seconds, env_map
+
+
+def user_config() -> UserConfig:
+    try:
+        return load_user_config()
+    except (OSError, ValueError) as exc:
+        raise fail(str(exc)) from None
 
 
 def _token(token_file: str | None) -> str | None:
@@ -78,16 +100,7 @@ def exec_command(
             all_=all_, instances=instances or [], selector=selector or [],
             max_parallel=max_parallel, fail_fast=fail_fast, prefix=not no_prefix,
             json_output=json_output))
-    try:
-        timeout_seconds = parse_duration(timeout)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--timeout") from None
-    try:
-        env_map = parse_env(env or [])
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--env") from None
-    if workdir and not workdir.startswith("/"):
-        raise typer.BadParameter("must be an absolute path", param_hint="--workdir")
+    timeout_seconds, env_map = checked_flags(timeout, env or [], workdir)
 
     from cli.terminal import decide_tty, window_size
 
@@ -103,10 +116,7 @@ def exec_command(
                          "file; the remote command gets a TTY, the local terminal is left as "
                          "it is\n")
     cols, rows = window_size() if remote_tty else (0, 0)
-    try:
-        config = load_user_config()
-    except (OSError, ValueError) as exc:
-        raise fail(str(exc)) from None
+    config = user_config()
     from cli.client import ExecOptions
     from cli.exec_cmd import ExecCommand
 
