@@ -47,7 +47,13 @@ def test_counters_move_as_sessions_run(metered):
     assert rune("exec", "api", "sh", "-c", "exit 3").returncode == 3
     assert rune("exec", "nope", "true").returncode == 255
     assert rune("exec", "api", "cat", input=b"12345").stdout == b"12345"
-    api1, agent1 = scrape(api_url), scrape(agent_url)
+    api1 = scrape(api_url)
+    # The agent closes its books once the apiserver acknowledged the exit, a moment after
+    # the CLI already returned: wait for that (bounded) before reading its counters.
+    deadline = time.monotonic() + 10
+    while value(agent1 := scrape(agent_url), "rune_agent_sessions_active") != 0:
+        assert time.monotonic() < deadline, "agent still reports an active session"
+        time.sleep(0.02)
 
     def delta(now: dict, before: dict, name: str, **labels: str) -> float:
         return value(now, name, **labels) - value(before, name, **labels)
