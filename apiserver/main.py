@@ -149,13 +149,17 @@ def broker_config(
     agents: Annotated[str, typer.Option(help="comma-separated agent ids")],
     out: Annotated[str, typer.Option(help="directory to write into")] = "broker_config/out",
     prefix: str = "rune",
+    cluster: Annotated[int, typer.Option(help="also write an N-node cluster (N >= 3)")] = 0,
+    host: Annotated[str, typer.Option(help="address the cluster nodes listen on")] = "127.0.0.1",
+    client_port: Annotated[int, typer.Option(help="first node's client port")] = 4222,
+    cluster_port: Annotated[int, typer.Option(help="first node's route port")] = 6222,
 ) -> None:
     """Write nats-server auth config and nkeys seeds for the apiserver, agents, audit."""
     from broker_config.generate import generate
 
     ids = [a.strip() for a in agents.split(",") if a.strip()]
     try:
-        written = generate(out, ids, prefix)
+        written = generate(out, ids, prefix, cluster, host, client_port, cluster_port)
     except ValueError as exc:
         _fail(str(exc))
     for path in written:

@@ -85,8 +85,31 @@ def auth_conf(users: Sequence[tuple[str, str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def generate(out_dir: str | Path, agents: Sequence[str], prefix: str = "rune") -> list[Path]:
-    """Writes auth.conf, nats.conf and one .nk seed per user into out_dir; returns paths."""
+def cluster_conf(node: int, nodes: int, out: Path, host: str, client_port: int,
+                 cluster_port: int) -> str:
+    """One node of an N-node cluster on HOST: consecutive client and route ports."""
+    routes = ", ".join(f"nats-route://{host}:{cluster_port + i}" for i in range(nodes))
+    store = out / "jetstream" / f"rune-{node + 1}"
+    return (
+        f"# Node {node + 1} of {nodes} of the Rune Exec NATS cluster (written by "
+        f"`rune-apiserver broker-config --cluster {nodes}`).\n"
+        f"# Routes carry no credentials: keep the route ports on a private network.\n"
+        f"server_name: rune-{node + 1}\n"
+        f"listen: {host}:{client_port + node}\n"
+        f'jetstream {{ store_dir: "{store}" }}\n'
+        f"cluster {{\n  name: rune\n  listen: {host}:{cluster_port + node}\n"
+        f"  routes: [{routes}]\n}}\n"
+        f'include "auth.conf"\n'
+    )
+
+
+def generate(out_dir: str | Path, agents: Sequence[str], prefix: str = "rune",
+             cluster: int = 0, host: str = "127.0.0.1", client_port: int = 4222,
+             cluster_port: int = 6222) -> list[Path]:
+    """Writes auth.conf, nats.conf and one .nk seed per user into out_dir; returns paths.
+    With `cluster` N (3 or more), also node-1.conf … node-N.conf for an N-node cluster."""
+    if cluster and cluster < 3:
+        raise ValueError("a JetStream cluster needs at least 3 nodes")
     for agent in agents:
         check_token(agent, "agent id")
     subjects = Subjects(prefix)
@@ -107,4 +130,10 @@ def generate(out_dir: str | Path, agents: Sequence[str], prefix: str = "rune") -
     (out / "auth.conf").write_text(auth_conf(entries))
     template = resources.files("broker_config").joinpath("nats-single.conf").read_text()
     (out / "nats.conf").write_text(template)
-    return [out / "nats.conf", out / "auth.conf", *written]
+    nodes = []
+    for node in range(cluster):
+        path = out / f"node-{node + 1}.conf"
+        path.write_text(cluster_conf(node, cluster, out.resolve(), host, client_port,
+                                     cluster_port))
+        nodes.append(path)
+    return [out / "nats.conf", *nodes, out / "auth.conf", *written]
