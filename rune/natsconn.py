@@ -35,7 +35,8 @@ async def connect(
     if inbox_prefix:
         options["inbox_prefix"] = inbox_prefix
     return await nats.connect(
-        servers=[url],
+        # A comma-separated list names several cluster nodes: reconnects go to any of them.
+        servers=[u.strip() for u in url.split(",") if u.strip()],
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.25,

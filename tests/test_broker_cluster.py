@@ -63,8 +63,9 @@ def cluster(tmp_path_factory):
         stack.start_apiserver({"nats_url": url[0], "auth": {"enabled": False},
                                "nats_nkey_seed_file": str(conf / "apiserver.nk")})
         stack.start_agent("a1", [{"name": "api", "command": ["sleep", "2147483647"]}],
-                          {"nats": {"url": url[1],
+                          {"nats": {"url": f"{url[1]},{url[2]}",
                                     "nkey_seed_file": str(conf / "agent-a1.nk")}})
+        stack.nodes = nodes
         yield stack
     finally:
         stack.stop()
@@ -80,6 +81,19 @@ def test_exec_crosses_cluster_nodes(cluster):
     result = Rune(cluster)("exec", "api", "sh", "-c", "echo across; exit 4")
     assert result.stdout == b"across\n"
     assert result.returncode == 4
+
+
+def test_agent_fails_over_to_another_node(cluster):
+    """With node 2 gone, the agent reconnects to node 3 and exec works again."""
+    cluster.nodes[1].terminate()
+    cluster.nodes[1].wait(timeout=10)
+    rune = Rune(cluster)
+    # Bounded: the agent reconnects within a second; the cluster re-elects if needed.
+    for _ in range(60):
+        result = rune("exec", "api", "echo", "still here")
+        if result.returncode == 0:
+            break
+    assert result.stdout == b"still here\n", result.stderr
 
 
 def test_cluster_needs_three_nodes(tmp_path):
