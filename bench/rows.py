@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from bench.stats import summarize_ms
 
 OK, SKIPPED, NOT_LANDED, ERROR = "ok", "skipped", "not landed", "error"
@@ -54,3 +56,11 @@ def attach_ratios(rows: list[dict]) -> None:
     for row in rows:
         ref = by_id.get(row.get("ref") or "")
         row["advantage"] = advantage(row, ref) if ref else None
+
+
+def guarded(row_id: str, section: str, name: str, measure: Callable[[], dict]) -> dict:
+    """One failed measurement becomes an error row; the others still run."""
+    try:
+        return measure()
+    except Exception as exc:
+        return absent(row_id, section, name, ERROR, f"{type(exc).__name__}: {exc}")

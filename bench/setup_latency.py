@@ -45,12 +45,9 @@ def run(ctx: BenchContext) -> list[dict]:
     return out
 
 
+
 def _guard(row_id: str, name: str, measure: object) -> dict:
-    """One failed measurement becomes an error row; the others still run."""
-    try:
-        return measure()
-    except Exception as exc:
-        return rows.absent(row_id, SECTION, name, rows.ERROR, f"{type(exc).__name__}: {exc}")
+    return rows.guarded(row_id, SECTION, name, measure)
 
 
 async def api_round_trips(address: str, target: str, n: int, warmup: int) -> list[float]:
