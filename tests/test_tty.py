@@ -470,47 +470,25 @@ def test_vi_opens_and_quits(trune):
 
 # --- without a TTY -----------------------------------------------------------------------
 
-def test_sigint_reaches_a_remote_trap(trune):
-    """Non-TTY: SIGINT to the CLI is delivered to the remote process group."""
-    proc = trune.popen("exec", "api", "sh", "-c",
-                       'trap "echo got-INT; exit 7" INT; echo ready; while :; do sleep 0.1; done',
-                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert proc.stdout.readline() == b"ready\n"
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
-    finally:
-        proc.kill()
-    assert (proc.returncode, out) == (7, b"got-INT\n"), err
-
-
-def test_sigint_reaches_the_foreground_group_of_a_remote_tty(trune):
-    """--tty with piped stdin: SIGINT to the CLI goes to the remote terminal's foreground job."""
-    proc = trune.popen("exec", "-t", "api", "sh", "-c",
-                       'trap "echo got-INT; exit 7" INT; echo ready; while :; do sleep 0.1; done',
-                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert proc.stdout.readline() == b"ready\r\n"
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
-    finally:
-        proc.kill()
-    assert (proc.returncode, out) == (7, b"got-INT\r\n"), err
-
-
-def test_sigterm_reaches_a_remote_trap(trune):
-    """Non-TTY: SIGTERM to the CLI is forwarded too, and the remote status comes back."""
-    proc = trune.popen("exec", "api", "sh", "-c",
-                       'trap "echo got-TERM; exit 9" TERM; echo ready; '
+@pytest.mark.parametrize("flags,signum,name,code,eol", [
+    ((), signal.SIGINT, "INT", 7, b"\n"),  # non-TTY: forwarded to the remote process group
+    (("-t",), signal.SIGINT, "INT", 7, b"\r\n"),  # --tty, piped stdin: the foreground job
+    ((), signal.SIGTERM, "TERM", 9, b"\n"),  # non-TTY SIGTERM is forwarded too
+])
+def test_signal_to_the_cli_reaches_a_remote_trap(trune, flags, signum, name, code, eol):
+    """A signal to the CLI reaches the remote trap, and the remote status comes back."""
+    proc = trune.popen("exec", *flags, "api", "sh", "-c",
+                       f'trap "echo got-{name}; exit {code}" {name}; echo ready; '
                        "while :; do sleep 0.1; done",
-                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                       stdin=subprocess.PIPE if flags else subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert proc.stdout.readline() == b"ready\n"
-        proc.send_signal(signal.SIGTERM)
+        assert proc.stdout.readline() == b"ready" + eol
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=20)
     finally:
         proc.kill()
-    assert (proc.returncode, out) == (9, b"got-TERM\n"), err
+    assert (proc.returncode, out) == (code, f"got-{name}".encode() + eol), err
 
 
 def test_third_ctrl_c_ends_the_session(trune):
