@@ -8,8 +8,9 @@ import logging
 import signal
 import sys
 
-from agent.config import load
-from agent.server import Agent
+from rune.agent.config import load
+from rune.agent.server import Agent
+
 from rune.runtime import configure_logging, run
 
 

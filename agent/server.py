@@ -8,15 +8,15 @@ import socket
 import time
 
 from nats.aio.client import Client as NATS
+from rune.agent.audit import AgentAudit
+from rune.agent.config import AgentConfig
+from rune.agent.metrics import AgentMetrics
+from rune.agent.registry import Registry
+from rune.agent.runners.base import CommandUnavailable, Runner
+from rune.agent.runners.process import ProcessRunner
+from rune.agent.session import ExecSession
+from rune.agent.supervisor import Supervisor
 
-from agent.audit import AgentAudit
-from agent.config import AgentConfig
-from agent.metrics import AgentMetrics
-from agent.registry import Registry
-from agent.runners.base import CommandUnavailable, Runner
-from agent.runners.process import ProcessRunner
-from agent.session import ExecSession
-from agent.supervisor import Supervisor
 from rune import frames
 from rune.errors import (
     InvalidArgument,
@@ -70,7 +70,7 @@ class Agent:
         self.supervisor = Supervisor(self.config, self.registry)
         self.runners["process"] = ProcessRunner(self.supervisor.context)
         if self.config.docker.enabled:
-            from agent.runners.docker import DockerRunner
+            from rune.agent.runners.docker import DockerRunner
 
             docker_runner = DockerRunner(self.config, self.registry)
             await docker_runner.start()

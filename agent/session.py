@@ -11,7 +11,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from agent.runners.base import Execution, signal_name
+from rune.agent.runners.base import Execution, signal_name
+
 from rune import frames
 from rune.errors import DeadlineExceeded, RuneError
 from rune.link import SessionLink

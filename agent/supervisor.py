@@ -8,9 +8,10 @@ import os
 import time
 from pathlib import Path
 
-from agent.config import AgentConfig, ProcessService
-from agent.registry import Registry
-from agent.runners.process import InstanceContext, spawn_options, user_ids
+from rune.agent.config import AgentConfig, ProcessService
+from rune.agent.registry import Registry
+from rune.agent.runners.process import InstanceContext, spawn_options, user_ids
+
 from rune.models import INSTANCE_MARK, InstanceInfo
 
 log = logging.getLogger(__name__)

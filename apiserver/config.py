@@ -6,9 +6,8 @@ from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, Field, field_validator
-
-from apiserver.audit import AuditSettings
-from apiserver.recording import RecordingSettings
+from rune.apiserver.audit import AuditSettings
+from rune.apiserver.recording import RecordingSettings
 
 VERBS = ("exec", "exec-tty", "list", "audit", "admin")
 

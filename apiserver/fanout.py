@@ -14,9 +14,9 @@ import logging
 import time
 
 import grpc
+from rune.apiserver.relay import SessionRecord
+from rune.apiserver.service import ExecService
 
-from apiserver.relay import SessionRecord
-from apiserver.service import ExecService
 from rune import errors, frames
 from rune.errors import (
     DeadlineExceeded,

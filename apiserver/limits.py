@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from apiserver.config import LimitsConfig
+from rune.apiserver.config import LimitsConfig
+
 from rune.errors import InvalidArgument, ResourceExhausted
 from rune.proto import exec_pb2 as pb
 

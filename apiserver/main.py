@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 
 import grpc
 import typer
+from rune.apiserver.config import ApiServerConfig, load
 
-from apiserver.config import ApiServerConfig, load
 from rune.runtime import configure_logging, run
 
 log = logging.getLogger(__name__)
@@ -22,23 +22,24 @@ app.add_typer(token_app, name="token")
 
 def build_access(config: ApiServerConfig) -> tuple[object, object]:
     """The authenticator and authorizer the config asks for."""
-    from apiserver.auth import OpenAccess
+    from rune.apiserver.auth import OpenAccess
 
     if not config.auth.enabled:
         return OpenAccess(), OpenAccess()
-    from apiserver.rbac import RoleAuthorizer
-    from apiserver.tokens import TokenAuthenticator
+    from rune.apiserver.rbac import RoleAuthorizer
+    from rune.apiserver.tokens import TokenAuthenticator
 
     return TokenAuthenticator(config.auth.tokens), RoleAuthorizer(config.auth, config.exec)
 
 
 async def serve(config: ApiServerConfig) -> None:
-    from apiserver.directory import InstanceDirectory
-    from apiserver.fanout import FanoutService
-    from apiserver.oversight import start_oversight, stop_oversight
-    from apiserver.relay import Relay
-    from apiserver.service import ExecService
-    from apiserver.tls import check_plaintext_allowed, is_loopback, server_credentials
+    from rune.apiserver.directory import InstanceDirectory
+    from rune.apiserver.fanout import FanoutService
+    from rune.apiserver.oversight import start_oversight, stop_oversight
+    from rune.apiserver.relay import Relay
+    from rune.apiserver.service import ExecService
+    from rune.apiserver.tls import check_plaintext_allowed, is_loopback, server_credentials
+
     from rune.natsconn import connect
     from rune.proto import exec_pb2_grpc as pb_grpc
     from rune.subjects import Subjects
@@ -137,7 +138,7 @@ def token_create(
     group: Annotated[Optional[list[str]], typer.Option(help="a group, repeatable")] = None,  # noqa: UP045
 ) -> None:
     """Make a new token: printed once, only its hash is written to the config."""
-    from apiserver.tokens import create_token
+    from rune.apiserver.tokens import create_token
 
     print(create_token(config, user, group or []))
     sys.stderr.write(f"token for user {user} added to {config} (as a hash); restart the "
@@ -155,7 +156,7 @@ def broker_config(
     cluster_port: Annotated[int, typer.Option(help="first node's route port")] = 6222,
 ) -> None:
     """Write nats-server auth config and nkeys seeds for the apiserver, agents, audit."""
-    from broker_config.generate import generate
+    from rune.broker_config.generate import generate
 
     ids = [a.strip() for a in agents.split(",") if a.strip()]
     try:

@@ -11,9 +11,10 @@ import logging
 import time
 from typing import Any
 
-from apiserver.audit import Auditor
-from apiserver.metrics import ApiMetrics
-from apiserver.recording import Recordings
+from rune.apiserver.audit import Auditor
+from rune.apiserver.metrics import ApiMetrics
+from rune.apiserver.recording import Recordings
+
 from rune import audit as schema
 from rune.errors import RuneError
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from apiserver.auth import Identity
-from apiserver.config import AuthConfig, CommandRules, Role
-from apiserver.policy import CommandPolicy
+from rune.apiserver.auth import Identity
+from rune.apiserver.config import AuthConfig, CommandRules, Role
+from rune.apiserver.policy import CommandPolicy
+
 from rune.errors import InvalidArgument, PermissionDenied
 
 EXEC_VERBS = ("exec", "exec-tty")

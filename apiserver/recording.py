@@ -20,8 +20,8 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 from pydantic import BaseModel, Field
+from rune.apiserver.audit import DAY, ensure_stream, read_stream
 
-from apiserver.audit import DAY, ensure_stream, read_stream
 from rune.audit import BufferedPublisher
 from rune.errors import NotFound
 from rune.subjects import Subjects

@@ -14,8 +14,8 @@ import grpc
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from rune.apiserver.config import ApiServerConfig
 
-from apiserver.config import ApiServerConfig
 from rune import errors, frames
 from rune.errors import DeadlineExceeded, IdleTimeout, InvalidArgument, Unavailable
 from rune.link import LinkSettings, SessionLink

@@ -6,14 +6,14 @@ import logging
 import time
 
 import grpc
+from rune.apiserver.auth import Authenticator, Authorizer
+from rune.apiserver.config import LimitsConfig
+from rune.apiserver.directory import InstanceDirectory
+from rune.apiserver.limits import SessionLimits, check_init
+from rune.apiserver.operator_rpc import OperatorRpcs
+from rune.apiserver.oversight import Oversight
+from rune.apiserver.relay import Relay, SessionRecord
 
-from apiserver.auth import Authenticator, Authorizer
-from apiserver.config import LimitsConfig
-from apiserver.directory import InstanceDirectory
-from apiserver.limits import SessionLimits, check_init
-from apiserver.operator_rpc import OperatorRpcs
-from apiserver.oversight import Oversight
-from apiserver.relay import Relay, SessionRecord
 from rune.errors import InvalidArgument, PermissionDenied, RuneError
 from rune.proto import exec_pb2 as pb
 from rune.proto import exec_pb2_grpc as pb_grpc

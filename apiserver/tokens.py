@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
+from rune.apiserver.auth import Identity
+from rune.apiserver.config import TokenEntry
 
-from apiserver.auth import Identity
-from apiserver.config import TokenEntry
 from rune.errors import Unauthenticated
 
 TOKEN_PREFIX = "rune_"

@@ -6,9 +6,10 @@ import asyncio
 import time
 from pathlib import Path
 
+from rune.cli.client import ApiClient, ExecOptions, ExecStream, run_command
+
 from bench import rows
 from bench.context import BenchContext
-from cli.client import ApiClient, ExecOptions, ExecStream, run_command
 
 SECTION = "5. idle sessions held open"
 STREAMS_PER_CHANNEL = 100  # keeps each HTTP/2 connection under common stream limits

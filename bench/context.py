@@ -7,9 +7,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rune.cli.devstack import Stack
+
 from bench.dockerbox import DockerBox
 from bench.sshd import Sshd
-from cli.devstack import Stack
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = "api"
@@ -60,7 +61,7 @@ class BenchContext:
 
     def rune_argv(self, *args: str) -> list[str]:
         """`rune exec ARGS...` against the bench's apiserver, as a separate CLI process."""
-        return [sys.executable, "-m", "cli.main", "exec", "--api-server", self.api_address,
+        return [sys.executable, "-m", "rune.cli.main", "exec", "--api-server", self.api_address,
                 *args]
 
     def pid(self, name: str) -> int:

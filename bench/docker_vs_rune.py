@@ -17,11 +17,12 @@ from pathlib import Path
 if __name__ == "__main__":  # `python bench/docker_vs_rune.py`: the repo root holds bench/
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from rune.cli.devstack import Stack, stop_pid  # noqa: E402
+
 from bench import rows  # noqa: E402
 from bench.context import BenchContext, Sizes  # noqa: E402
 from bench.dockerbox import SERVICE, DockerBox  # noqa: E402
 from bench.procs import drain, timed_run  # noqa: E402
-from cli.devstack import Stack, stop_pid  # noqa: E402
 
 SECTION = "extra: rune into Docker containers vs docker exec"
 AGENT = "bench-docker"

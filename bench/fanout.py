@@ -19,9 +19,10 @@ from pathlib import Path
 if __name__ == "__main__":  # `python bench/fanout.py`: the repo root holds bench/
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from rune.cli.devstack import Stack, stop_pid  # noqa: E402
+
 from bench import rows  # noqa: E402
 from bench.context import ROOT, BenchContext, Sizes  # noqa: E402
-from cli.devstack import Stack, stop_pid  # noqa: E402
 from tests.multi_agent import start_fleet  # noqa: E402
 
 SECTION = "4. fan-out of `true`"

@@ -12,11 +12,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from rune.cli.devstack import Stack, free_port
+
 from bench import report, rows
 from bench.context import BenchContext, Sizes
 from bench.dockerbox import DockerBox, DockerUnavailable
 from bench.sshd import Sshd, SshdUnavailable
-from cli.devstack import Stack, free_port
 
 AGENT_ID = "bench"
 SERVICES = [{"name": "api", "namespace": "default", "replicas": 1,

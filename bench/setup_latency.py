@@ -6,11 +6,11 @@ import asyncio
 import time
 
 import nats
+from rune.cli.client import ApiClient, ExecOptions, run_command
 
 from bench import rows
 from bench.context import BenchContext
 from bench.procs import timed_runs
-from cli.client import ApiClient, ExecOptions, run_command
 
 SECTION = "1. setup latency of `true`"
 FLOOR_SUBJECT = "bench.floor"  # a bench-only subject: no rune message ever uses it

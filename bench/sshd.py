@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from cli.devstack import free_port, port_open, stop_pid, wait_until
+from rune.cli.devstack import free_port, port_open, stop_pid, wait_until
 
 SSHD = "/usr/sbin/sshd"
 PRIVSEP_DIR = Path("/run/sshd")  # sshd refuses to start as root without it

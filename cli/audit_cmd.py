@@ -14,7 +14,7 @@ FOLLOW_WIDTHS = (19, 7, 12, 10, 24, 24)
 
 def parse_since(text: str) -> float:
     """'90s', '15m', '1h', '2d' → seconds (days added to the exec duration syntax)."""
-    from cli.parsing import parse_duration
+    from rune.cli.parsing import parse_duration
 
     if text.strip().endswith("d") and text.strip()[:-1].replace(".", "", 1).isdigit():
         return float(text.strip()[:-1]) * 86400
@@ -66,8 +66,8 @@ def audit_command(
         since_seconds = parse_since(since) if since else 0.0
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--since") from None
-    from cli.main import _client, _run
-    from cli.settings import load_user_config
+    from rune.cli.main import _client, _run
+    from rune.cli.settings import load_user_config
 
     config = load_user_config()
 

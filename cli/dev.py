@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from cli.devstack import DEMO_SERVICES, DEV_USER, Stack, StackError, stop_pid
+from rune.cli.devstack import DEMO_SERVICES, DEV_USER, Stack, StackError, stop_pid
 
 dev_app = typer.Typer(add_completion=False, no_args_is_help=True,
                       help="Run the local development stack.")
@@ -88,7 +87,7 @@ def down(
 
 def _point_cli_at(stack: Stack, api_port: int) -> Path:
     """Makes the user's CLI config use the dev stack's admin token (other keys are kept)."""
-    from cli.settings import load_user_config, save_user_config
+    from rune.cli.settings import load_user_config, save_user_config
 
     config = load_user_config()
     config.token_file = str(stack.token_files[stack.admin])

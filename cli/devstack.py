@@ -36,7 +36,7 @@ DEV_BLOCKED = ["rm -rf", "shutdown", "reboot", "halt", "poweroff", "mkfs", "dd"]
 
 def dev_auth(admin: str, tokens: dict[str, str]) -> dict:
     """The dev stack's RBAC: `admin` may do anything, `dev` exec and list in default only."""
-    from apiserver.tokens import digest
+    from rune.apiserver.tokens import digest
 
     return {
         "enabled": True,
@@ -120,8 +120,8 @@ class Stack:
 
         `auth` replaces the RBAC of dev_auth(); its tokens are added to the ones made here.
         """
-        from apiserver.tokens import new_token
-        from broker_config.generate import generate
+        from rune.apiserver.tokens import new_token
+        from rune.broker_config.generate import generate
 
         self.broker_dir = self.state_dir / "broker"
         generate(self.broker_dir, agents)
@@ -188,7 +188,7 @@ class Stack:
                   "nats_nkey_seed_file": self.nkey("apiserver"), **(extra or {})}
         path = self.state_dir / "apiserver.yaml"
         path.write_text(yaml.safe_dump(config))
-        proc = self._spawn("apiserver", [sys.executable, "-m", "apiserver.main", "--config",
+        proc = self._spawn("apiserver", [sys.executable, "-m", "rune.apiserver.main", "--config",
                                          str(path)])
         wait_until(lambda: asyncio.run(self._list()) is not None, "rune-apiserver", proc=proc,
                    log=self.logs / "apiserver.log")
@@ -209,7 +209,7 @@ class Stack:
     def start_agent(self, agent_id: str, services: list[dict], extra: dict | None = None,
                     wait_running: int | None = None) -> subprocess.Popen:
         path = self.write_agent_config(agent_id, services, extra)
-        proc = self._spawn(f"agent-{agent_id}", [sys.executable, "-m", "agent.main",
+        proc = self._spawn(f"agent-{agent_id}", [sys.executable, "-m", "rune.agent.main",
                                                  "--config", str(path)])
         expected = wait_running if wait_running is not None else sum(
             s.get("replicas", 1) for s in services)
@@ -218,7 +218,7 @@ class Stack:
         return proc
 
     async def _list(self) -> list:
-        from cli.client import ApiClient
+        from rune.cli.client import ApiClient
 
         async with ApiClient(self.api_address, token=self.admin_token,
                              ca_file=self.ca_file) as client:

@@ -11,8 +11,9 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from cli.client import ApiClient, ExecOptions
-from cli.terminal import RawMode, window_size
+from rune.cli.client import ApiClient, ExecOptions
+from rune.cli.terminal import RawMode, window_size
+
 from rune.errors import RuneError, Unavailable
 
 READ_CHUNK = 256 * 1024

@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, TextIO
 
 import grpc
-
-from cli.client import ApiClient
-from cli.fanout_output import (
+from rune.cli.client import ApiClient
+from rune.cli.fanout_output import (
     InstanceResult,
     JsonWriter,
     LineWriter,
@@ -20,6 +19,7 @@ from cli.fanout_output import (
     overall_exit,
     summary,
 )
+
 from rune.errors import Unavailable
 from rune.proto import exec_pb2 as pb
 from rune.proto import exec_pb2_grpc as pb_grpc
@@ -184,7 +184,7 @@ def fanout_exec(target: str, command: list[str], *, namespace: str | None, workd
                 selector: list[str], max_parallel: int, fail_fast: bool, prefix: bool,
                 json_output: bool) -> int:
     """Checks the fan-out flags (usage errors exit 2), then runs it; returns the exit status."""
-    from cli.main import _client, _run, checked_flags, fail, user_config
+    from rune.cli.main import _client, _run, checked_flags, fail, user_config
 
     if tty:
         raise fail("a TTY cannot be used with fan-out (--all, --instances, --selector): "

@@ -8,9 +8,9 @@ import sys
 from typing import Annotated, Optional
 
 import typer
+from rune.cli.parsing import mark_command_start, parse_duration, parse_env
+from rune.cli.settings import DEFAULT_API_SERVER, UserConfig, load_user_config
 
-from cli.parsing import mark_command_start, parse_duration, parse_env
-from cli.settings import DEFAULT_API_SERVER, UserConfig, load_user_config
 from rune.errors import RuneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__,
@@ -48,13 +48,13 @@ def user_config() -> UserConfig:
 def _token(token_file: str | None) -> str | None:
     if not token_file:
         return None
-    from cli.tokens import read_token_file
+    from rune.cli.tokens import read_token_file
 
     return read_token_file(token_file)
 
 
 def _client(api_server: str | None, token_file: str | None, ca_file: str | None):  # noqa: ANN202
-    from cli.client import ApiClient
+    from rune.cli.client import ApiClient
 
     config = load_user_config()
     return ApiClient(api_server or config.api_server or DEFAULT_API_SERVER,
@@ -92,7 +92,7 @@ def exec_command(
 ) -> None:
     """Run COMMAND inside an instance of TARGET. Rune's options go before COMMAND."""
     if all_ or instances or selector or json_output or no_prefix or fail_fast:
-        from cli.fanout_cmd import fanout_exec
+        from rune.cli.fanout_cmd import fanout_exec
 
         _exit_now(fanout_exec(
             target, command, namespace=namespace, workdir=workdir, env=env or [], tty=tty,
@@ -102,7 +102,7 @@ def exec_command(
             json_output=json_output))
     timeout_seconds, env_map = checked_flags(timeout, env or [], workdir)
 
-    from cli.terminal import decide_tty, window_size
+    from rune.cli.terminal import decide_tty, window_size
 
     def say(line: str) -> None:
         if verbose:
@@ -117,8 +117,8 @@ def exec_command(
                          "it is\n")
     cols, rows = window_size() if remote_tty else (0, 0)
     config = user_config()
-    from cli.client import ExecOptions
-    from cli.exec_cmd import ExecCommand
+    from rune.cli.client import ExecOptions
+    from rune.cli.exec_cmd import ExecCommand
 
     options = ExecOptions(
         target=target, command=command, namespace=namespace or config.namespace or "default",
@@ -190,11 +190,11 @@ def instances_command(
 
 
 def _register_subapps() -> None:
-    from cli.dev import dev_app
+    from rune.cli.dev import dev_app
 
     app.add_typer(dev_app, name="dev")
-    from cli.audit_cmd import register as register_audit
-    from cli.sessions_cmd import sessions_app
+    from rune.cli.audit_cmd import register as register_audit
+    from rune.cli.sessions_cmd import sessions_app
 
     register_audit(app)
     app.add_typer(sessions_app, name="sessions")

@@ -9,8 +9,7 @@ import time
 from typing import Annotated, Optional
 
 import typer
-
-from cli.audit_cmd import render
+from rune.cli.audit_cmd import render
 
 sessions_app = typer.Typer(add_completion=False, no_args_is_help=True,
                            help="List, replay and kill sessions (verbs audit / admin).")
@@ -44,8 +43,9 @@ def list_command(
     api_server: ApiServer = None, token_file: TokenFile = None, ca_file: CaFile = None,
 ) -> None:
     """Active sessions and recorded (finished TTY) sessions, oldest first."""
-    from cli.main import _client, _run
-    from cli.settings import load_user_config
+    from rune.cli.main import _client, _run
+    from rune.cli.settings import load_user_config
+
     from rune.proto import exec_pb2 as pb
 
     config = load_user_config()
@@ -113,7 +113,8 @@ def replay_command(
     """Replay a recorded TTY session in real time (or --speed N times faster)."""
     if speed <= 0:
         raise typer.BadParameter("must be positive", param_hint="--speed")
-    from cli.main import _client, _run
+    from rune.cli.main import _client, _run
+
     from rune.proto import exec_pb2 as pb
 
     async def fetch() -> int:
@@ -146,7 +147,8 @@ def kill_command(
     api_server: ApiServer = None, token_file: TokenFile = None, ca_file: CaFile = None,
 ) -> None:
     """End an active session and kill its command (verb `admin`)."""
-    from cli.main import _client, _run
+    from rune.cli.main import _client, _run
+
     from rune.proto import exec_pb2 as pb
 
     async def kill() -> int:

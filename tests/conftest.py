@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from cli.devstack import Stack, free_port, wait_until
+from rune.cli.devstack import Stack, free_port, wait_until
 
 # pexpect forks this process (forkpty), which has used gRPC: gRPC's fork handlers would
 # rebuild its pollers in the child, whose inherited descriptors pexpect then closes.
@@ -64,9 +63,9 @@ class Rune:
 
     def argv(self, *args: str) -> list[str]:
         if args and args[0] in ("exec", "instances"):
-            return [sys.executable, "-m", "cli.main", args[0], "--api-server",
+            return [sys.executable, "-m", "rune.cli.main", args[0], "--api-server",
                     self.stack.api_address, *args[1:]]
-        return [sys.executable, "-m", "cli.main", *args]
+        return [sys.executable, "-m", "rune.cli.main", *args]
 
     def __call__(self, *args: str, input: bytes | None = None, timeout: float = 60,
                  **kwargs) -> subprocess.CompletedProcess:
@@ -76,7 +75,7 @@ class Rune:
 
     def bare(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         """The CLI exactly as given: no --api-server added."""
-        return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
+        return subprocess.run([sys.executable, "-m", "rune.cli.main", *args], capture_output=True,
                               timeout=60, env={**self.env, **(env or {})}, cwd=ROOT,
                               stdin=subprocess.DEVNULL)
 

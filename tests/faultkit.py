@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cli.devstack import Stack
+from rune.cli.devstack import Stack
 
 BLOCK = 64 * 1024
 

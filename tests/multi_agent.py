@@ -11,8 +11,9 @@ import signal
 import subprocess
 import sys
 
-from agent.config import AgentConfig
-from agent.server import Agent
+from rune.agent.config import AgentConfig
+from rune.agent.server import Agent
+
 from rune.runtime import configure_logging, run
 
 
@@ -49,7 +50,7 @@ def start_fleet(stack: object, agents: int, replicas: int, service: str = "fleet
                 id_prefix: str = "m", timeout: float = 120.0,
                 processes: int = 1) -> list[subprocess.Popen]:
     """Spawns the fleet (agents spread over `processes`) under `stack`; waits until it runs."""
-    from cli.devstack import wait_until
+    from rune.cli.devstack import wait_until
 
     procs = []
     per = -(-agents // processes)

@@ -8,7 +8,8 @@ import subprocess
 import time
 import uuid
 
-from cli.devstack import free_port
+from rune.cli.devstack import free_port
+
 from tests.conftest import Rune, start_stack
 from tests.test_audit_e2e import stream_events
 from tests.test_metrics_e2e import scrape, value

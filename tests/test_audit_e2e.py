@@ -164,7 +164,7 @@ def test_rune_audit_table(rune, stack):
 
 def test_rune_audit_follow_sees_new_events(rune, stack):
     """`rune audit --follow` prints events of sessions that start after it."""
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "audit", "--api-server",
+    proc = subprocess.Popen([sys.executable, "-m", "rune.cli.main", "audit", "--api-server",
                              stack.api_address, "--follow", "--json", "--since", "1s"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
                             env=rune.env)

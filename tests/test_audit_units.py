@@ -8,10 +8,10 @@ import json
 import nats
 import pytest
 from nats.js.api import StreamConfig
+from rune.apiserver.audit import Auditor, AuditSettings, ensure_stream, subject_token
+from rune.cli.audit_cmd import parse_since, render, result_text, row
+from rune.cli.devstack import Stack, free_port
 
-from apiserver.audit import Auditor, AuditSettings, ensure_stream, subject_token
-from cli.audit_cmd import parse_since, render, result_text, row
-from cli.devstack import Stack, free_port
 from rune import audit as schema
 from rune.audit import BufferedPublisher
 from rune.subjects import Subjects
@@ -134,8 +134,9 @@ def test_session_log_lines_are_structured_json():
     import logging
     from types import SimpleNamespace
 
-    from apiserver.auth import Identity
-    from apiserver.oversight import Oversight
+    from rune.apiserver.auth import Identity
+    from rune.apiserver.oversight import Oversight
+
     from rune.errors import NotFound
     from rune.runtime import JsonFormatter
 
@@ -166,10 +167,11 @@ def test_oversight_event_sequences_per_outcome():
     """Open failure → one failed (stage open); exit → started+ended; else started+failed."""
     from types import SimpleNamespace
 
-    from apiserver.auth import Identity
-    from apiserver.metrics import ApiMetrics
-    from apiserver.oversight import Oversight
-    from apiserver.relay import SessionRecord
+    from rune.apiserver.auth import Identity
+    from rune.apiserver.metrics import ApiMetrics
+    from rune.apiserver.oversight import Oversight
+    from rune.apiserver.relay import SessionRecord
+
     from rune.errors import Unavailable
     from rune.models import InstanceInfo
 

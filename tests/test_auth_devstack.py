@@ -12,14 +12,13 @@ from pathlib import Path
 import nats
 import pytest
 import yaml
-
-from cli.devstack import free_port
+from rune.cli.devstack import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _rune(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "rune.cli.main", *args], capture_output=True,
                           text=True, timeout=120, cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
 
 

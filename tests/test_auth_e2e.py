@@ -9,10 +9,10 @@ import sys
 import grpc
 import pytest
 import yaml
+from rune.apiserver.tokens import digest, new_token
+from rune.cli.client import ApiClient, ExecOptions
+from rune.cli.devstack import DEV_USER, Stack, dev_auth, free_port, port_open, wait_until
 
-from apiserver.tokens import digest, new_token
-from cli.client import ApiClient, ExecOptions
-from cli.devstack import DEV_USER, Stack, dev_auth, free_port, port_open, wait_until
 from rune.errors import ResourceExhausted
 from rune.proto import exec_pb2 as pb
 from rune.proto import exec_pb2_grpc as pb_grpc
@@ -75,7 +75,7 @@ class Cli:
         base.pop("RUNE_TOKEN_FILE", None)
         if user:
             base["RUNE_TOKEN_FILE"] = str(self.stack.token_files[user])
-        argv = [sys.executable, "-m", "cli.main", args[0], "--api-server",
+        argv = [sys.executable, "-m", "rune.cli.main", args[0], "--api-server",
                 api or self.stack.api_address, *args[1:]]
         return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=root,
                               env={**base, **(env or {})}, stdin=subprocess.DEVNULL)
@@ -261,7 +261,7 @@ async def test_bad_streams_are_invalid_arguments(secure, requests, message):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in error.details()
     async with ApiClient(secure.api_address, token=secure.admin_token) as client:
-        from cli.client import run_command
+        from rune.cli.client import run_command
 
         result = await run_command(client, ExecOptions(target="api", command=["echo", "ok"]))
     assert result.stdout == b"ok\n"
@@ -315,7 +315,7 @@ def tls_api(secure, tmp_path_factory):
                   tls_key=str(good["key"]))
     path = tmp / "apiserver-tls.yaml"
     path.write_text(yaml.safe_dump(config))
-    proc = secure._spawn("apiserver-tls", [sys.executable, "-m", "apiserver.main", "--config",
+    proc = secure._spawn("apiserver-tls", [sys.executable, "-m", "rune.apiserver.main", "--config",
                                            str(path)])
     wait_until(lambda: port_open(port), "rune-apiserver (TLS)", proc=proc,
                log=secure.logs / "apiserver-tls.log")

@@ -10,14 +10,14 @@ import sys
 
 import pytest
 import yaml
+from rune.apiserver.auth import Identity
+from rune.apiserver.config import AuthConfig, CommandRules, LimitsConfig
+from rune.apiserver.limits import SessionLimits, check_init
+from rune.apiserver.policy import CommandPolicy, Pattern
+from rune.apiserver.rbac import RoleAuthorizer
+from rune.apiserver.tls import is_loopback
+from rune.apiserver.tokens import TokenAuthenticator, create_token, digest, new_token
 
-from apiserver.auth import Identity
-from apiserver.config import AuthConfig, CommandRules, LimitsConfig
-from apiserver.limits import SessionLimits, check_init
-from apiserver.policy import CommandPolicy, Pattern
-from apiserver.rbac import RoleAuthorizer
-from apiserver.tls import is_loopback
-from apiserver.tokens import TokenAuthenticator, create_token, digest, new_token
 from rune.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
 from rune.proto import exec_pb2 as pb
 
@@ -50,7 +50,7 @@ def test_token_create_writes_only_the_hash(tmp_path):
     """`rune-apiserver token create` prints the token once; the config keeps its SHA-256."""
     config = tmp_path / "apiserver.yaml"
     config.write_text(yaml.safe_dump({"listen": "127.0.0.1:1"}))
-    result = subprocess.run([sys.executable, "-m", "apiserver.main", "token", "create",
+    result = subprocess.run([sys.executable, "-m", "rune.apiserver.main", "token", "create",
                              "--config", str(config), "--user", "ann", "--group", "ops",
                              "--group", "db"], capture_output=True, text=True, cwd=ROOT,
                             timeout=60)
@@ -206,7 +206,7 @@ def test_loopback_detection():
 
 def test_plaintext_on_public_address_is_refused():
     """The apiserver will not serve plaintext beyond loopback without --insecure."""
-    result = subprocess.run([sys.executable, "-m", "apiserver.main", "--listen",
+    result = subprocess.run([sys.executable, "-m", "rune.apiserver.main", "--listen",
                              "0.0.0.0:1", "--nats-url", "nats://127.0.0.1:1"],
                             capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 1
@@ -215,7 +215,7 @@ def test_plaintext_on_public_address_is_refused():
 
 def test_cli_warns_about_exposed_token_file(tmp_path, capsys):
     """Like ssh, a token file readable by group or others draws a warning."""
-    from cli.tokens import read_token_file
+    from rune.cli.tokens import read_token_file
 
     path = tmp_path / "token"
     path.write_text("secret\n")
@@ -244,7 +244,8 @@ async def test_directory_believes_only_entries_under_their_agents_key():
     """A registry entry claiming another agent than its key's is ignored (forged routing)."""
     from types import SimpleNamespace
 
-    from apiserver.directory import InstanceDirectory
+    from rune.apiserver.directory import InstanceDirectory
+
     from rune.models import InstanceInfo
 
     def entry(key: str, agent: str) -> SimpleNamespace:
@@ -268,8 +269,8 @@ async def test_refusal_that_ends_the_call_before_init_is_still_reported():
     """A server that ends the call before the client writes init: the client reports its
     status (here UNAUTHENTICATED), not a write on a finished call."""
     import grpc
+    from rune.cli.client import ApiClient, ExecOptions
 
-    from cli.client import ApiClient, ExecOptions
     from rune.proto import exec_pb2_grpc as pb_grpc
 
     class Refusing(pb_grpc.ExecServiceServicer):

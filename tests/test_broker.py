@@ -7,9 +7,9 @@ import stat
 
 import nats
 import pytest
+from rune.broker_config.generate import generate
+from rune.cli.devstack import Stack, free_port
 
-from broker_config.generate import generate
-from cli.devstack import Stack, free_port
 from rune.natsconn import connect
 from rune.registry import open_instances_bucket
 from rune.subjects import Subjects

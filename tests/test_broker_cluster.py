@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 from conftest import Rune
+from rune.broker_config.generate import generate
+from rune.cli.devstack import Stack, free_port, nats_server_binary, port_open, wait_until
 
-from broker_config.generate import generate
-from cli.devstack import Stack, free_port, nats_server_binary, port_open, wait_until
 from rune.natsconn import connect
 from rune.subjects import Subjects
 

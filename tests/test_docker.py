@@ -13,8 +13,7 @@ from pathlib import Path
 import pexpect
 import pytest
 from conftest import ROOT, Rune
-
-from cli.devstack import wait_until
+from rune.cli.devstack import wait_until
 
 pytestmark = pytest.mark.docker
 
@@ -101,7 +100,7 @@ def test_signal_is_delivered_to_the_container_command(rune):
 def test_tty_shell_is_interactive_and_resizes(docker_stack):
     """`rune exec -t api sh` is a live shell under a TTY; a local resize reaches it."""
     env = {**os.environ, "RUNE_CONFIG": str(Path(docker_stack.state_dir) / "none.yaml")}
-    child = pexpect.spawn(sys.executable, ["-m", "cli.main", "exec", "--api-server",
+    child = pexpect.spawn(sys.executable, ["-m", "rune.cli.main", "exec", "--api-server",
                                            docker_stack.api_address, "-t", "api", "sh"],
                           cwd=str(ROOT), env=env, dimensions=(30, 100), timeout=30)
     try:

@@ -9,9 +9,8 @@ import sys
 import pytest
 import yaml
 from conftest import ROOT
-
-from agent.runners.docker import derived_instance_id
-from agent.runners.docker_exec import HEADER, _demux, _short_reason, start_failure_code
+from rune.agent.runners.docker import derived_instance_id
+from rune.agent.runners.docker_exec import HEADER, _demux, _short_reason, start_failure_code
 
 
 def _frames(*parts: tuple[int, bytes]) -> bytes:

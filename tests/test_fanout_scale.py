@@ -7,8 +7,7 @@ import json
 import pytest
 from conftest import Rune
 from multi_agent import start_fleet
-
-from cli.devstack import Stack, free_port
+from rune.cli.devstack import Stack, free_port
 
 AGENTS, REPLICAS = 20, 10
 

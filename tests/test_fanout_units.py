@@ -5,10 +5,9 @@ from __future__ import annotations
 import io
 
 import pytest
-
-from apiserver.fanout import select
-from cli.fanout_cmd import parse_instances, parse_selector
-from cli.fanout_output import (
+from rune.apiserver.fanout import select
+from rune.cli.fanout_cmd import parse_instances, parse_selector
+from rune.cli.fanout_output import (
     InstanceResult,
     JsonWriter,
     LineSplitter,
@@ -18,6 +17,7 @@ from cli.fanout_output import (
     render_bar,
     summary,
 )
+
 from rune.errors import InvalidArgument, NotFound, NotRunning
 from rune.models import InstanceInfo
 from rune.proto import exec_pb2 as pb

@@ -8,8 +8,8 @@ import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from rune.cli.devstack import free_port
 
-from cli.devstack import free_port
 from tests.conftest import Rune, start_stack
 
 SERVICES = [{"name": "api", "namespace": "default", "replicas": 1,

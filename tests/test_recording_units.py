@@ -6,8 +6,8 @@ import json
 import os
 import tempfile
 
-from apiserver.recording import PIECE, Recorder, Recordings, RecordingSettings
-from cli.sessions_cmd import cast_events, play
+from rune.apiserver.recording import PIECE, Recorder, Recordings, RecordingSettings
+from rune.cli.sessions_cmd import cast_events, play
 
 
 class MemoryStore:

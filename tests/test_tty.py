@@ -18,9 +18,8 @@ from pathlib import Path
 import pexpect
 import pytest
 from conftest import ROOT, Rune, start_stack
-
-from cli.exec_cmd import Outbox
-from cli.terminal import RawMode, decide_tty, wants_tty
+from rune.cli.exec_cmd import Outbox
+from rune.cli.terminal import RawMode, decide_tty, wants_tty
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="uses /proc and Linux PTYs")
 
@@ -93,7 +92,7 @@ class LocalShell:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for pid in _children(self.child.pid):
-                if b"cli.main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                if b"rune.cli.main" in Path(f"/proc/{pid}/cmdline").read_bytes():
                     return pid
             time.sleep(0.05)
         raise AssertionError("the rune CLI did not start")

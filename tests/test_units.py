@@ -7,8 +7,8 @@ import filecmp
 
 import msgpack
 import pytest
+from rune.cli.parsing import mark_command_start, parse_duration, parse_env
 
-from cli.parsing import mark_command_start, parse_duration, parse_env
 from rune import frames
 from rune.flow import Receiver, Sender
 

@@ -19,10 +19,10 @@ from weakref import WeakValueDictionary
 import docker
 from docker.errors import APIError, DockerException
 from docker.errors import NotFound as DockerNotFound
+from rune.agent.config import AgentConfig, DockerService
+from rune.agent.registry import Registry
+from rune.agent.runners.docker_exec import DockerExecution
 
-from agent.config import AgentConfig, DockerService
-from agent.registry import Registry
-from agent.runners.docker_exec import DockerExecution
 from rune.errors import NotFound, NotRunning, Unavailable
 from rune.models import INSTANCE_MARK, ExecOpen, InstanceInfo
 from rune.subjects import check_token

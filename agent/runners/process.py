@@ -13,13 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ptyprocess import PtyProcess
-
-from agent.runners.base import (
+from rune.agent.runners.base import (
     CommandUnavailable,
     resolve_executable,
     status_from_returncode,
     wait_status_to_exit,
 )
+
 from rune.errors import NotFound
 from rune.models import ExecOpen, InstanceInfo
 
