@@ -5,6 +5,7 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 BUILD_IMAGE="$HERE/../tests/images/build-test-image.sh"
+BUILD_DEBIAN_IMAGE="$HERE/../tests/images/build-debian-image.sh"
 LOG=/tmp/dockerd.log
 WAIT_SECS=${DOCKER_UP_WAIT:-60}
 
@@ -76,6 +77,8 @@ log "storage driver: $(docker info --format '{{.Driver}}'), socket: ${DOCKER_HOS
 # busybox-static is needed for the image even when someone else started the engine.
 dpkg -s busybox-static >/dev/null 2>&1 || install_packages
 "$BUILD_IMAGE"
+# Debian with coreutils and python3, for the suites that need more than busybox.
+"$BUILD_DEBIAN_IMAGE"
 
 # The suite validates docker-compose.yml with `docker compose` or, failing that, Debian's
 # docker-compose (v1); install the latter when neither is there.
