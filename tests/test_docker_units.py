@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -10,23 +11,135 @@ import pytest
 import yaml
 from conftest import ROOT
 from rune.agent.runners.docker import derived_instance_id
-from rune.agent.runners.docker_exec import HEADER, _demux, _short_reason, start_failure_code
+from rune.agent.runners.docker_exec import _short_reason, start_failure_code
+from rune.agent.runners.engine_api import EngineError, parse_head, read_response
+from rune.agent.runners.engine_stream import HEADER, HIGH_WATER, ExecStream
+
+UPGRADED = b"HTTP/1.1 101 UPGRADED\r\nContent-Type: application/vnd.docker.raw-stream\r\n" \
+           b"Connection: Upgrade\r\nUpgrade: tcp\r\n\r\n"
 
 
 def _frames(*parts: tuple[int, bytes]) -> bytes:
     return b"".join(HEADER.pack(stream, len(data)) + data for stream, data in parts)
 
 
+class _Transport:
+    """What ExecStream asks of its transport, recorded."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.closed = False
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _deliver(stream: ExecStream, wire: bytes, piece: int) -> None:
+    """Hands WIRE to the protocol as the loop would, at most PIECE bytes per read."""
+    while wire:
+        buffer = stream.get_buffer(-1)
+        n = min(len(buffer), piece, len(wire))
+        buffer[:n] = wire[:n]
+        stream.buffer_updated(n)
+        wire = wire[n:]
+
+
+async def _drain(output, n: int = 1 << 20) -> bytes:
+    parts = []
+    while data := await output.read(n):
+        parts.append(data)
+    return b"".join(parts)
+
+
 def test_demux_keeps_streams_apart_across_any_split():
-    """Frames cut at every possible byte boundary still give the exact stdout and stderr."""
-    wire = _frames((1, b"hello "), (2, b"oops"), (1, b"world"), (1, b""), (2, b"!" * 70000))
-    for cut in range(0, len(wire), 997):
-        state: list = [b"", 0, 0]
-        got: dict[int, list] = {}
-        for piece in (wire[:cut], wire[cut:cut + 5], wire[cut + 5:]):
-            _demux(state, piece, got)
-        assert b"".join(got[1]) == b"hello world"
-        assert b"".join(got[2]) == b"oops" + b"!" * 70000
+    """Frames cut at any byte boundary, head included, still give the exact stdout and stderr."""
+    wire = UPGRADED + _frames((1, b"hello "), (2, b"oops"), (1, b"world"), (1, b""),
+                              (3, b"engine says"), (9, b"unknown id"), (2, b"!" * 70000))
+
+    async def run(piece: int) -> None:
+        stream = ExecStream(tty=False)
+        stream.connection_made(_Transport())
+        _deliver(stream, wire, piece)
+        stream.connection_lost(None)
+        assert stream.started.done()
+        assert await _drain(stream.stdout, 3) == b"hello world"
+        assert await _drain(stream.stderr) == b"oops" + b"engine says" + b"!" * 70000
+
+    for piece in (1, 5, 7, 8, 9, 997, 65536, 1 << 20):
+        asyncio.run(run(piece))
+
+
+def test_tty_stream_is_raw_and_error_status_fails_the_start():
+    """With a TTY the bytes after the upgrade are output as they are; a 409 is an error."""
+    async def run() -> None:
+        stream = ExecStream(tty=True)
+        stream.connection_made(_Transport())
+        _deliver(stream, UPGRADED + HEADER.pack(1, 5) + b"raw", 4)
+        stream.connection_lost(None)
+        assert await _drain(stream.stdout) == HEADER.pack(1, 5) + b"raw"
+        refused = ExecStream(tty=False)
+        transport = _Transport()
+        refused.connection_made(transport)
+        body = b'{"message":"container abc is not running"}'
+        _deliver(refused, b"HTTP/1.1 409 Conflict\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body, 20)
+        with pytest.raises(EngineError) as caught:
+            await refused.started
+        assert caught.value.status == 409 and "not running" in caught.value.explanation
+        assert transport.closed
+
+    asyncio.run(run())
+
+
+def test_unread_output_pauses_the_engine_connection():
+    """Past the high-water mark reading stops (the command blocks); draining resumes it."""
+    async def run() -> None:
+        stream = ExecStream(tty=False)
+        transport = _Transport()
+        stream.connection_made(transport)
+        chunk = _frames((1, b"x" * 60000))
+        _deliver(stream, UPGRADED, 1 << 20)
+        while not transport.paused:
+            _deliver(stream, chunk, 1 << 20)
+        assert len(stream.stdout.data) > HIGH_WATER
+        while transport.paused:
+            assert await stream.stdout.read(1 << 20)
+        assert not transport.paused
+
+    asyncio.run(run())
+
+
+def test_engine_responses_with_length_chunks_or_neither():
+    """Responses are read whole: Content-Length, chunked, or to EOF (then not kept alive)."""
+    async def parse(raw: bytes):
+        reader = asyncio.StreamReader()
+        reader.feed_data(raw)
+        reader.feed_eof()
+        return await read_response(reader)
+
+    async def run() -> None:
+        response, kept = await parse(b"HTTP/1.1 201 Created\r\nContent-Length: 10\r\n\r\n"
+                                     b'{"Id":"x"}')
+        assert response.status == 201 and kept and response.body == b'{"Id":"x"}'
+        response, kept = await parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                     b"3\r\n{\"a\r\n5;x=y\r\n\":1}\n\r\n0\r\n\r\n")
+        assert response.json() == {"a": 1} and kept
+        response, kept = await parse(b"HTTP/1.0 200 OK\r\n\r\nto the end")
+        assert response.body == b"to the end" and not kept
+
+    asyncio.run(run())
+    assert parse_head(b"HTTP/1.1 101 UPGRADED\r\nUpgrade: tcp") == (101, {"upgrade": "tcp"})
+    with pytest.raises(ConnectionError):
+        parse_head(b"SSH-2.0-OpenSSH\r\n")
 
 
 def test_start_failures_map_to_shell_codes():

@@ -1,8 +1,10 @@
 """Docker runner: containers as instances (adopted by label or run from config), exec in them.
 
-The docker SDK is synchronous: every call runs on this runner's own thread pool, and the
-engine's event stream is read on one thread and handed to the event loop, so the loop
-never blocks and the registry follows a container within moments of a change.
+The docker SDK is synchronous: its calls (listing, creating, events) run on this runner's
+own thread pool, and the engine's event stream is read on one thread and handed to the
+event loop, so the loop never blocks and the registry follows a container within moments
+of a change. Execs, on every session's setup and data path, skip the SDK: engine_api.py
+speaks to the engine's socket from the loop itself.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from weakref import WeakValueDictionary
 
 import docker
-from docker.errors import APIError, DockerException
+from docker.errors import DockerException
 from docker.errors import NotFound as DockerNotFound
 from rune.agent.config import AgentConfig, DockerService
 from rune.agent.registry import Registry
 from rune.agent.runners.docker_exec import DockerExecution
+from rune.agent.runners.engine_api import EngineAPI, EngineError, engine_url
+from rune.agent.runners.engine_stream import start_exec
 
 from rune.errors import NotFound, NotRunning, Unavailable
 from rune.models import INSTANCE_MARK, ExecOpen, InstanceInfo
@@ -65,6 +69,7 @@ class DockerRunner:
         self.registry = registry
         self._pool = ThreadPoolExecutor(self.settings.threads, thread_name_prefix="docker")
         self.client: docker.APIClient | None = None
+        self.api: EngineAPI | None = None  # exec calls, on the event loop
         self.containers: dict[str, str] = {}  # registry key → container id
         self._infos: dict[str, InstanceInfo] = {}  # container id → what was published
         self._managed: dict[str, str] = {}  # container id → registry key, run from config
@@ -85,7 +90,9 @@ class DockerRunner:
             self.client = await self._call(engine_client, self.settings.base_url,
                                            self.settings.threads + 2)
             await self._call(self.client.ping)
-        except DockerException as exc:
+            self.api = EngineAPI(engine_url(self.settings.base_url))
+            await self.api.negotiate()
+        except (DockerException, OSError, EngineError) as exc:
             raise ConnectionError(f"docker engine not reachable: {exc}") from exc
         await self._open_events()
         await self._adopt_running()
@@ -106,6 +113,8 @@ class DockerRunner:
                 await self.registry.remove(info)
                 self._infos.pop(cid, None)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.api is not None:
+            self.api.close()
 
     # --- the engine's event stream ----------------------------------------------------
     def _filters(self) -> dict:
@@ -279,35 +288,45 @@ class DockerRunner:
         cid = self.containers.get(instance.key)
         if cid is None:
             raise NotFound(f"instance {instance.instance_id} is not a container of this agent")
-        env = dict(request.env)
-        if request.tty:
-            env.setdefault("TERM", "xterm-256color")
+        began = time.perf_counter()
         try:
-            # request.user is who asked (for audit), not an account in the container: the
-            # command runs as the container's own user, as with `docker exec` without -u.
-            created = await self._call(
-                self.client.exec_create, cid, request.argv, stdout=True, stderr=True,
-                stdin=True, tty=request.tty, environment=env,
-                workdir=request.workdir or None)  # request.user is who asked, not a uid
-            exec_id = created["Id"]
-            sockio = await self._call(self.client.exec_start, exec_id, tty=request.tty,
-                                      socket=True)
-        except APIError as exc:
-            if exc.status_code in (404, 409):
+            exec_id = await self.api.exec_create(cid, self._exec_spec(request))
+            created = time.perf_counter()
+            stream = await start_exec(self.api, exec_id, request.tty)
+        except EngineError as exc:
+            if exc.status in (404, 409):
                 raise NotRunning(f"instance {instance.instance_id} is not running: "
                                  f"{exc.explanation}") from exc
             raise Unavailable(f"docker engine refused the exec: {exc.explanation}") from exc
-        except DockerException as exc:
+        except (OSError, TimeoutError) as exc:
             raise Unavailable(f"docker engine not reachable: {exc}") from exc
-        execution = DockerExecution(
-            exec_id, sockio, request.tty,
-            inspect=functools.partial(self._call, self.client.exec_inspect, exec_id),
-            resize=lambda width, height: self._call(self.client.exec_resize, exec_id,
-                                                    height=height, width=width))
+        started = time.perf_counter()
+        execution = DockerExecution(exec_id, stream, self.api)
         self._execs[exec_id] = execution
-        if exec_id in self._died:  # a quick command can end before its exec_start returns
+        if exec_id in self._died:  # a quick command can end before its exec start returns
             execution.exec_died(self._died.pop(exec_id))
-        if request.tty:
-            # Applied before the session starts, so the first keystroke meets the right size.
+        if request.tty and not self.api.console_size_at_create:
+            # Before API 1.42 (Engine 23) the size can only follow the start, as with
+            # `docker exec -t`; done before the session starts, so that the first keystroke
+            # meets the right size (the command's very first output may still see 80x24).
             await execution.initial_size(request.width, request.height)
+        log.debug("exec %s: create %.1f ms, start %.1f ms, size %.1f ms", exec_id[:12],
+                  1000 * (created - began), 1000 * (started - created),
+                  1000 * (time.perf_counter() - started))
         return execution
+
+    def _exec_spec(self, request: ExecOpen) -> dict:
+        env = dict(request.env)
+        if request.tty:
+            env.setdefault("TERM", "xterm-256color")
+        # request.user is who asked (for audit), not an account in the container: the
+        # command runs as the container's own user, as with `docker exec` without -u.
+        spec = {"AttachStdin": True, "AttachStdout": True, "AttachStderr": True,
+                "Tty": request.tty, "Cmd": request.argv,
+                "Env": [f"{key}={value}" for key, value in env.items()]}
+        if request.workdir:
+            spec["WorkingDir"] = request.workdir
+        if request.tty and self.api.console_size_at_create and request.width > 0 \
+                and request.height > 0:
+            spec["ConsoleSize"] = [request.height, request.width]
+        return spec

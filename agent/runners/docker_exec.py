@@ -1,7 +1,10 @@
-"""One command run through the Engine's exec API, over its hijacked socket, without blocking.
+"""One command run through the Engine's exec API, its stream read on the event loop.
 
-The engine has no call to signal an exec, so signals and kills go to the exec's process on
-the host (its PID from the exec's inspect); the agent runs as root in the host's PID space.
+Output comes through the exec's own connection (engine_stream.ExecStream); the exit code
+from the engine's `exec_die` event, or from one inspect once the output has ended. The
+engine has no call to signal an exec, so signals and kills go to the exec's process on
+the host (its PID from the exec's inspect, asked for only when needed); the agent runs as
+root in the host's PID space.
 """
 
 from __future__ import annotations
@@ -11,64 +14,18 @@ import logging
 import os
 import re
 import signal
-import socket
-import struct
-from collections.abc import Awaitable, Callable
 
-from rune import frames
+from rune.agent.runners.engine_api import EngineAPI
+from rune.agent.runners.engine_stream import ExecStream
 
 log = logging.getLogger(__name__)
 
-HEADER = struct.Struct(">BxxxI")  # stream id (0 stdin, 1 stdout, 2 stderr, 3 engine error), size
-RECV_SIZE = frames.MAX_DATA
-QUEUED_CHUNKS = 4  # per stream: with the reader stopped, the engine stops the command's writes
 START_FAILED = b"OCI runtime exec failed"
-PID_TRIES = 100
+EVENT_GRACE = 0.05  # after EOF, how long exec_die may take before one inspect asks instead
+EXIT_TRIES = 8  # inspects after EOF if neither event nor inspect told (engine events down)
+PID_TRIES = 50
 RESIZE_TRIES = 5
-
-Inspect = Callable[[], Awaitable[dict]]
-Resize = Callable[[int, int], Awaitable[None]]
-
-
-class _Output:
-    """One output stream: a few chunks queued, read back in pieces of at most n bytes."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUED_CHUNKS)
-        self.pending: bytes | memoryview = b""
-        self.eof = False
-
-    async def read(self, n: int) -> bytes:
-        if not self.pending:
-            if self.eof:
-                return b""
-            chunk = await self.queue.get()
-            if chunk is None:
-                self.eof = True
-                return b""
-            if len(chunk) <= n:
-                return chunk
-            self.pending = memoryview(chunk)
-        data, self.pending = bytes(self.pending[:n]), self.pending[n:]
-        return data
-
-
-def _demux(state: list, data: bytes, out: dict[int, list]) -> None:
-    """Splits engine frames (header, payload) across reads; state: [header, stream, left]."""
-    view = memoryview(data)
-    while view:
-        if state[2] == 0:
-            need = HEADER.size - len(state[0])
-            state[0] += view[:need]
-            view = view[need:]
-            if len(state[0]) == HEADER.size:
-                state[1], state[2] = HEADER.unpack(state[0])
-                state[0] = b""
-            continue
-        piece = view[:state[2]]
-        view = view[len(piece):]
-        state[2] -= len(piece)
-        out.setdefault(state[1], []).append(piece)
+_background: set[asyncio.Task] = set()  # kills outliving their execution's close()
 
 
 def start_failure_code(message: str) -> int:
@@ -127,96 +84,63 @@ def _kill(pid: int, signum: int, group: bool) -> None:
         pass
 
 
-class DockerExecution:
-    """An exec's I/O over the raw socket; exit from the engine's exec_die event or inspect."""
 
-    def __init__(self, exec_id: str, sockio: object, tty: bool, inspect: Inspect,
-                 resize: Resize) -> None:
+
+class DockerExecution:
+    """An exec's I/O over its own connection; exit from the exec_die event or inspect."""
+
+    def __init__(self, exec_id: str, stream: ExecStream, api: EngineAPI) -> None:
         self.exec_id = exec_id
-        self.tty = tty
+        self.tty = stream.tty
         self.pid = 0
-        self._sockio = sockio  # holds the HTTP response that owns the socket
-        self._sock: socket.socket = sockio._sock
-        self._sock.setblocking(False)
-        self._inspect = inspect
-        self._resize = resize
+        self._stream = stream
+        self._api = api
         self._loop = asyncio.get_running_loop()
         self._exit: asyncio.Future[tuple[int, int]] = self._loop.create_future()
-        self._streams = {1: _Output(), 2: _Output()}
+        self._start_checked = asyncio.Event()
+        self._start_message = b""
         self._pending_signals: list[int] = []
+        self._pid_lookup: asyncio.Task | None = None
         self._killed_by = 0
         self._size: tuple[int, int] | None = None
         self._resizing: asyncio.Task | None = None
-        self._tasks = [self._loop.create_task(self._read()),
-                       self._loop.create_task(self._learn_pid())]
+        self._tasks = [self._loop.create_task(self._exit_after_eof())]
 
     # --- output -----------------------------------------------------------------------
     async def read_stdout(self, n: int) -> bytes:
-        return await self._streams[1].read(n)
+        data = await self._stream.stdout.read(n)
+        if not self._start_checked.is_set():
+            try:
+                if data.startswith(START_FAILED):
+                    message = await self._start_failed(data)
+                    if message is not None:
+                        if self.tty:
+                            return message
+                        self._start_message = message
+                        return b""
+            finally:
+                self._start_checked.set()
+        return data
 
     async def read_stderr(self, n: int) -> bytes:
-        return await self._streams[2].read(n)
+        data = await self._stream.stderr.read(n)
+        if data:
+            return data
+        await self._start_checked.wait()  # a failed start's message goes out on stderr
+        message, self._start_message = self._start_message, b""
+        return message
 
-    async def _read(self) -> None:
-        state: list = [b"", 0, 0]
-        first = True
-        ended = False
-        while not ended:
-            try:
-                data = await self._loop.sock_recv(self._sock, RECV_SIZE)
-            except OSError:
-                data = b""
-            if not data:
-                break
-            data, ended = self._more(data)
-            out: dict[int, list] = {}
-            if self.tty:
-                out[1] = [data]
-            else:
-                _demux(state, data, out)
-            if first and out:
-                first = False
-                if await self._start_failed(out):
-                    continue
-            for stream, pieces in out.items():
-                if stream in (1, 2, 3):  # 3: the engine's own error text, shown as stderr
-                    chunk = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-                    await self._streams[min(stream, 2)].queue.put(bytes(chunk))
-        for output in self._streams.values():
-            await output.queue.put(None)
-        await self._exit_from_inspect()
-
-    def _more(self, data: bytes) -> tuple[bytes, bool]:
-        """Adds what else is already readable: few large frames, not one per engine write."""
-        parts, total, ended = [data], len(data), False
-        while total < RECV_SIZE:
-            try:
-                more = self._sock.recv(RECV_SIZE - total)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                ended = True
-                break
-            if not more:
-                ended = True
-                break
-            parts.append(more)
-            total += len(more)
-        return (data if len(parts) == 1 else b"".join(parts)), ended
-
-    async def _start_failed(self, out: dict[int, list]) -> bool:
+    async def _start_failed(self, text: bytes) -> bytes | None:
         """The engine writes a failed start (no such command…) as output: make it 127/126."""
-        text = b"".join(out.get(1, ()))
-        if not text.startswith(START_FAILED):
-            return False
-        info = await self._inspect()
+        try:
+            info = await self._api.exec_inspect(self.exec_id)
+        except Exception:
+            return None
         if info.get("Pid"):
-            return False  # the command itself printed that
+            return None  # the command itself printed that
         reason = _short_reason(text.decode(errors="replace"))
-        message = f"rune: {reason}\n".encode()
-        await self._streams[1 if self.tty else 2].queue.put(message)
         self._finish(start_failure_code(reason), 0)
-        return True
+        return f"rune: {reason}\n".encode()
 
     # --- exit -------------------------------------------------------------------------
     def exec_died(self, code: int) -> None:
@@ -230,39 +154,38 @@ class DockerExecution:
             sig = self._killed_by
         self._exit.set_result((code, sig))
 
-    async def _exit_from_inspect(self) -> None:
-        """The output ended: unless an event already told, the exec's inspect does."""
-        for _ in range(PID_TRIES):
-            if self._exit.done():
-                return
+    async def _exit_after_eof(self) -> None:
+        """The output ended: exec_die normally follows within moments, else inspect tells."""
+        await self._stream.ended
+        delay = EVENT_GRACE
+        for _ in range(EXIT_TRIES):
             try:
-                info = await self._inspect()
+                await asyncio.wait_for(asyncio.shield(self._exit), delay)
+                return
+            except TimeoutError:
+                pass
+            try:
+                info = await self._api.exec_inspect(self.exec_id)
             except Exception as exc:
                 log.warning("exec %s: inspect failed: %s", self.exec_id[:12], exc)
                 return
             if not info.get("Running") and info.get("ExitCode") is not None:
                 self._finish(int(info["ExitCode"]), 0)
                 return
-            await asyncio.sleep(0.05)  # exec_die normally arrives first; this is the fallback
+            delay = min(delay * 4, 5.0)
 
     async def wait(self) -> tuple[int, int]:
         return await asyncio.shield(self._exit)
 
     # --- input ------------------------------------------------------------------------
     async def write_stdin(self, data: bytes) -> None:
-        try:
-            await self._loop.sock_sendall(self._sock, data)
-        except OSError:
-            pass  # the command closed its stdin; what it did not read is gone, as with ssh
+        await self._stream.write(data)
 
     async def close_stdin(self) -> None:
         if self.tty:
             await self.write_stdin(b"\x04")  # VEOF, what Ctrl+D sends
-            return
-        try:
-            self._sock.shutdown(socket.SHUT_WR)  # the engine closes the command's stdin
-        except OSError:
-            pass
+        else:
+            self._stream.write_eof()  # the engine closes the command's stdin
 
     def resize(self, width: int, height: int) -> None:
         if not self.tty or width <= 0 or height <= 0:
@@ -272,6 +195,7 @@ class DockerExecution:
             self._resizing = self._loop.create_task(self._apply_size())
 
     async def initial_size(self, width: int, height: int) -> None:
+        """Engines before API 1.42 take no size at create: resize right after start."""
         if self.tty and width > 0 and height > 0:
             self._size = (width, height)
             self._resizing = self._loop.create_task(self._apply_size())
@@ -283,7 +207,7 @@ class DockerExecution:
         while self._size != applied:
             size = self._size
             try:
-                await self._resize(*size)
+                await self._api.exec_resize(self.exec_id, *size)
                 applied = size
             except Exception as exc:
                 # Right after start the engine may not have the process yet: retry, bounded.
@@ -291,32 +215,49 @@ class DockerExecution:
                 if failures >= RESIZE_TRIES or self._exit.done():
                     log.debug("exec %s: resize failed: %s", self.exec_id[:12], exc)
                     return
-                await asyncio.sleep(0.02 * 2 ** failures)
+                await asyncio.sleep(0.01 * 2 ** failures)
 
     # --- signals ----------------------------------------------------------------------
-    async def _learn_pid(self) -> None:
-        for _ in range(PID_TRIES):
+    async def _learn_pid(self) -> int:
+        """The exec's host PID, asked of the engine once, when a signal first needs it."""
+        if not self.pid:
+            if self._pid_lookup is None:
+                self._pid_lookup = self._loop.create_task(self._inspect_pid())
+            await asyncio.shield(self._pid_lookup)
+        return self.pid
+
+    async def _inspect_pid(self) -> None:
+        for attempt in range(PID_TRIES):
             try:
-                info = await self._inspect()
+                info = await self._api.exec_inspect(self.exec_id)
             except Exception:
                 return
             if info.get("Pid"):
                 self.pid = int(info["Pid"])
-                for signum in self._pending_signals:
-                    self.signal(signum)
-                self._pending_signals.clear()
                 return
             if self._exit.done() or (info.get("ExitCode") is not None
                                      and not info.get("Running")):
                 return
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(min(0.005 * (attempt + 1), 0.05))  # not started yet
 
     def signal(self, signum: int) -> None:
-        if not self.pid:
-            self._pending_signals.append(signum)
-            return
         if self._exit.done():
             return
+        if self.pid and not self._pending_signals:
+            self._send(signum)
+            return
+        self._pending_signals.append(signum)
+        if len(self._pending_signals) == 1:
+            self._tasks.append(self._loop.create_task(self._deliver_pending()))
+
+    async def _deliver_pending(self) -> None:
+        await self._learn_pid()
+        pending, self._pending_signals = self._pending_signals, []
+        for signum in pending:
+            if self.pid and not self._exit.done():
+                self._send(signum)
+
+    def _send(self, signum: int) -> None:
         if self.tty:
             _kill(foreground_group(self.pid), signum, group=True)
         else:
@@ -331,7 +272,7 @@ class DockerExecution:
 
     async def terminate(self, grace: float) -> None:
         first = signal.SIGHUP if self.tty else signal.SIGTERM
-        if self.pid:
+        if not self._exit.done() and await self._learn_pid():
             _kill(self.pid, first, group=True)
             _kill(self.pid, signal.SIGCONT, group=True)
             try:
@@ -341,26 +282,21 @@ class DockerExecution:
         await self.kill()
 
     async def kill(self) -> None:
-        if not self.pid and not self._exit.done():
-            await self._learn_pid_now()
+        if not self._exit.done():
+            await self._learn_pid()
         self._killed_by = signal.SIGKILL
         self._kill_tree()
 
-    async def _learn_pid_now(self) -> None:
-        try:
-            self.pid = int((await self._inspect()).get("Pid") or 0)
-        except Exception:
-            pass
-
     def close(self) -> None:
         if not self._exit.done():
-            self._kill_tree()
+            if self.pid:
+                self._kill_tree()
+            else:  # never signalled, so never looked up: look up, then kill
+                task = self._loop.create_task(self.kill())
+                _background.add(task)
+                task.add_done_callback(_background.discard)
         elif self.pid:
             _kill(self.pid, signal.SIGKILL, group=True)  # background children of the command
         for task in self._tasks:
             task.cancel()
-        try:
-            self._sock.close()
-            self._sockio.close()
-        except OSError:
-            pass
+        self._stream.close()
