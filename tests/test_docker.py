@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import subprocess
@@ -147,3 +148,183 @@ def test_service_run_by_the_agent_is_restarted(rune, docker_stack, docker_engine
                "keeper running again")
     result = rune("exec", "keeper-instance-a1-0", "sh", "-c", "echo $ROLE $RUNE_SERVICE")
     assert result.stdout == b"keeper keeper\n"
+
+
+# --- the process suite's behaviours on a Debian container (GNU coreutils, python3) -------
+
+DEBIAN_IMAGE = "rune-test-debian:bookworm"
+DEB = "deb"  # its service name
+CONSOLE_SIZE_SINCE = (1, 42)
+
+
+@pytest.fixture(scope="module")
+def debian(docker_stack, docker_engine) -> str:
+    """A container of the Debian test image, adopted by the stack's agent; its API version."""
+    from docker.errors import ImageNotFound
+
+    try:
+        docker_engine.client.inspect_image(DEBIAN_IMAGE)
+    except ImageNotFound:
+        reason = f"image {DEBIAN_IMAGE} is missing; run tests/images/build-debian-image.sh"
+        if os.environ.get("RUNE_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"Docker tests are required here (RUNE_REQUIRE_DOCKER=1): {reason}")
+        pytest.skip(reason)
+    created = docker_engine.client.create_container(
+        DEBIAN_IMAGE, ["sleep", "infinity"],
+        labels={**docker_engine.labels, "rune.namespace": "default", "rune.service": DEB},
+        host_config=docker_engine.client.create_host_config(network_mode="none"))
+    docker_engine.client.start(created["Id"])
+    wait_until(lambda: "running" in _states(docker_stack, DEB).values(), "debian adopted")
+    return docker_engine.client.version()["ApiVersion"]
+
+
+def _py(code: str) -> list[str]:
+    return ["python3", "-c", code]
+
+
+def _spawn_tty(stack, *command: str, rows: int = 33, cols: int = 101) -> pexpect.spawn:
+    env = {**os.environ, "RUNE_CONFIG": str(Path(stack.state_dir) / "none.yaml")}
+    return pexpect.spawn(sys.executable, ["-m", "rune.cli.main", "exec", "--api-server",
+                                          stack.api_address, "-t", DEB, *command],
+                         cwd=str(ROOT), env=env, dimensions=(rows, cols), timeout=30)
+
+
+def test_debian_exit_codes_and_signal_death(rune, debian):
+    """The command's exit code is the CLI's; death by SIGKILL is 137."""
+    assert rune("exec", DEB, *_py("import sys; sys.exit(7)")).returncode == 7
+    assert rune("exec", DEB, *_py("import os; os.kill(os.getpid(), 9)")).returncode == 137
+    assert rune("exec", DEB, "true").returncode == 0
+
+
+def test_debian_missing_and_unexecutable_commands(rune, debian):
+    """Missing: 127; not executable or a missing workdir: 126; each with a message."""
+    missing = rune("exec", DEB, "no-such-command-xyz")
+    assert missing.returncode == 127 and b"no-such-command-xyz" in missing.stderr
+    assert rune("exec", DEB, "/etc/passwd").returncode == 126
+    workdir = rune("exec", "--workdir", "/no/such/dir", DEB, "pwd")
+    assert workdir.returncode == 126 and b"/no/such/dir" in workdir.stderr
+
+
+def test_debian_stderr_stays_apart_under_volume(rune, debian):
+    """Megabytes written to stdout and stderr in turns arrive apart and byte-exact."""
+    code = ("import os\nfor i in range(64):\n"
+            "    os.write(1, b'o' * 65536)\n    os.write(2, bytes([97 + i % 26]) * 40000)\n")
+    result = rune("exec", DEB, *_py(code), timeout=120)
+    assert result.returncode == 0
+    assert result.stdout == b"o" * 65536 * 64
+    assert result.stderr == b"".join(bytes([97 + i % 26]) * 40000 for i in range(64))
+
+
+def test_debian_stdin_eof_half_closes(rune, debian):
+    """stdin's EOF reaches the command, whose output after it still comes back."""
+    code = ("import sys, hashlib\ndata = sys.stdin.buffer.read()\n"
+            "print(len(data), hashlib.sha256(data).hexdigest())\nprint('after eof')")
+    data = os.urandom(300_000)
+    result = rune("exec", DEB, *_py(code), input=data)
+    expected = f"{len(data)} {hashlib.sha256(data).hexdigest()}\nafter eof\n".encode()
+    assert result.stdout == expected and result.returncode == 0
+
+
+def test_debian_env_and_workdir(rune, debian):
+    """--env adds variables (values may hold '='), --workdir sets the directory."""
+    result = rune("exec", "--env", "A=1", "--env", "B=x=y", "--workdir", "/usr/share", DEB,
+                  *_py("import os; print(os.environ['A'], os.environ['B'], os.getcwd())"))
+    assert result.stdout == b"1 x=y /usr/share\n"
+
+
+def test_debian_trailing_output_is_kept(rune, debian):
+    """GNU head's 3 MB written right before exit all arrive, with the exit code."""
+    result = rune("exec", DEB, "sh", "-c", "head -c 3000000 /dev/zero; exit 3")
+    assert len(result.stdout) == 3_000_000 and result.returncode == 3
+
+
+def test_debian_50mb_stdin_round_trip(rune, debian):
+    """50 MB of random bytes through cat come back unchanged, and sha256sum inside agrees."""
+    data = os.urandom(50 * 1024 * 1024)
+    digest = hashlib.sha256(data).hexdigest()
+    echoed = rune("exec", DEB, "cat", input=data, timeout=180)
+    assert echoed.returncode == 0 and hashlib.sha256(echoed.stdout).hexdigest() == digest
+    inside = rune("exec", DEB, "sha256sum", input=data, timeout=180)
+    assert inside.stdout.split()[0].decode() == digest
+
+
+def test_debian_tty_size_from_the_first_byte(docker_stack, debian):
+    """Engines with API >= 1.42 get the size at create: the command's first look sees it."""
+    if tuple(int(x) for x in debian.split(".")) < CONSOLE_SIZE_SINCE:
+        pytest.skip(f"Engine API {debian} takes no ConsoleSize at exec create (1.42+); the "
+                    "size follows the start, as with docker exec -t")
+    child = _spawn_tty(docker_stack, "stty", "size")
+    try:
+        child.expect(r"33 101")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+
+
+def test_debian_tty_size_is_set_before_the_first_keystroke(docker_stack, debian):
+    """Even where the size follows the start, it is in place before any input arrives."""
+    child = _spawn_tty(docker_stack, *_py(
+        "import os, sys; sys.stdin.readline(); s = os.get_terminal_size(); "
+        "print('size', s.lines, s.columns)"))
+    try:
+        child.sendline("go")
+        child.expect(r"size 33 101")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+
+
+def test_debian_tty_resize_reaches_the_command(docker_stack, debian):
+    """A local resize becomes SIGWINCH and the new size in the container."""
+    child = _spawn_tty(docker_stack, *_py(
+        "import os, signal, sys\n"
+        "def show(*_):\n    s = os.get_terminal_size(); print('now', s.lines, s.columns, "
+        "flush=True)\n"
+        "signal.signal(signal.SIGWINCH, show)\nprint('ready', flush=True)\n"
+        "sys.stdin.readline()"))
+    try:
+        child.expect("ready")
+        child.setwinsize(47, 133)
+        child.expect(r"now 47 133")
+        child.sendline("")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+
+
+def test_debian_signal_reaches_a_python_handler(rune, debian):
+    """SIGTERM to the CLI reaches the command's handler, whose exit code comes back."""
+    code = ("import signal, sys, time\n"
+            "def done(*_):\n    print('got TERM', flush=True); sys.exit(3)\n"
+            "signal.signal(signal.SIGTERM, done)\nprint('ready', flush=True)\n"
+            "while True: time.sleep(0.1)")
+    proc = rune.popen("exec", DEB, *_py(code), stdout=subprocess.PIPE,
+                      stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stdout.read() == b"got TERM\n"
+        assert proc.wait(timeout=30) == 3
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_debian_timeout_kills_the_command(rune, debian):
+    """--timeout ends with 124 and the command is gone from the host's process table."""
+    marker = f"rune-timeout-{os.getpid()}-{time.monotonic_ns()}"
+    result = rune("exec", DEB, "--timeout", "1s", *_py("import time; time.sleep(60)"), marker)
+    assert result.returncode == 124 and "timed out" in result.stderr.decode()
+    wait_until(lambda: subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout
+               == b"", "the timed-out command gone", timeout=10)
+
+
+def test_debian_exec_into_a_removed_container_and_the_agent_lives_on(rune, docker_stack,
+                                                                     docker_engine, debian):
+    """A container removed behind the agent's back refuses execs; the others still work."""
+    cid = docker_engine.run({"rune.namespace": "default", "rune.service": "doomed"})
+    wait_until(lambda: "running" in _states(docker_stack, "doomed").values(), "adopted")
+    docker_engine.client.remove_container(cid, force=True)
+    result = rune("exec", "doomed", "true")
+    assert result.returncode == 255 and result.stderr.startswith(b"Error: ")
+    assert rune("exec", DEB, "echo", "still here").stdout == b"still here\n"
