@@ -21,6 +21,8 @@ from rune.agent.runners.engine_stream import ExecStream
 log = logging.getLogger(__name__)
 
 START_FAILED = b"OCI runtime exec failed"
+ENGINE_START_FAILED = 126  # the exit code the engine gives any exec that did not start
+START_CHECK_WAIT = 2.0
 EVENT_GRACE = 0.05  # after EOF, how long exec_die may take before one inspect asks instead
 EXIT_TRIES = 8  # inspects after EOF if neither event nor inspect told (engine events down)
 PID_TRIES = 50
@@ -99,6 +101,7 @@ class DockerExecution:
         self._exit: asyncio.Future[tuple[int, int]] = self._loop.create_future()
         self._start_checked = asyncio.Event()
         self._start_message = b""
+        self._start_status: tuple[int, int] | None = None
         self._pending_signals: list[int] = []
         self._pid_lookup: asyncio.Task | None = None
         self._killed_by = 0
@@ -139,7 +142,8 @@ class DockerExecution:
         if info.get("Pid"):
             return None  # the command itself printed that
         reason = _short_reason(text.decode(errors="replace"))
-        self._finish(start_failure_code(reason), 0)
+        self._start_status = (start_failure_code(reason), 0)
+        self._finish(*self._start_status)
         return f"rune: {reason}\n".encode()
 
     # --- exit -------------------------------------------------------------------------
@@ -175,7 +179,14 @@ class DockerExecution:
             delay = min(delay * 4, 5.0)
 
     async def wait(self) -> tuple[int, int]:
-        return await asyncio.shield(self._exit)
+        status = await asyncio.shield(self._exit)
+        if status[0] == ENGINE_START_FAILED and not self._start_checked.is_set():
+            # The engine says 126 for any failed start; the output tells 127 from 126.
+            try:
+                await asyncio.wait_for(self._start_checked.wait(), START_CHECK_WAIT)
+            except TimeoutError:
+                pass
+        return self._start_status or status
 
     # --- input ------------------------------------------------------------------------
     async def write_stdin(self, data: bytes) -> None:
