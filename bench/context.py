@@ -10,6 +10,7 @@ from pathlib import Path
 from rune.cli.devstack import Stack
 
 from bench.dockerbox import DockerBox
+from bench.producer import Producer
 from bench.sshd import Sshd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,8 +45,10 @@ class BenchContext:
     sizes: Sizes
     sshd: Sshd | None = None
     sshd_reason: str = ""
-    docker: DockerBox | None = None
+    docker: DockerBox | None = None  # adopted by the bench's agent: rune's container target
     docker_reason: str = ""
+    producer: Producer | None = None
+    producer_reason: str = ""
     target: str = TARGET
     agent_id: str = "bench"
     extra: dict = field(default_factory=dict)

@@ -6,6 +6,8 @@ import os
 import shutil
 import subprocess
 
+from bench.producer import IN_CONTAINER, Producer
+
 IMAGE = "rune-test-busybox:latest"
 SERVICE = "dockerbox"  # the container's service name for rune
 
@@ -42,6 +44,15 @@ class DockerBox:
             raise DockerUnavailable(f"docker run {self.image} failed: "
                                     f"{run.stderr.decode().strip()[-300:]}")
         self.started = True
+
+    def install(self, producer: Producer) -> None:
+        """Copies the static producer into the container: docker exec runs the same code."""
+        done = subprocess.run(["docker", "cp", str(producer.host_path),
+                               f"{self.name}:{IN_CONTAINER}"], capture_output=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise DockerUnavailable(f"docker cp of the producer failed: "
+                                    f"{done.stderr.decode().strip()[-300:]}")
 
     def argv(self, *command: str, tty: bool = False) -> list[str]:
         return ["docker", "exec", *(["-t"] if tty else []), self.name, *command]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -17,6 +18,7 @@ from rune.cli.devstack import Stack, free_port
 from bench import report, rows
 from bench.context import BenchContext, Sizes
 from bench.dockerbox import DockerBox, DockerUnavailable
+from bench.producer import ProducerUnavailable, build
 from bench.sshd import Sshd, SshdUnavailable
 
 AGENT_ID = "bench"
@@ -37,8 +39,12 @@ def bench_context(sizes: Sizes, quick: bool, keep: bool = False) -> Iterator[Ben
         stack.start_nats()
         cap = max(sizes.sessions) + 100  # the idle-session rows hold this many open
         stack.start_apiserver({"limits": {"max_sessions_per_agent": cap}})
-        stack.start_agent(AGENT_ID, SERVICES, {"max_sessions": cap})
         _start_baselines(ctx)
+        extra: dict = {"max_sessions": cap}
+        if ctx.docker:  # the agent also owns the baseline's container: rune's container target
+            extra["docker"] = {"enabled": True, "match_labels": {"rune.bench": ctx.docker.name}}
+        stack.start_agent(AGENT_ID, SERVICES, extra,
+                          wait_running=len(SERVICES) + (1 if ctx.docker else 0))
         yield ctx
     finally:
         _stop_baselines(ctx)
@@ -59,6 +65,10 @@ def standalone(run: Callable[[BenchContext], object], sizes: Sizes) -> None:
 
 
 def _start_baselines(ctx: BenchContext) -> None:
+    try:
+        ctx.producer = build(ctx.workdir)
+    except (ProducerUnavailable, OSError, subprocess.SubprocessError) as exc:
+        ctx.producer_reason = str(exc)
     sshd = Sshd(ctx.workdir)
     try:
         sshd.start()
@@ -68,6 +78,8 @@ def _start_baselines(ctx: BenchContext) -> None:
     docker = DockerBox()
     try:
         docker.start()
+        if ctx.producer:
+            docker.install(ctx.producer)
         ctx.docker = docker
     except (DockerUnavailable, OSError) as exc:
         docker.stop()

@@ -1,46 +1,71 @@
-"""Section 2: stdout throughput of a big stream, non-TTY and TTY, rune beside its baselines."""
+"""Section 2: stdout throughput of a big stream, non-TTY and TTY, rune beside its baselines.
+
+Every contender runs the same static producer (bench/producer.c): rune into a process
+instance, ssh and the local pipe run it on the host; rune into the container and
+`docker exec` run the copy inside the bench's container. Each rune row is the reference of
+the baseline doing the same work: ssh and the local floor against rune into a process,
+`docker exec` against rune into the container.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from bench import rows
 from bench.context import BenchContext
+from bench.dockerbox import SERVICE
 from bench.procs import drain, drain_local_pty
 
 SECTION = "2. stdout throughput"
+Contender = tuple[str, str, Callable[[], float] | None, str | None, str | None]
 
 
 def run(ctx: BenchContext) -> list[dict]:
     size = ctx.sizes.stream_bytes
-    produce = ["head", "-c", str(size), "/dev/zero"]
     label = _size_label(size)
     out: list[dict] = []
     for tty in (False, True):
-        mode = "TTY" if tty else "non-TTY"
-        rune_id = f"stream.{mode.lower().replace('-', '')}.rune"
-        contenders = [
-            (rune_id, f"rune exec {'-t' if tty else '--no-tty'}, {label} ({mode})",
-             lambda tty=tty: drain(ctx.rune_argv("--tty" if tty else "--no-tty", ctx.target,
-                                                 *produce), size, ctx.env,
-                                   log=ctx.workdir / "rune-cli.log"), None),
-            (f"{rune_id[:-5]}.ssh", f"ssh{' -tt' if tty else ''}, {label} ({mode})",
-             (lambda tty=tty: drain(ctx.sshd.argv(*produce, tty=tty), size)) if ctx.sshd
-             else None, ctx.sshd_reason),
-            (f"{rune_id[:-5]}.docker", f"docker exec{' -t' if tty else ''}, {label} ({mode})",
-             (lambda tty=tty: drain(ctx.docker.argv(*produce, tty=tty), size)) if ctx.docker
-             else None, ctx.docker_reason),
-            (f"{rune_id[:-5]}.local", f"local {'PTY' if tty else 'pipe'}, {label}",
-             (lambda: drain_local_pty(produce, size)) if tty else (lambda: drain(produce, size)),
-             None),
-        ]
-        for row_id, name, measure, reason in contenders:
-            row = _measure(row_id, name, measure, reason, size,
-                           None if row_id == rune_id else rune_id)
+        for row_id, name, measure, reason, ref in _contenders(ctx, tty, size, label):
+            row = _measure(row_id, name, measure, reason, size, ref)
             out.append(row | {"floor": True} if row_id.endswith(".local") else row)
     return out
 
 
-def _measure(row_id: str, name: str, measure: object, reason: str | None, size: int,
-             ref: str | None) -> dict:
+def _contenders(ctx: BenchContext, tty: bool, size: int, label: str) -> list[Contender]:
+    mode = "TTY" if tty else "non-TTY"
+    prefix = f"stream.{mode.lower().replace('-', '')}"
+    flag = "--tty" if tty else "--no-tty"
+    producer = ctx.producer
+    if producer is None:
+        no_producer = f"no static producer: {ctx.producer_reason}"
+        return [(f"{prefix}.{who}", f"{who}, {label} ({mode})", None, no_producer, None)
+                for who in ("rune", "rune_container", "ssh", "docker", "local")]
+    made_by = f"{label} ({mode}), {producer.name}"
+    host, inside = producer.argv(size), producer.container_argv(size)
+    rune_id, container_id = f"{prefix}.rune", f"{prefix}.rune_container"
+    log = ctx.workdir / "rune-cli.log"
+    return [
+        (rune_id, f"rune exec {flag} into a process instance, {made_by} on the host",
+         lambda: drain(ctx.rune_argv(flag, ctx.target, *host), size, ctx.env, log=log),
+         None, None),
+        (container_id, f"rune exec {flag} into a container, {made_by} in the container",
+         (lambda: drain(ctx.rune_argv(flag, SERVICE, *inside), size, ctx.env, log=log))
+         if ctx.docker else None, ctx.docker_reason, None),
+        (f"{prefix}.docker", f"docker exec{' -t' if tty else ''}, same container, {made_by} "
+         "in the container",
+         (lambda: drain(ctx.docker.argv(*inside, tty=tty), size)) if ctx.docker else None,
+         ctx.docker_reason, container_id),
+        (f"{prefix}.ssh", f"ssh{' -tt' if tty else ''} localhost, {made_by} on the host",
+         (lambda: drain(ctx.sshd.argv(*host, tty=tty), size)) if ctx.sshd else None,
+         ctx.sshd_reason, rune_id),
+        (f"{prefix}.local", f"local {'PTY' if tty else 'pipe'}, {made_by}",
+         (lambda: drain_local_pty(host, size)) if tty else (lambda: drain(host, size)),
+         None, rune_id),
+    ]
+
+
+def _measure(row_id: str, name: str, measure: Callable[[], float] | None, reason: str | None,
+             size: int, ref: str | None) -> dict:
     if measure is None:
         return rows.absent(row_id, SECTION, name, rows.SKIPPED, reason or "unavailable")
     try:
