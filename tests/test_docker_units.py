@@ -110,7 +110,7 @@ def test_unread_output_pauses_the_engine_connection():
         _deliver(stream, UPGRADED, 1 << 20)
         while not transport.paused:
             _deliver(stream, chunk, 1 << 20)
-        assert len(stream.stdout.data) > HIGH_WATER
+        assert stream.stdout.size > HIGH_WATER
         while transport.paused:
             assert await stream.stdout.read(1 << 20)
         assert not transport.paused

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections import deque
 
 from rune.agent.runners.engine_api import (
     CALL_TIMEOUT,
@@ -27,20 +28,39 @@ HEADER = struct.Struct(">BxxxI")  # stream id (0 stdin, 1 stdout, 2 stderr, 3 en
 BUFFER_SIZE = 1 << 20
 HIGH_WATER = 2 << 20  # unread bytes of one stream that pause reading
 LOW_WATER = 512 << 10
+CORK_BYTES = 512 << 10
+CORK_WINDOW = 0.002  # seconds
+CORK_AFTER = 8 << 10
 
 
 class Output:
-    """One output stream: what arrived and is not read yet; b'' at EOF."""
+    """One output stream: what arrived and is not read yet; b'' at EOF.
+
+    Pieces are kept as they came (one copy out of the read buffer each) and joined only
+    when read: no buffer that grows and shrinks, which costs page faults at these sizes.
+    A stream in full flow (its last read was CORK_AFTER bytes or more, or came within
+    CORK_WINDOW) is handed out in pieces of CORK_BYTES or what a CORK_WINDOW brings, not
+    one piece per engine write: fewer, larger frames down the whole relay, at most a
+    CORK_WINDOW later. A keystroke's echo is small and never held back.
+    """
 
     def __init__(self, stream: ExecStream) -> None:
         self._stream = stream
-        self.data = bytearray()
+        self.pieces: deque[bytes] = deque()
+        self.size = 0
         self.eof = False
+        self._want = 1  # wake the reader once this many bytes wait
         self._waiter: asyncio.Future[None] | None = None
+        self._last_read = 0.0
+        self._last_size = 0
 
     def feed(self, piece: memoryview | bytes) -> None:
-        self.data += piece
-        self._wake()
+        if not piece:
+            return
+        self.pieces.append(bytes(piece))
+        self.size += len(piece)
+        if self.size >= self._want:
+            self._wake()
 
     def end(self) -> None:
         self.eof = True
@@ -50,23 +70,56 @@ class Output:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    async def _wait(self, want: int, timeout: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        self._want = want
+        self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, self._wake) if timeout is not None else None
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+            self._want = 1
+            if timer is not None:
+                timer.cancel()
+
     async def read(self, n: int) -> bytes:
-        while not self.data:
+        while not self.size:
             if self.eof:
                 return b""
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        if len(self.data) <= n:
-            chunk = bytes(self.data)
-            self.data.clear()
-        else:
-            chunk = bytes(self.data[:n])
-            del self.data[:n]  # cheap: a bytearray drops its head without moving the rest
+            await self._wait(1, None)
+        loop = asyncio.get_running_loop()
+        want = min(n, CORK_BYTES)
+        flowing = self._last_size >= CORK_AFTER or loop.time() - self._last_read < CORK_WINDOW
+        if self.size < want and not self.eof and flowing:
+            await self._wait(want, CORK_WINDOW)
+        self._last_read = loop.time()
+        chunk = self._take(n)
+        self._last_size = len(chunk)
         self._stream.consumed()
         return chunk
+
+    def _take(self, n: int) -> bytes:
+        pieces = self.pieces
+        if len(pieces[0]) >= n or len(pieces) == 1:
+            first = pieces.popleft()
+            if len(first) > n:
+                pieces.appendleft(first[n:])
+                first = first[:n]
+            self.size -= len(first)
+            return first
+        taken, total = [], 0
+        while pieces and total + len(pieces[0]) <= n:
+            piece = pieces.popleft()
+            taken.append(piece)
+            total += len(piece)
+        if pieces and total < n:  # the last piece is split
+            piece = pieces.popleft()
+            taken.append(piece[:n - total])
+            pieces.appendleft(piece[n - total:])
+            total = n
+        self.size -= total
+        return b"".join(taken)
 
 
 class ExecStream(asyncio.BufferedProtocol):
@@ -181,14 +234,14 @@ class ExecStream(asyncio.BufferedProtocol):
 
     # --- flow control -----------------------------------------------------------------
     def _pause_if_full(self) -> None:
-        if not self._paused and (len(self.stdout.data) > HIGH_WATER
-                                 or len(self.stderr.data) > HIGH_WATER):
+        if not self._paused and (self.stdout.size > HIGH_WATER
+                                 or self.stderr.size > HIGH_WATER):
             self._paused = True
             self.transport.pause_reading()
 
     def consumed(self) -> None:
-        if self._paused and len(self.stdout.data) < LOW_WATER \
-                and len(self.stderr.data) < LOW_WATER and not self.transport.is_closing():
+        if self._paused and self.stdout.size < LOW_WATER \
+                and self.stderr.size < LOW_WATER and not self.transport.is_closing():
             self._paused = False
             self.transport.resume_reading()
 
