@@ -8,13 +8,14 @@ from pathlib import Path
 
 from rune.cli.client import ApiClient, ExecOptions, ExecStream, run_command
 
-from bench import rows
+from bench import aio, rows
 from bench.context import BenchContext
 
 SECTION = "5. idle sessions held open"
 STREAMS_PER_CHANNEL = 100  # keeps each HTTP/2 connection under common stream limits
 OPEN_PARALLEL = 16
 IDLE = "sessions.0.setup"
+CLOSE_WAIT = 30.0
 
 
 def rss_kib(pid: int) -> int:
@@ -27,7 +28,7 @@ def rss_kib(pid: int) -> int:
 
 def run(ctx: BenchContext) -> list[dict]:
     try:
-        return asyncio.run(_run(ctx))
+        return aio.run(_run(ctx))
     except Exception as exc:
         return [rows.absent("sessions.error", SECTION, "idle sessions", rows.ERROR,
                             f"{type(exc).__name__}: {exc}")]
@@ -67,6 +68,7 @@ async def _open_up_to(ctx: BenchContext, level: int, held: list[ExecStream],
     async def open_one(client: ApiClient) -> ExecStream:
         async with gate:
             stream = client.exec_stream()
+            held.append(stream)  # closed at the end even when it fails to start
             await stream.start(options)
             return stream
 
@@ -76,7 +78,6 @@ async def _open_up_to(ctx: BenchContext, level: int, held: list[ExecStream],
             clients.append(ApiClient(ctx.api_address))
         pending.append(open_one(clients[index // STREAMS_PER_CHANNEL]))
     results = await asyncio.gather(*pending, return_exceptions=True)
-    held.extend(r for r in results if isinstance(r, ExecStream))
     failures = [r for r in results if isinstance(r, BaseException)]
     if failures:
         raise RuntimeError(f"{len(failures)} of {len(results)} sessions failed to open: "
@@ -102,7 +103,14 @@ async def _setup_samples(ctx: BenchContext, client: ApiClient, n: int) -> list[f
 
 
 async def _close(held: list[ExecStream], clients: list[ApiClient]) -> None:
+    """Cancels every call and waits until each has ended, then closes the channels: a call
+    still ending when its loop closes would print 'Event loop is closed' (see bench/aio.py)."""
     for stream in held:
         stream.cancel()
+    ended = asyncio.gather(*(stream.call.code() for stream in held), return_exceptions=True)
+    try:
+        await asyncio.wait_for(ended, CLOSE_WAIT)
+    except TimeoutError:
+        pass
     for client in clients:
         await client.close()

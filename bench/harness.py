@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from rune.cli.devstack import Stack, free_port
 
-from bench import report, rows
+from bench import aio, report, rows
 from bench.context import BenchContext, Sizes
 from bench.dockerbox import DockerBox, DockerUnavailable
 from bench.producer import ProducerUnavailable, build
@@ -59,7 +58,7 @@ def standalone(run: Callable[[BenchContext], object], sizes: Sizes) -> None:
     with bench_context(sizes, quick=False) as ctx:
         result = run(ctx)
         if inspect.isawaitable(result):
-            result = asyncio.run(result)
+            result = aio.run(result)
     rows.attach_ratios(result)
     print(report.markdown(result, report.meta_for(False, time.monotonic() - began)))
 

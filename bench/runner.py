@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import importlib.util
 import inspect
 import sys
 import time
 
-from bench import rows
+from bench import aio, rows
 from bench.context import BenchContext
 
 # (module in bench/, section title, the rows it promises: shown as "not landed" without it)
@@ -44,7 +43,7 @@ def run_section(name: str, title: str, promised: list[str], ctx: BenchContext) -
             raise RuntimeError(f"bench/{name}.py has no run(ctx)")
         result = run(ctx)
         if inspect.isawaitable(result):
-            result = asyncio.run(result)
+            result = aio.run(result)
         if not isinstance(result, list) or not all(isinstance(r, dict) for r in result):
             raise RuntimeError(f"bench/{name}.py run(ctx) did not return a list of rows")
         return result

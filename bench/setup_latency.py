@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import nats
 from rune.cli.client import ApiClient, ExecOptions, run_command
 
-from bench import rows
+from bench import aio, rows
 from bench.context import BenchContext
 from bench.procs import timed_runs
 
@@ -24,7 +23,7 @@ def run(ctx: BenchContext) -> list[dict]:
         timed_runs(ctx.rune_argv(ctx.target, "true"), ctx.sizes.cli_n, warmup, ctx.env)))]
     out.append(_guard(API, "rune client API round trip (in-process)", lambda: rows.latency(
         API, SECTION, "rune client API round trip (in-process)",
-        asyncio.run(api_round_trips(ctx.api_address, ctx.target, n, warmup)))))
+        aio.run(api_round_trips(ctx.api_address, ctx.target, n, warmup)))))
     if ctx.sshd:
         out.append(_guard("setup.ssh", "`ssh localhost true`", lambda: rows.latency(
             "setup.ssh", SECTION, "`ssh localhost true`",
@@ -41,7 +40,7 @@ def run(ctx: BenchContext) -> list[dict]:
                                rows.SKIPPED, ctx.docker_reason))
     out.append(_guard("setup.nats", "bare NATS request/reply (the floor)", lambda: rows.latency(
         "setup.nats", SECTION, "bare NATS request/reply (the floor)",
-        asyncio.run(nats_round_trips(ctx.stack.nats_url, n, warmup)), ref=API) | {"floor": True}))
+        aio.run(nats_round_trips(ctx.stack.nats_url, n, warmup)), ref=API) | {"floor": True}))
     return out
 
 
