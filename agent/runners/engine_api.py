@@ -135,7 +135,7 @@ class EngineAPI:
             reader, writer = self._idle.pop()
             try:
                 return await self._over(reader, writer, request)
-            except (ConnectionError, asyncio.IncompleteReadError):
+            except ConnectionError:
                 writer.close()  # the engine closed an idle connection: take another
         reader, writer = await self._open()
         return await self._over(reader, writer, request)
@@ -147,6 +147,8 @@ class EngineAPI:
             writer.write(request)
             response, kept = await read_response(reader)
             return response
+        except asyncio.IncompleteReadError as exc:
+            raise ConnectionError("the engine closed the connection mid-response") from exc
         finally:
             if kept and len(self._idle) < IDLE_KEPT:
                 self._idle.append((reader, writer))
