@@ -328,3 +328,34 @@ def test_debian_exec_into_a_removed_container_and_the_agent_lives_on(rune, docke
     result = rune("exec", "doomed", "true")
     assert result.returncode == 255 and result.stderr.startswith(b"Error: ")
     assert rune("exec", DEB, "echo", "still here").stdout == b"still here\n"
+
+
+def test_engine_client_speaks_to_the_real_engine(docker_engine):
+    """The exec client negotiates the API, keeps connections alive and reports HTTP errors."""
+    from rune.agent.runners.engine_api import EngineAPI, EngineError, engine_url
+    from rune.agent.runners.engine_stream import start_exec
+
+    cid = docker_engine.run({"rune.namespace": "default", "rune.service": "client"})
+
+    async def run() -> None:
+        api = EngineAPI(engine_url(None))
+        try:
+            await api.negotiate()
+            assert api.version == docker_engine.client.version()["ApiVersion"]
+            exec_id = await api.exec_create(cid, {"Cmd": ["sh", "-c", "echo hi; echo oops >&2"],
+                                                  "AttachStdout": True, "AttachStderr": True})
+            stream = await start_exec(api, exec_id, tty=False)
+            assert await stream.stdout.read(100) == b"hi\n"
+            assert await stream.stderr.read(100) == b"oops\n"
+            await stream.ended
+            assert (await api.exec_inspect(exec_id))["ExitCode"] == 0
+            assert len(api._idle) == 1  # create and inspect shared one kept-alive connection
+            with pytest.raises(EngineError) as missing:
+                await api.exec_create("no-such-container-xyz", {"Cmd": ["true"]})
+            assert missing.value.status == 404
+            with pytest.raises(EngineError):
+                await start_exec(api, "0" * 64, tty=False)
+        finally:
+            api.close()
+
+    asyncio.run(run())
