@@ -15,6 +15,7 @@ from bench import rows
 from bench.context import BenchContext
 from bench.dockerbox import SERVICE
 from bench.procs import drain, drain_local_pty
+from bench.producer import HOST_HEAD
 
 SECTION = "2. stdout throughput"
 Contender = tuple[str, str, Callable[[], float] | None, str | None, str | None]
@@ -35,11 +36,10 @@ def _contenders(ctx: BenchContext, tty: bool, size: int, label: str) -> list[Con
     mode = "TTY" if tty else "non-TTY"
     prefix = f"stream.{mode.lower().replace('-', '')}"
     flag = "--tty" if tty else "--no-tty"
-    producer = ctx.producer
-    if producer is None:
-        no_producer = f"no static producer: {ctx.producer_reason}"
-        return [(f"{prefix}.{who}", f"{who}, {label} ({mode})", None, no_producer, None)
-                for who in ("rune", "rune_container", "ssh", "docker", "local")]
+    producer = ctx.producer or HOST_HEAD
+    in_container = ctx.docker if ctx.producer else None
+    container_reason = ctx.docker_reason if ctx.producer else \
+        f"no static producer for the container: {ctx.producer_reason}"
     made_by = f"{label} ({mode}), {producer.name}"
     host, inside = producer.argv(size), producer.container_argv(size)
     rune_id, container_id = f"{prefix}.rune", f"{prefix}.rune_container"
@@ -50,11 +50,11 @@ def _contenders(ctx: BenchContext, tty: bool, size: int, label: str) -> list[Con
          None, None),
         (container_id, f"rune exec {flag} into a container, {made_by} in the container",
          (lambda: drain(ctx.rune_argv(flag, SERVICE, *inside), size, ctx.env, log=log))
-         if ctx.docker else None, ctx.docker_reason, None),
+         if in_container else None, container_reason, None),
         (f"{prefix}.docker", f"docker exec{' -t' if tty else ''}, same container, {made_by} "
          "in the container",
-         (lambda: drain(ctx.docker.argv(*inside, tty=tty), size)) if ctx.docker else None,
-         ctx.docker_reason, container_id),
+         (lambda: drain(ctx.docker.argv(*inside, tty=tty), size)) if in_container else None,
+         container_reason, container_id),
         (f"{prefix}.ssh", f"ssh{' -tt' if tty else ''} localhost, {made_by} on the host",
          (lambda: drain(ctx.sshd.argv(*host, tty=tty), size)) if ctx.sshd else None,
          ctx.sshd_reason, rune_id),
