@@ -204,3 +204,25 @@ def test_compose_file_is_valid():
     assert services["demo"]["labels"] == {"rune.namespace": "default", "rune.service": "demo"}
     assert "broker_config" in str(services["nats"]["volumes"])
     assert (ROOT / "broker_config" / "nats-compose.conf").is_file()
+
+
+def test_exec_spec_passes_the_tty_size_at_create_from_api_1_42():
+    """From API 1.42 the size rides on exec create; before, the spec has none (resize follows)."""
+    from rune.agent.config import AgentConfig
+    from rune.agent.runners.docker import DockerRunner
+    from rune.agent.runners.engine_api import EngineAPI
+
+    from rune.models import ExecOpen
+
+    runner = DockerRunner(AgentConfig(agent_id="a1", docker={"enabled": True}), registry=None)
+    runner.api = EngineAPI("unix:///nowhere.sock")
+    request = ExecOpen(session_id="s", namespace="default", instance_id="x-instance-1",
+                       argv=["sh", "-c", "stty size"], env={"A": "x=y"}, workdir="/tmp",
+                       tty=True, width=101, height=33)
+    for version, size in (("1.41", None), ("1.42", [33, 101]), ("1.45", [33, 101])):
+        runner.api.version = version
+        spec = runner._exec_spec(request)
+        assert spec.get("ConsoleSize") == size
+        assert spec["Cmd"] == ["sh", "-c", "stty size"] and spec["WorkingDir"] == "/tmp"
+        assert "A=x=y" in spec["Env"] and "TERM=xterm-256color" in spec["Env"]
+    assert "ConsoleSize" not in runner._exec_spec(request.model_copy(update={"tty": False}))
