@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import signal
 import sys
@@ -23,6 +24,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--only", default="",
                         help=f"comma-separated sections: {','.join(runner.section_names())}")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
+    parser.add_argument("--runs", type=int, default=0,
+                        help="samples per setup-latency row instead of the default (200)")
     return parser.parse_args(argv)
 
 
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     sizes = Sizes.quick() if args.quick else Sizes()
+    if args.runs > 0:
+        sizes = dataclasses.replace(sizes, setup_n=args.runs, cli_n=args.runs)
     began = time.monotonic()
     with bench_context(sizes, args.quick, args.keep) as ctx:
         results, timings = runner.run_all(ctx, only)
