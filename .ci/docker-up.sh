@@ -88,3 +88,9 @@ if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev
             >>/tmp/docker-up-apt.log 2>&1
     } || die "apt-get install docker-compose failed, see /tmp/docker-up-apt.log"
 fi
+
+# The compose stack's images (tests/test_compose.py): a Debian base and a busybox demo made
+# here, and wheels for an image build that reaches no registry. Kept when already present.
+if [[ "${RUNE_COMPOSE_IMAGES:-1}" == "1" ]]; then
+    bash "$HERE/../scripts/build-compose-images.sh" --no-env
+fi

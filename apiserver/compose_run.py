@@ -19,7 +19,8 @@ import yaml
 ETC = Path(os.environ.get("RUNE_COMPOSE_ROOT", "/etc/rune"))
 NATS_HOST, NATS_PORT = "nats", 4222
 AGENT_METRICS = "127.0.0.1:9464"
-FILES_TIMEOUT = 120.0
+# How long to wait for the init service's files before saying what is wrong and exiting.
+FILES_TIMEOUT = float(os.environ.get("RUNE_COMPOSE_WAIT", "120"))
 REMIND_EVERY = 30.0
 
 
@@ -34,7 +35,8 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
-def wait_for_files(paths: list[Path], timeout: float = FILES_TIMEOUT) -> None:
+def wait_for_files(paths: list[Path], timeout: float | None = None) -> None:
+    timeout = FILES_TIMEOUT if timeout is None else timeout
     deadline = time.monotonic() + timeout
     announced = False
     while True:
