@@ -119,8 +119,19 @@ def apiserver_config(api: Path, token_sha256: str) -> dict:
     }
 
 
+EXPECTED = {
+    "broker": ("auth.conf", "nats.conf"),
+    "apiserver": ("apiserver.nk", "apiserver.yaml", "tls.crt", "tls.key", "ca.crt"),
+    "agent": ("agent.nk",),
+    "admin": ("admin.token", "ca.crt", "audit-reader.nk", DONE_MARK),
+}
+
+
 def is_complete(root: Path = ROOT) -> bool:
-    return (volumes(root)["admin"] / DONE_MARK).is_file()
+    """Every volume holds its files (one volume removed by hand means starting over)."""
+    dirs = volumes(root)
+    return all((dirs[volume] / name).is_file()
+               for volume, names in EXPECTED.items() for name in names)
 
 
 def init(root: Path = ROOT) -> bool:

@@ -62,7 +62,29 @@ def nats_answers(host: str, port: int) -> bool:
         return False
 
 
-def wait_for_nats(host: str = NATS_HOST, port: int = NATS_PORT) -> None:
+def nats_refusal(url: str, seed: Path) -> str | None:
+    """Why NATS refuses this service's nkey, or None when it lets it in."""
+    import asyncio
+
+    import nats
+
+    async def quiet(exc: Exception) -> None:
+        pass
+
+    async def probe() -> None:
+        nc = await nats.connect(url, nkeys_seed=str(seed), allow_reconnect=False,
+                                max_reconnect_attempts=0, connect_timeout=5, error_cb=quiet)
+        await nc.close()
+
+    try:
+        asyncio.run(probe())
+    except Exception as exc:  # nats-py raises its own errors, OSError, and timeouts
+        return str(exc) or type(exc).__name__
+    return None
+
+
+def wait_for_nats(seed: Path, host: str = NATS_HOST, port: int = NATS_PORT) -> None:
+    """Until NATS answers; then a refused nkey is a misconfiguration, said in one line."""
     started = time.monotonic()
     reminded = 0.0
     while not nats_answers(host, port):
@@ -71,6 +93,10 @@ def wait_for_nats(host: str = NATS_HOST, port: int = NATS_PORT) -> None:
             say(f"waiting for NATS at {host}:{port} ({waited:.0f}s so far)")
             reminded = max(waited, 0.001)
         time.sleep(0.5)
+    refusal = nats_refusal(f"nats://{host}:{port}", seed)
+    if refusal:
+        fail(f"NATS at {host}:{port} refuses this service's nkey {seed} ({refusal}): the "
+             "stack's volumes are out of step; `docker compose down -v`, then up again")
 
 
 def own_compose_project() -> str | None:
@@ -105,8 +131,9 @@ def agent_config(seed: Path, project: str | None) -> dict:
 
 def run_apiserver() -> None:
     config = ETC / "apiserver" / "apiserver.yaml"
-    wait_for_files([config])
-    wait_for_nats()
+    seed = ETC / "apiserver" / "apiserver.nk"
+    wait_for_files([config, seed])
+    wait_for_nats(seed)
     os.execvp("rune-apiserver", ["rune-apiserver", "--config", str(config)])
 
 
@@ -114,7 +141,7 @@ def run_agent() -> None:
     seed = ETC / "agent" / "agent.nk"
     wait_for_files([seed])
     project = own_compose_project()
-    wait_for_nats()
+    wait_for_nats(seed)
     path = Path("/tmp/rune-agent.yaml")
     path.write_text(yaml.safe_dump(agent_config(seed, project), sort_keys=False))
     os.execvp("rune-agent", ["rune-agent", "--config", str(path)])

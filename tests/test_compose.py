@@ -183,6 +183,31 @@ def test_nats_answers_only_for_a_real_nats_server(tmp_path):
         stack.stop()
 
 
+def test_launcher_tells_a_refused_nkey_from_an_accepted_one(tmp_path):
+    from rune.broker_config.generate import generate
+
+    generate(tmp_path / "broker", ["compose"])
+    generate(tmp_path / "other", ["compose"])  # the same names, other keys
+    stack = Stack(tmp_path / "stack", nats_port=free_port(),
+                  nats_conf=str(tmp_path / "broker" / "nats.conf"))
+    try:
+        stack.start_nats()
+        url = stack.nats_url
+        assert compose_run.nats_refusal(url, tmp_path / "broker" / "agent-compose.nk") is None
+        refused = compose_run.nats_refusal(url, tmp_path / "other" / "agent-compose.nk")
+        assert refused and "Authorization Violation" in refused
+    finally:
+        stack.stop()
+
+
+def test_init_starts_over_when_a_volume_was_emptied(tmp_path):
+    compose_init.init(tmp_path)
+    for path in compose_init.volumes(tmp_path)["broker"].iterdir():
+        path.unlink()
+    assert compose_init.init(tmp_path) is True
+    assert (compose_init.volumes(tmp_path)["broker"] / "auth.conf").is_file()
+
+
 def test_agent_adopts_only_its_own_projects_containers():
     config = compose_run.agent_config(Path("/etc/rune/agent/agent.nk"), "shop")
     assert config["docker"] == {"enabled": True,
