@@ -101,18 +101,24 @@ def wait_for_nats(seed: Path, host: str = NATS_HOST, port: int = NATS_PORT) -> N
 
 def own_compose_project() -> str | None:
     """The compose project of this container, read from the engine (the agent has its socket)."""
-    try:
-        import docker
+    import docker
+    from docker.errors import DockerException, NotFound
 
+    try:
         client = docker.from_env(timeout=10)
-        try:
-            labels = client.containers.get(socket.gethostname()).labels
-        finally:
-            client.close()
-    except Exception as exc:  # no engine, or not in a container of its own name
-        say(f"cannot read this container's compose project ({exc}); adopting every "
-            "labelled container on the engine")
+    except DockerException as exc:
+        fail(f"the agent cannot reach the Docker Engine ({exc}): mount its socket, "
+             "/var/run/docker.sock, into the agent's container")
+    try:
+        labels = client.containers.get(socket.gethostname()).labels
+    except NotFound:
+        say("this container is not named by its hostname; adopting every labelled "
+            "container on the engine")
         return None
+    except DockerException as exc:
+        fail(f"the agent cannot reach the Docker Engine ({exc})")
+    finally:
+        client.close()
     return labels.get("com.docker.compose.project")
 
 

@@ -208,6 +208,19 @@ def test_init_starts_over_when_a_volume_was_emptied(tmp_path):
     assert (compose_init.volumes(tmp_path)["broker"] / "auth.conf").is_file()
 
 
+def test_agent_launcher_without_the_docker_socket_says_so_in_one_line(tmp_path):
+    (tmp_path / "agent").mkdir()
+    (tmp_path / "agent" / "agent.nk").write_text("SU-not-used\n")
+    env = {**os.environ, "RUNE_COMPOSE_ROOT": str(tmp_path),
+           "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}
+    result = subprocess.run([sys.executable, "-m", "rune.apiserver.compose_run", "run",
+                             "agent"], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.count("Error:") == 1 and "/var/run/docker.sock" in result.stderr, \
+        result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_agent_adopts_only_its_own_projects_containers():
     config = compose_run.agent_config(Path("/etc/rune/agent/agent.nk"), "shop")
     assert config["docker"] == {"enabled": True,
