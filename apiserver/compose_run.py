@@ -9,6 +9,7 @@ service's healthcheck: exit 0 when healthy.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import time
@@ -193,6 +194,9 @@ def healthy(service: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    # As PID 1 of its container this process ignores SIGTERM unless it says otherwise, and
+    # `docker compose stop` would wait out its grace period while it waits for NATS.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if len(args) == 2 and args[0] == "run" and args[1] in ("apiserver", "agent"):
         run_apiserver() if args[1] == "apiserver" else run_agent()
         return 0  # not reached: exec replaced this process

@@ -358,6 +358,12 @@ class ComposeStack:
             logs = self("logs", "--no-color", "--tail", "30", check=False).stdout
             raise AssertionError(f"not healthy: {states}\n{logs}") from None
 
+    def logs(self, service: str) -> str:
+        (container,) = self.containers(service)
+        found = subprocess.run(["docker", "logs", container["Id"]], capture_output=True,
+                               text=True, timeout=60)
+        return found.stdout + found.stderr
+
     def image_id(self) -> str | None:
         found = subprocess.run(["docker", "image", "inspect", "-f", "{{.Id}}", self.image],
                                capture_output=True, text=True, timeout=60)
@@ -388,7 +394,7 @@ def _down_stale_projects(compose: list[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def compose_stack(tmp_path_factory):
     reason, found = stack_unavailable()
     if reason:
         if os.environ.get("RUNE_REQUIRE_DOCKER") == "1":
@@ -415,7 +421,8 @@ def stack(tmp_path_factory):
 
 
 @pytest.mark.docker
-def test_exec_after_the_readme_steps(stack):
+def test_exec_after_the_readme_steps(compose_stack):
+    stack = compose_stack
     hi = stack.rune("exec", "demo", "echo", "hi")
     assert (hi.returncode, hi.stdout) == (0, "hi\n"), hi.stderr
     three = stack.rune("exec", "demo", "sh", "-c", "exit 3")
@@ -425,7 +432,8 @@ def test_exec_after_the_readme_steps(stack):
 
 
 @pytest.mark.docker
-def test_audit_shows_both_sessions(stack):
+def test_audit_shows_both_sessions(compose_stack):
+    stack = compose_stack
     for argv, code in ((["echo", "audited"], 0), (["sh", "-c", "exit 3"], 3)):
         assert stack.rune("exec", "demo", *argv).returncode == code
 
@@ -445,7 +453,8 @@ def test_audit_shows_both_sessions(stack):
 
 
 @pytest.mark.docker
-def test_interactive_session_through_the_stack(stack):
+def test_interactive_session_through_the_stack(compose_stack):
+    stack = compose_stack
     child = pexpect.spawn(sys.executable, ["-m", "rune.cli.main", "exec", "demo", "sh"],
                           env=stack.env, cwd=str(stack.home), dimensions=(30, 100),
                           timeout=30, encoding="utf-8")
@@ -462,7 +471,8 @@ def test_interactive_session_through_the_stack(stack):
 
 
 @pytest.mark.docker
-def test_only_the_apiserver_is_published_and_on_loopback(stack):
+def test_only_the_apiserver_is_published_and_on_loopback(compose_stack):
+    stack = compose_stack
     published = {}
     for container in stack.containers(all_=True):
         service = container["Config"]["Labels"]["com.docker.compose.service"]
@@ -474,7 +484,8 @@ def test_only_the_apiserver_is_published_and_on_loopback(stack):
 
 
 @pytest.mark.docker
-def test_broker_refuses_a_client_without_a_seed(stack):
+def test_broker_refuses_a_client_without_a_seed(compose_stack):
+    stack = compose_stack
     probe = ("import asyncio, nats\n"
              "async def main():\n"
              "    try:\n"
@@ -492,7 +503,8 @@ def test_broker_refuses_a_client_without_a_seed(stack):
 
 
 @pytest.mark.docker
-def test_apiserver_refuses_calls_without_a_valid_token(stack):
+def test_apiserver_refuses_calls_without_a_valid_token(compose_stack):
+    stack = compose_stack
     import asyncio
 
     from rune.cli.client import ApiClient
@@ -511,6 +523,14 @@ def test_apiserver_refuses_calls_without_a_valid_token(stack):
             asyncio.run(list_with(token))
     with pytest.raises(Unavailable):  # plaintext gRPC does not reach a TLS listener
         asyncio.run(list_with(None, ca_file=None))
+    for junk in (b"GET / HTTP/1.0\r\n\r\n", os.urandom(4096), b"\x16\x03\x01" + b"\xff" * 512):
+        with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as hostile:
+            hostile.sendall(junk)
+            hostile.settimeout(10)
+            try:
+                hostile.recv(1024)
+            except OSError:
+                pass
     wrong = stack.home / "wrong.token"
     wrong.write_text("rune_not-the-admin-token\n")
     wrong.chmod(0o600)
@@ -520,7 +540,8 @@ def test_apiserver_refuses_calls_without_a_valid_token(stack):
 
 
 @pytest.mark.docker
-def test_credentials_stay_private_and_init_keeps_them(stack):
+def test_credentials_stay_private_and_init_keeps_them(compose_stack):
+    stack = compose_stack
     """In the real volumes: every file 0600, and init run again keeps the admin token."""
     probe = ("import os, sys\n"
              "from rune.apiserver import compose_init\n"
@@ -541,11 +562,12 @@ def test_credentials_stay_private_and_init_keeps_them(stack):
 
 
 @pytest.mark.docker
-def test_apiserver_waits_for_nats_instead_of_crash_looping(stack):
+def test_apiserver_waits_for_nats_instead_of_crash_looping(compose_stack):
+    stack = compose_stack
     stack("stop", "nats")
     try:
         stack("restart", "apiserver")
-        wait_until(lambda: "waiting for NATS" in stack("logs", "--no-color", "apiserver").stdout,
+        wait_until(lambda: "waiting for NATS" in stack.logs("apiserver"),
                    "the apiserver says it waits for NATS", timeout=60)
         time.sleep(3)  # long enough for a crash to show as a restart
         (apiserver,) = stack.containers("apiserver")
