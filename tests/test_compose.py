@@ -358,10 +358,10 @@ class ComposeStack:
             logs = self("logs", "--no-color", "--tail", "30", check=False).stdout
             raise AssertionError(f"not healthy: {states}\n{logs}") from None
 
-    def logs(self, service: str) -> str:
+    def logs(self, service: str, since: float = 0) -> str:
         (container,) = self.containers(service)
-        found = subprocess.run(["docker", "logs", container["Id"]], capture_output=True,
-                               text=True, timeout=60)
+        found = subprocess.run(["docker", "logs", "--since", f"{since:.3f}", container["Id"]],
+                               capture_output=True, text=True, timeout=60)
         return found.stdout + found.stderr
 
     def image_id(self) -> str | None:
@@ -566,8 +566,9 @@ def test_apiserver_waits_for_nats_instead_of_crash_looping(compose_stack):
     stack = compose_stack
     stack("stop", "nats")
     try:
+        restarted = time.time()
         stack("restart", "apiserver")
-        wait_until(lambda: "waiting for NATS" in stack.logs("apiserver"),
+        wait_until(lambda: "waiting for NATS" in stack.logs("apiserver", since=restarted),
                    "the apiserver says it waits for NATS", timeout=60)
         time.sleep(3)  # long enough for a crash to show as a restart
         (apiserver,) = stack.containers("apiserver")
