@@ -7,6 +7,11 @@ Every event is one JSON object with ``version`` (this schema's number), ``event`
 The publisher keeps a bounded buffer drained by its own task: a session only
 appends to it. When the broker or the stream is unreachable, events wait there
 and are retried; past the bound the oldest are dropped, counted and logged.
+One message never holds up the rest: a permanent failure (a subject or payload the
+broker cannot take, a 4xx from JetStream) drops that message at once with a counted
+reason; a message that keeps failing while others are stored (a permissions
+violation shows only as a timeout) goes to the back, and is dropped after
+POISON_ATTEMPTS such failures.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nats.aio.client import Client as NATS
+from nats.errors import BadSubjectError, MaxPayloadError
+from nats.js.errors import APIError
 
 from rune.ratelog import RateLimitedLog
 
@@ -35,6 +42,7 @@ DENIED = "session.denied"
 FAILED = "session.failed"
 EVENTS = (STARTED, ENDED, DENIED, FAILED)
 MAX_RETRY_DELAY = 5.0
+POISON_ATTEMPTS = 5
 
 
 def iso_time(ts: float) -> str:
@@ -76,6 +84,8 @@ class BufferedPublisher:
         self.published = 0
         self.dropped = 0
         self.failures = 0
+        self.rejected: dict[str, int] = {}  # reason -> messages dropped as undeliverable
+        self._attempts: dict[str, tuple[int, int]] = {}  # id -> (failures, published then)
 
     @property
     def buffered(self) -> int:
@@ -130,18 +140,50 @@ class BufferedPublisher:
                                                   headers={"Nats-Msg-Id": msg_id})
             except Exception as exc:
                 self.failures += 1
+                reason = _permanent(exc)
+                if reason is None and self._poisoned(msg_id):
+                    reason = f"refused by the broker {POISON_ATTEMPTS} times while others " \
+                             "were stored (a permissions violation?)"
+                if reason is not None:
+                    self._reject(subject, msg_id, reason)
+                    continue
                 loss_log.warning(f"{self.what}-retry", "%s: publish failed (%s: %s); %d "
                                  "buffered, retrying", self.what, type(exc).__name__, exc,
                                  len(self._buffer))
                 if "no response from stream" in str(exc).lower():
                     self._ensured = False
+                if len(self._buffer) > 1 and self._buffer[0][2] == msg_id:
+                    self._buffer.rotate(-1)  # let the others through meanwhile
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_DELAY)
                 continue
             delay = 0.05
+            self._attempts.pop(msg_id, None)
             if self._buffer and self._buffer[0][2] == msg_id:
                 self._buffered_bytes -= len(self._buffer.popleft()[1])
             self.published += 1
+
+    def _poisoned(self, msg_id: str) -> bool:
+        """Counts a failure; True once this message failed often while others got through."""
+        failures, published = self._attempts.get(msg_id, (0, self.published))
+        self._attempts[msg_id] = (failures + 1, published)
+        return failures + 1 >= POISON_ATTEMPTS and self.published > published
+
+    def _reject(self, subject: str, msg_id: str, reason: str) -> None:
+        """Drops one message for good, counted by reason and logged (rate-limited)."""
+        self._attempts.pop(msg_id, None)
+        for entry in self._buffer:  # the head, unless submit() dropped it meanwhile
+            if entry[2] == msg_id:
+                self._buffer.remove(entry)
+                self._buffered_bytes -= len(entry[1])
+                break
+        else:
+            return
+        self.dropped += 1
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        loss_log.warning(f"{self.what}-reject", "%s: dropped a message to %r that cannot be "
+                         "stored: %s; %d dropped so far", self.what, subject[:200], reason,
+                         self.dropped)
 
     async def flush(self, timeout: float) -> bool:
         """Waits (bounded) until everything queued so far is stored; True when it was."""
@@ -161,3 +203,14 @@ class BufferedPublisher:
             log.error("%s: %d messages could not be stored before shutdown and are lost",
                       self.what, len(self._buffer))
             self._buffer.clear()
+
+
+def _permanent(exc: Exception) -> str | None:
+    """Why retrying `exc` can never succeed, or None for a failure worth retrying."""
+    if isinstance(exc, BadSubjectError):
+        return "invalid subject"
+    if isinstance(exc, MaxPayloadError):
+        return "larger than the broker's max_payload"
+    if isinstance(exc, APIError) and exc.code is not None and 400 <= exc.code < 500:
+        return f"JetStream refused it ({exc.code} {exc.description})"
+    return None

@@ -143,12 +143,12 @@ def test_session_log_lines_are_structured_json():
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("apiserver.sessions")
+    logger = logging.getLogger("rune.apiserver.sessions")
     logger.addHandler(handler)
     old_level = logger.level
     logger.setLevel(logging.INFO)
     try:
-        init = SimpleNamespace(namespace="prod", target="db", command=["psql"], tty=False,
+        init = SimpleNamespace(namespace="prod", target="db", argv=["psql"], tty=False,
                                workdir="", env={"PGPASSWORD": "pw"})
         Oversight().denied(Identity("ann", ("ops",)), init, NotFound("no such db"))
     finally:
@@ -170,7 +170,7 @@ def test_oversight_event_sequences_per_outcome():
     from rune.apiserver.auth import Identity
     from rune.apiserver.metrics import ApiMetrics
     from rune.apiserver.oversight import Oversight
-    from rune.apiserver.relay import SessionRecord
+    from rune.apiserver.session import SessionRecord
 
     from rune.errors import Unavailable
     from rune.models import InstanceInfo
@@ -184,7 +184,7 @@ def test_oversight_event_sequences_per_outcome():
 
     instance = InstanceInfo(namespace="default", service="api", instance_id="api-instance-x-0",
                             state="running", agent="x", host="hx", runner="process")
-    init = SimpleNamespace(namespace="", target="api", command=["true"], tty=False,
+    init = SimpleNamespace(namespace="", target="api", argv=["true"], tty=False,
                            workdir="", env={}, width=0, height=0, term="")
     collect, metrics = Collect(), ApiMetrics()
     oversight = Oversight(collect, None, metrics)
