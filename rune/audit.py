@@ -9,9 +9,9 @@ appends to it. When the broker or the stream is unreachable, events wait there
 and are retried; past the bound the oldest are dropped, counted and logged.
 One message never holds up the rest: a permanent failure (a subject or payload the
 broker cannot take, a 4xx from JetStream) drops that message at once with a counted
-reason; a message that keeps failing while others are stored (a permissions
-violation shows only as a timeout) goes to the back, and is dropped after
-POISON_ATTEMPTS such failures.
+reason; a head message that failed POISON_ATTEMPTS times while the next one is stored
+(a permissions violation shows only as a timeout) is dropped the same way. When the
+next one fails too, it is an outage: everything waits, in order.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ DENIED = "session.denied"
 FAILED = "session.failed"
 EVENTS = (STARTED, ENDED, DENIED, FAILED)
 MAX_RETRY_DELAY = 5.0
-POISON_ATTEMPTS = 5
+POISON_ATTEMPTS = 3
 
 
 def iso_time(ts: float) -> str:
@@ -85,7 +85,7 @@ class BufferedPublisher:
         self.dropped = 0
         self.failures = 0
         self.rejected: dict[str, int] = {}  # reason -> messages dropped as undeliverable
-        self._attempts: dict[str, tuple[int, int]] = {}  # id -> (failures, published then)
+        self._attempts: dict[str, int] = {}  # id -> failed publishes of that message
 
     @property
     def buffered(self) -> int:
@@ -133,17 +133,16 @@ class BufferedPublisher:
                 continue
             subject, data, msg_id = self._buffer[0]
             try:
-                if not await self._try_ensure():
-                    raise ConnectionError("stream not set up")
-                # The id lets JetStream drop a duplicate when an ack was lost and we retry.
-                await self.nc.jetstream().publish(subject, data, timeout=self.ack_timeout,
-                                                  headers={"Nats-Msg-Id": msg_id})
+                await self._publish(subject, data, msg_id)
             except Exception as exc:
                 self.failures += 1
                 reason = _permanent(exc)
-                if reason is None and self._poisoned(msg_id):
-                    reason = f"refused by the broker {POISON_ATTEMPTS} times while others " \
-                             "were stored (a permissions violation?)"
+                if reason is None:
+                    failures = self._attempts.get(msg_id, 0) + 1
+                    self._attempts[msg_id] = failures
+                    if failures >= POISON_ATTEMPTS and await self._next_gets_through(msg_id):
+                        reason = ("refused by the broker while the next message was stored "
+                                  "(a permissions violation?)")
                 if reason is not None:
                     self._reject(subject, msg_id, reason)
                     continue
@@ -152,22 +151,40 @@ class BufferedPublisher:
                                  len(self._buffer))
                 if "no response from stream" in str(exc).lower():
                     self._ensured = False
-                if len(self._buffer) > 1 and self._buffer[0][2] == msg_id:
-                    self._buffer.rotate(-1)  # let the others through meanwhile
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_DELAY)
                 continue
             delay = 0.05
-            self._attempts.pop(msg_id, None)
-            if self._buffer and self._buffer[0][2] == msg_id:
-                self._buffered_bytes -= len(self._buffer.popleft()[1])
-            self.published += 1
+            self._stored(msg_id)
 
-    def _poisoned(self, msg_id: str) -> bool:
-        """Counts a failure; True once this message failed often while others got through."""
-        failures, published = self._attempts.get(msg_id, (0, self.published))
-        self._attempts[msg_id] = (failures + 1, published)
-        return failures + 1 >= POISON_ATTEMPTS and self.published > published
+    async def _publish(self, subject: str, data: bytes, msg_id: str) -> None:
+        if not await self._try_ensure():
+            raise ConnectionError("stream not set up")
+        # The id lets JetStream drop a duplicate when an ack was lost and we retry.
+        await self.nc.jetstream().publish(subject, data, timeout=self.ack_timeout,
+                                          headers={"Nats-Msg-Id": msg_id})
+
+    def _stored(self, msg_id: str) -> None:
+        self._attempts.pop(msg_id, None)
+        for entry in self._buffer:  # the head, unless submit() dropped it meanwhile
+            if entry[2] == msg_id:
+                self._buffer.remove(entry)
+                self._buffered_bytes -= len(entry[1])
+                break
+        self.published += 1
+
+    async def _next_gets_through(self, stuck_id: str) -> bool:
+        """Publishes the message after a stuck head once: stored means the broker is fine
+        and the head is what it refuses; a failure means an outage (order is kept)."""
+        if len(self._buffer) < 2 or self._buffer[0][2] != stuck_id:
+            return False
+        subject, data, msg_id = self._buffer[1]
+        try:
+            await self._publish(subject, data, msg_id)
+        except Exception:
+            return False
+        self._stored(msg_id)
+        return True
 
     def _reject(self, subject: str, msg_id: str, reason: str) -> None:
         """Drops one message for good, counted by reason and logged (rate-limited)."""
