@@ -18,7 +18,7 @@ from rune.apiserver.config import LimitsConfig
 
 from rune import bounds
 from rune.errors import InvalidArgument, PermissionDenied, RuneError
-from rune.models import first_problem
+from rune.models import Argv, Env, Name, Seconds, TerminalSize, Workdir, first_problem
 from rune.proto import exec_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -31,52 +31,22 @@ class SessionSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    namespace: str
+    namespace: Name
     target: str
-    argv: list[str]
-    env: dict[str, str] = Field(default_factory=dict)
-    workdir: str = ""
+    argv: Argv
+    env: Env = Field(default_factory=dict)
+    workdir: Workdir = ""
     tty: bool = False
-    width: int = 0
-    height: int = 0
-    timeout: float = DEFAULT_TIMEOUT
+    width: TerminalSize = 0
+    height: TerminalSize = 0
+    timeout: Seconds = DEFAULT_TIMEOUT
     term: str = ""
-
-    @field_validator("namespace")
-    @classmethod
-    def _namespace(cls, value: str) -> str:
-        return bounds.name(value, "namespace")
 
     @field_validator("target")
     @classmethod
     def _target(cls, value: str) -> str:
         # "*" names every service of the namespace (fan-out); resolution refuses it for one.
         return value if value == "*" else bounds.name(value, "target")
-
-    @field_validator("argv")
-    @classmethod
-    def _argv(cls, value: list[str]) -> list[str]:
-        return bounds.argv(value)
-
-    @field_validator("env")
-    @classmethod
-    def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        return bounds.env(value)
-
-    @field_validator("workdir")
-    @classmethod
-    def _workdir(cls, value: str) -> str:
-        return bounds.workdir(value)
-
-    @field_validator("width", "height")
-    @classmethod
-    def _size(cls, value: int, info: Any) -> int:
-        return bounds.terminal_size(value, info.field_name)
-
-    @field_validator("timeout")
-    @classmethod
-    def _timeout(cls, value: float) -> float:
-        return bounds.timeout(value)
 
     @field_validator("term")
     @classmethod

@@ -164,13 +164,18 @@ class BufferedPublisher:
         await self.nc.jetstream().publish(subject, data, timeout=self.ack_timeout,
                                           headers={"Nats-Msg-Id": msg_id})
 
-    def _stored(self, msg_id: str) -> None:
+    def _remove(self, msg_id: str) -> bool:
+        """Takes one message out of the buffer; False when submit() dropped it meanwhile."""
         self._attempts.pop(msg_id, None)
-        for entry in self._buffer:  # the head, unless submit() dropped it meanwhile
+        for entry in self._buffer:
             if entry[2] == msg_id:
                 self._buffer.remove(entry)
                 self._buffered_bytes -= len(entry[1])
-                break
+                return True
+        return False
+
+    def _stored(self, msg_id: str) -> None:
+        self._remove(msg_id)
         self.published += 1
 
     async def _next_gets_through(self, stuck_id: str) -> bool:
@@ -188,13 +193,7 @@ class BufferedPublisher:
 
     def _reject(self, subject: str, msg_id: str, reason: str) -> None:
         """Drops one message for good, counted by reason and logged (rate-limited)."""
-        self._attempts.pop(msg_id, None)
-        for entry in self._buffer:  # the head, unless submit() dropped it meanwhile
-            if entry[2] == msg_id:
-                self._buffer.remove(entry)
-                self._buffered_bytes -= len(entry[1])
-                break
-        else:
+        if not self._remove(msg_id):
             return
         self.dropped += 1
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
