@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 LEASE_EVERY = 2.0
 LEASE_LOST = 6.0  # three leases missed
 KILL_TIMEOUT = 3.0
+PURGE = {"KV-Operation": "PURGE", "Nats-Rollup": "sub"}  # as nats-py's KeyValue.purge
 
 
 def summary(record: Any, apiserver: str) -> dict[str, Any]:
@@ -143,18 +144,18 @@ class SessionBoard:
             pass
 
     async def _write(self) -> None:
+        """Sessions are written without waiting for JetStream's ack (a fan-out of thousands
+        must not pay a round trip per member); the lease, acked, says whether writes land."""
+        prefix = f"$KV.{self.subjects.sessions_bucket}."
         while True:
             key, value = await self._writes.get()
-            for attempt in range(5):
-                try:
-                    if value is None:
-                        await self._kv.purge(key)
-                    else:
-                        await self._kv.put(key, value)
-                    break
-                except Exception as exc:
-                    log.warning("session board: cannot write %s (%s); retrying", key, exc)
-                    await asyncio.sleep(0.2 * (attempt + 1))
+            try:
+                if value is None:
+                    await self.nc.publish(prefix + key, b"", headers=PURGE)
+                else:
+                    await self.nc.publish(prefix + key, value)
+            except Exception as exc:
+                log.warning("session board: cannot write %s (%s)", key, exc)
 
     async def _lease(self) -> None:
         while True:
