@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Bring up a local Docker Engine (Debian's docker.io) and the registry-free test image.
-# Idempotent: if an engine already answers, only the image is ensured.
+# Bring up a local Docker Engine (Debian's docker.io), the registry-free test image and the
+# images of the compose stack (scripts/build-compose-images.sh).
+# Idempotent: if an engine already answers, only the images are ensured.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
