@@ -9,7 +9,10 @@ from pydantic import BaseModel, Field, field_validator
 
 from rune import bounds
 
-InstanceState = Literal["starting", "running", "exited", "restarting", "stopped", "lost"]
+# "lost" and "conflict" are never written by an agent: the apiserver's directory shows them
+# (an agent gone silent; an instance id that two agents claim).
+InstanceState = Literal["starting", "running", "exited", "restarting", "stopped", "lost",
+                        "conflict"]
 INSTANCE_MARK = "-instance-"
 
 
