@@ -127,7 +127,8 @@ class ExecSession:
             except RuneError as exc:
                 return exc
             if kind == frames.STDIN:
-                await self.execution.write_stdin(payload)
+                if isinstance(payload, (bytes, bytearray)):
+                    await self.execution.write_stdin(bytes(payload))
             elif kind == frames.STDIN_EOF:
                 await self.execution.close_stdin()
             elif kind == frames.RESIZE:
