@@ -49,6 +49,10 @@ def up(
         sys.stderr.write(f"Error: {exc}\n")
         raise typer.Exit(255) from None
     stack.save_pids()
+    if account is None:
+        sys.stderr.write("warning: not running as root, so the demo instances run as you and "
+                         f"can read your files, {stack.state_dir / 'tokens'} included; "
+                         "run `rune dev up` as root for a restricted user that cannot\n")
     api_flag = "" if api_port == 8443 else f" --api-server {stack.api_address}"
     config_file = _point_cli_at(stack, api_port)
     dev_token = stack.token_files[DEV_USER]
