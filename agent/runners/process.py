@@ -81,21 +81,28 @@ async def start_child(plan: ChildPlan, stdio: tuple[int, int, int],
 
 
 class _Fd:
-    """One non-blocking descriptor read and written on the loop."""
+    """One non-blocking descriptor read and written on the loop.
+
+    close() unregisters it from the loop before closing it: a descriptor number is reused
+    by the next pipe at once, and a stale registration would steal that pipe's events."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         os.set_blocking(fd, False)
         self._loop = asyncio.get_running_loop()
         self.closed = False
+        self._waiters: set[asyncio.Future] = set()
 
     async def _wait(self, add: Callable, remove: Callable) -> None:
         fut = self._loop.create_future()
         add(self.fd, lambda: fut.done() or fut.set_result(None))
+        self._waiters.add(fut)
         try:
             await fut
         finally:
-            remove(self.fd)
+            self._waiters.discard(fut)
+            if not self.closed:
+                remove(self.fd)
 
     async def read(self, n: int) -> bytes:
         """Up to n bytes, b'' at EOF (EIO on a terminal whose every holder is gone)."""
@@ -139,9 +146,15 @@ class _Fd:
                 return  # the command closed its side; what it did not read is gone
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            os.close(self.fd)
+        if self.closed:
+            return
+        self.closed = True
+        self._loop.remove_reader(self.fd)
+        self._loop.remove_writer(self.fd)
+        for fut in self._waiters:  # a pending read or write ends: EOF
+            if not fut.done():
+                fut.set_result(None)
+        os.close(self.fd)
 
 
 class PipeExecution:
@@ -214,6 +227,8 @@ class PtyExecution:
         await self.write_stdin(eof * 2 if self._line_open else eof)
 
     def _veof(self) -> bytes:
+        if self._master.closed:
+            return b"\x04"
         try:
             char = termios.tcgetattr(self.fd)[6][termios.VEOF]
         except (OSError, termios.error):
@@ -222,12 +237,17 @@ class PtyExecution:
 
     def resize(self, width: int, height: int) -> None:
         # TIOCSWINSZ; the kernel signals SIGWINCH to the terminal's foreground group.
+        if self._master.closed:  # its number may belong to another session's terminal now
+            return
         try:
             set_winsize(self.fd, width, height)
         except OSError:
             pass
 
     def signal(self, signum: int) -> None:
+        if self._master.closed:
+            _killpg(self.pid, signum)
+            return
         try:
             _killpg(os.tcgetpgrp(self.fd), signum)
         except OSError:
