@@ -125,6 +125,9 @@ class Supervisor:
                 except KeyError:
                     raise ValueError(f"service {service.name}: no user {service.user!r} "
                                      "on this host") from None
+            if os.geteuid() == 0 and accounts[service.user].uid == 0 and service.replicas:
+                log.warning("service %s runs as root (give it a user: to run it, and every "
+                            "exec into it, unprivileged)", service.name)
             for index in range(service.replicas):
                 inst = SupervisedInstance(config, service, index, registry,
                                           accounts[service.user])

@@ -9,7 +9,8 @@ import sys
 import termios
 import tty
 
-from rune.interactive import wants_tty  # noqa: F401 - the one list, shared with the apiserver
+# The one list of interactive programs, shared with the apiserver (rune/interactive.py).
+from rune.interactive import wants_tty
 
 
 def decide_tty(command: list[str], force: bool | None) -> tuple[bool, str]:
