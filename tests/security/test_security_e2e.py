@@ -87,8 +87,9 @@ def rune(stack: Stack, user: str, *args: str, stdin: bytes | None = None
          ) -> subprocess.CompletedProcess:
     env = {**os.environ, "RUNE_CONFIG": str(stack.state_dir / "none.yaml"),
            "RUNE_TOKEN_FILE": str(stack.token_files[user])}
-    return subprocess.run([sys.executable, "-m", "rune.cli.main", args[0], "--api-server",
-                           stack.api_address, *args[1:]], capture_output=True, text=True,
+    head = 2 if args[0] == "sessions" else 1  # `rune sessions list --api-server …`
+    return subprocess.run([sys.executable, "-m", "rune.cli.main", *args[:head], "--api-server",
+                           stack.api_address, *args[head:]], capture_output=True, text=True,
                           timeout=90, cwd=ROOT, env=env,
                           input=stdin.decode() if stdin is not None else None,
                           stdin=subprocess.DEVNULL if stdin is None else None)
@@ -374,7 +375,9 @@ def test_non_tty_interactive_shell_needs_exec_tty_and_is_recorded(fleet):
     ran = rune(fleet, "admin", "exec", "--no-tty", "api", "sh", stdin=f"echo {marker}\n".encode())
     assert ran.returncode == 0 and marker in ran.stdout
     listed = rune(fleet, "admin", "sessions", "list")
-    assert "sh" in listed.stdout and "recorded" in listed.stdout.lower(), listed.stdout
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split() for line in listed.stdout.splitlines()[1:]]
+    assert any(row[1] == "recorded" and row[-1] == "sh" for row in rows), listed.stdout
 
 
 # --- the agent's own files ---------------------------------------------------------------
