@@ -112,7 +112,11 @@ DANGEROUS_ENV = ("PATH", "LD_*", "GIT_*", "PYTHON*", "PERL5*", "PERLLIB", "BASH_
 DEFAULT_COMMAND_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin",
                         "/sbin", "/bin")
 _MAX_NESTING = 4
-_SHLEX_LIMIT = 16 * 1024
+_SHLEX_LIMIT = 16 * 1024  # bytes of quoted text split by shlex per request
+# Candidates parsed in full per request: a legitimate command line has a handful; an argv
+# built to make each of its tails a blocked command (`env rm rm rm …`) is refused instead
+# of costing time quadratic in its length.
+MAX_CANDIDATES = 8
 
 
 def command_name(word: str) -> str:
@@ -214,10 +218,16 @@ def _same_command(pattern: str, word: str, command_dirs: Sequence[str]) -> bool:
             and posixpath.dirname(path) in {posixpath.normpath(d) for d in command_dirs})
 
 
-def _split(text: str) -> list[str]:
-    if not any(c.isspace() or c in "'\"\\" for c in text):
-        return [text] if text else []
-    if len(text) <= _SHLEX_LIMIT:
+_NEEDS_SPLIT = re.compile(r"[\s'\"\\]")
+_NEEDS_SHLEX = re.compile(r"['\"\\]")
+
+
+def _split(text: str, budget: list[int]) -> list[str]:
+    """Split like a shell; shlex (slow) only for quoted text, within a per-request budget."""
+    if not _NEEDS_SHLEX.search(text):
+        return text.split()
+    if len(text) <= budget[0]:
+        budget[0] -= len(text)
         try:
             return shlex.split(text)
         except ValueError:
@@ -225,51 +235,41 @@ def _split(text: str) -> list[str]:
     return text.split()
 
 
-def _command_strings(arg: str) -> Iterator[str]:
+def _command_strings(arg: str) -> tuple[str, ...]:
     """What a wrapper's argument could be as a command line: the argument itself, the
     value of an attached short option (`-S'rm -rf'`), or of `--opt=value`."""
-    if arg.startswith("--") and "=" in arg:
-        yield arg.split("=", 1)[1]
-    elif arg.startswith("-") and len(arg) > 2:
-        yield arg[2:]
-    yield arg
+    if arg.startswith("--"):
+        return (arg.split("=", 1)[1], arg) if "=" in arg else (arg,)
+    if arg.startswith("-") and len(arg) > 2:
+        return arg[2:], arg
+    return (arg,)
 
 
-def candidates(argv: Sequence[str], depth: int = 0) -> Iterator[Sequence[str]]:
+Candidate = tuple[Sequence[str], int]  # (a command line, where the candidate starts in it)
+
+
+def candidates(argv: Sequence[str], depth: int = 0,
+               budget: list[int] | None = None) -> Iterator[Candidate]:
     """argv, and what it may run behind wrappers: every tail, every shell-split argument.
 
     Wrappers take options with values we do not model, so each tail is a candidate: a
-    blocklist errs on the side of refusing. Tails are yielded only where they start with
-    a word worth matching, so a long argv costs one pass."""
-    yield argv
+    blocklist errs on the side of refusing. A candidate is (line, start) so that nothing
+    is copied until its first word is worth matching: a long argv costs one pass."""
+    yield argv, 0
     if depth >= _MAX_NESTING or not argv or not is_wrapper(argv[0]):
         return
+    budget = [_SHLEX_LIMIT] if budget is None else budget
     for index in range(1, len(argv)):
-        yield _Tail(argv, index)
+        yield argv, index
     for arg in argv[1:]:
         for text in _command_strings(arg):
-            inner = _split(text)
-            if len(inner) > 1 or (inner and is_wrapper(inner[0])):
-                yield from candidates(inner, depth + 1)
-            elif inner:
-                yield inner
-
-
-class _Tail(Sequence[str]):
-    """argv[index:] without copying it (a long argv has many tails)."""
-
-    def __init__(self, argv: Sequence[str], index: int) -> None:
-        self._argv, self._index = argv, index
-
-    def __len__(self) -> int:
-        return len(self._argv) - self._index
-
-    def __getitem__(self, item: int | slice) -> object:
-        if isinstance(item, slice):
-            return list(self._argv[self._index:])[item]
-        if item < 0:
-            item += len(self)
-        return self._argv[self._index + item]
+            if not _NEEDS_SPLIT.search(text):
+                if text:
+                    yield [text], 0
+                continue
+            inner = _split(text, budget)
+            if inner:
+                yield from candidates(inner, depth + 1, budget)
 
 
 def _matches_any(name: str, patterns: Sequence[str]) -> bool:
@@ -303,10 +303,16 @@ class CommandPolicy:
         """Why argv (with env) is refused by this layer, or None when it may run."""
         if self.blocked:
             wanted = {command_name(p.command) for p in self.blocked}
-            for candidate in candidates(argv):
-                head = command_name(candidate[0]) if len(candidate) else ""
+            parsed = 0
+            for line, start in candidates(argv):
+                head = command_name(line[start])
                 if head not in wanted and _family(head) not in wanted:
                     continue
+                parsed += 1
+                if parsed > MAX_CANDIDATES:
+                    return (f"command wraps more than {MAX_CANDIDATES} commands for the "
+                            "blocklist to check")
+                candidate = line[start:]
                 for pattern in self.blocked:
                     if pattern.blocks(candidate):
                         return f'command matches blocked pattern "{pattern.text}"'

@@ -17,10 +17,16 @@ from collections.abc import Mapping, Sequence
 
 from rune.apiserver.auth import Identity
 from rune.apiserver.config import AuthConfig, CommandRules, Role
-from rune.apiserver.policy import CommandPolicy, candidates, command_name, parse_flags
+from rune.apiserver.policy import (
+    MAX_CANDIDATES,
+    CommandPolicy,
+    candidates,
+    command_name,
+    parse_flags,
+)
 
 from rune.errors import InvalidArgument, PermissionDenied
-from rune.interactive import is_interactive_shell
+from rune.interactive import CLIENTS, INTERPRETERS, SHELLS, base_name, is_interactive_shell
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +34,8 @@ EXEC_VERBS = ("exec", "exec-tty")
 # Wrappers that start a shell themselves when given no command to run.
 _SHELL_BY_DEFAULT = {"script": ("c", "--command"), "su": ("c", "--command"),
                      "runuser": ("c", "--command"), "login": (), "machinectl": ()}
+_SHELL_STARTERS = frozenset((*_SHELL_BY_DEFAULT, "sudo", "doas", "chroot", "unshare", "nsenter"))
+_LOOKED_AT = 64  # a shell's first words decide: options, then its script (or -c)
 
 
 def _policy(rules: CommandRules) -> CommandPolicy:
@@ -56,9 +64,18 @@ def needs_tty_verb(argv: Sequence[str]) -> bool:
     """Whether argv is an interactive shell session even without a TTY (verb exec-tty)."""
     if not argv:
         return False
-    for candidate in candidates(argv):
-        if len(candidate) and (is_interactive_shell(list(candidate))
-                               or _starts_a_shell(list(candidate))):
+    checked = 0
+    for line, start in candidates(argv):
+        name = base_name(line[start])
+        if name not in SHELLS and name not in INTERPRETERS and name not in CLIENTS \
+                and name not in _SHELL_STARTERS:
+            continue
+        checked += 1
+        if checked > MAX_CANDIDATES:
+            return True  # built to be expensive: treat it as the shell it may well be
+        # Only the first words decide; cutting later ones can only make it look interactive.
+        head = list(line[start:start + _LOOKED_AT])
+        if is_interactive_shell(head) or _starts_a_shell(head):
             return True
     return False
 

@@ -133,3 +133,10 @@ def test_env_policy_through_authorize():
     authz.authorize(Identity("sam"), "exec", "default", ["git", "status"])
     authz.authorize(Identity("dan"), "exec", "default", ["git", "status"],
                     env={"GIT_CONFIG_COUNT": "1"})
+
+
+def test_an_argv_built_to_be_expensive_is_refused_not_slow():
+    """`env rm rm rm …`: every tail a blocked command; refused after a few, as a shell."""
+    argv = ["env", *["rm"] * 30000]
+    assert "more than" in BLOCKED.refusal(argv)
+    assert needs_tty_verb(["env", *["sh"] * 30000]) is True
