@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field, field_validator
 from rune.apiserver.audit import AuditSettings
 from rune.apiserver.recording import RecordingSettings
 
-VERBS = ("exec", "exec-tty", "list", "audit", "admin")
+VERBS = ("exec", "exec-tty", "list", "audit", "observe", "admin")
 
 
 class CommandRules(BaseModel):

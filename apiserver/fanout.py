@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 
 import grpc
 from rune.apiserver.relay import SessionRecord
@@ -120,6 +121,7 @@ class FanoutRun:
         self.out: asyncio.Queue[pb.FanoutResponse | None] = asyncio.Queue(maxsize=parallel)
         self.reported: set[str] = set()
         self.failed = asyncio.Event()
+        self.fanout_id = uuid.uuid4().hex
 
     async def serve(self, context: grpc.aio.ServicerContext) -> None:
         writer = asyncio.create_task(self._write(context))
@@ -202,6 +204,7 @@ class FanoutRun:
         timeout = min(request.timeout_seconds or 300.0, config.max_timeout)
         record = SessionRecord(id=relay.new_session_id(), user=self.user, instance=info,
                                argv=list(request.command), tty=False)
+        record.fanout_id = self.fanout_id  # dashboards group the members (ListSessions)
         opening = ExecOpen(
             session_id=record.id, namespace=info.namespace, instance_id=info.instance_id,
             argv=list(request.command), env=dict(request.env), workdir=request.workdir,

@@ -14,6 +14,7 @@ import grpc
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from rune.apiserver import observe
 from rune.apiserver.config import ApiServerConfig
 
 from rune import errors, frames
@@ -116,7 +117,7 @@ class Relay:
                 if not done:
                     raise DeadlineExceeded(f"command timed out after {timeout:g}s")
                 if killed in done:
-                    raise Unavailable(f"session ended: {record.kill_reason}")
+                    raise Unavailable(f"session {record.kill_reason}")
                 if idle in done:
                     raise idle.exception()
                 if upstream in done and upstream.exception() is not None:
@@ -244,6 +245,8 @@ class Relay:
             except Unavailable as exc:
                 raise Unavailable(f"{exc}; the session ended") from None
             if kind in (frames.STDOUT, frames.STDERR):
+                # Dashboard hook: live byte count and read-only observers (observe.py).
+                observe.tap_output(record, payload)
                 if kind == frames.STDOUT and record.tap is not None:
                     record.tap.output(payload)
                 record.writing = True
