@@ -194,6 +194,19 @@ class Stack:
                    log=self.logs / "apiserver.log")
         return proc
 
+    def start_dashboard(self, port: int) -> subprocess.Popen:
+        """The ops dashboard on 127.0.0.1:`port`, talking to this stack's apiserver."""
+        if port_open(port):
+            raise StackError(f"port {port} is already in use")
+        argv = [sys.executable, "-m", "rune.dashboard.main", "--listen", f"127.0.0.1:{port}",
+                "--api-server", self.api_address]
+        if self.ca_file:
+            argv += ["--ca-file", self.ca_file]
+        proc = self._spawn("dashboard", argv)
+        wait_until(lambda: port_open(port), "rune-dashboard", proc=proc,
+                   log=self.logs / "dashboard.log")
+        return proc
+
     def write_agent_config(self, agent_id: str, services: list[dict],
                            extra: dict | None = None) -> Path:
         config = {
