@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 PAGES = {"/": "live.html", "/audit": "audit.html", "/recordings": "recordings.html",
          "/play": "play.html"}
-OPEN_PATHS = ("/login", "/static/", "/healthz")
+OPEN_PATHS = ("/login", "/static/", "/healthz", "/favicon.ico")
 MAX_TOKEN = 4096
 
 # The vendored terminal renderers need WebAssembly (asciinema-player) and inject <style>
@@ -46,7 +46,8 @@ async def headers(request: web.Request, handler: routes.Handler) -> web.StreamRe
         response = exc
     response.headers.setdefault("Content-Security-Policy", CSP)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    # "same-origin", not "no-referrer": with the latter a form post carries `Origin: null`.
+    response.headers.setdefault("Referrer-Policy", "same-origin")
     response.headers.setdefault("X-Frame-Options", "DENY")
     if not request.path.startswith("/static/"):
         response.headers.setdefault("Cache-Control", "no-store")
@@ -97,7 +98,11 @@ async def login_page(request: web.Request) -> web.Response:
 def _login_form(request: web.Request, error: str = "", status: int = 200) -> web.Response:
     import secrets
 
-    csrf = secrets.token_urlsafe(32)
+    # Keep the form's token across reloads (and the browser's own extra requests), so
+    # two open sign-in tabs do not invalidate each other.
+    csrf = request.cookies.get(LOGIN_COOKIE, "")
+    if len(csrf) != 43 or not csrf.replace("-", "").replace("_", "").isalnum():
+        csrf = secrets.token_urlsafe(32)
     response = page("login.html", csrf=csrf, error=error)
     response.set_status(status)
     response.set_cookie(LOGIN_COOKIE, csrf, httponly=True, samesite="Strict", path="/login",
@@ -144,6 +149,10 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
+async def favicon(request: web.Request) -> web.Response:
+    return web.Response(status=204)
+
+
 def build_app(api: Api, secure: bool = False) -> web.Application:
     app = web.Application(middlewares=[headers, signed_in], client_max_size=64 * 1024)
     app[API] = api
@@ -153,6 +162,7 @@ def build_app(api: Api, secure: bool = False) -> web.Application:
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/favicon.ico", favicon)
     for path, name in PAGES.items():
         app.router.add_get(path, page_handler(name))
     routes.add(app, API)

@@ -116,8 +116,19 @@
   setInterval(() => { for (const entry of rows.values()) render(entry); }, 1000);
 
   // --- observe: the session's output in a read-only terminal ---------------------------
-  const observe = (sid) => {
+  // xterm.js is loaded on first use, so the table paints without waiting for it.
+  let xterm = null;
+  const loadTerminal = () => xterm || (xterm = new Promise((resolve, reject) => {
+    const script = document.createElement("script");
+    script.src = "/static/vendor/xterm.js";
+    script.onload = () => resolve(window.Terminal);
+    script.onerror = () => reject(new Error("cannot load the terminal renderer"));
+    document.head.append(script);
+  }));
+
+  const observe = async (sid) => {
     stopObserving();
+    const Terminal = await loadTerminal();
     const section = document.getElementById("observer");
     const status = document.getElementById("observe-status");
     const entry = rows.get(sid);
