@@ -79,7 +79,7 @@ def search_request(query: Any) -> pb.AuditSearchRequest:
         except ValueError:
             raise InvalidArgument(f"bad exit code: {code!r}") from None
     limit = query.get("limit", "")
-    request.limit = int(limit) if limit.isdigit() else 100
+    request.limit = min(int(limit), 1000) if limit.isdigit() and len(limit) < 6 else 100
     return request
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def check_token(value: str, what: str) -> str:
     """Ids that become subject tokens must not contain wildcards, dots or spaces."""
-    if not _TOKEN.match(value or ""):
+    if not _TOKEN.fullmatch(value or ""):  # fullmatch: "$" would let a trailing "\n" in
         raise ValueError(f"{what} {value!r} must match [A-Za-z0-9_-]+")
     return value
 
