@@ -2,13 +2,15 @@
 
 A page is one short-lived JetStream consumer that starts at the cursor (a stream
 sequence), narrowed by subject where the filter allows (namespace, event kind),
-and reads at most SCAN_LIMIT messages: a search never loads the whole stream,
-however large, and a sparse filter still answers quickly with a cursor to go on.
+and reads at most SCAN_LIMIT messages or for SCAN_SECONDS: a search never loads the
+whole stream, however large, and a sparse filter still answers within about a
+second, with a cursor to go on.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,7 +27,8 @@ from rune.subjects import Subjects
 
 PAGE_LIMIT = 500  # matches per page at most
 SCAN_LIMIT = 20000  # stream messages one page looks at, at most
-BATCH = 256
+SCAN_SECONDS = 1.0  # and for about this long
+BATCH = 512
 
 
 @dataclass(frozen=True)
@@ -121,9 +124,11 @@ class AuditSearch:
         sub = await self._consumer(f, parse_cursor(cursor))
         found: list[tuple[int, dict]] = []
         scanned, next_seq = 0, 0
+        deadline = time.monotonic() + SCAN_SECONDS
         try:
             pending = (await sub.consumer_info()).num_pending
-            while pending > 0 and len(found) < limit and scanned < SCAN_LIMIT:
+            while pending > 0 and len(found) < limit and scanned < SCAN_LIMIT and \
+                    time.monotonic() < deadline:
                 try:
                     msgs = await sub.fetch(min(BATCH, pending), timeout=1.0)
                 except (TimeoutError, NatsTimeout):

@@ -129,7 +129,7 @@ def generate(out_dir: str | Path, agents: Sequence[str], prefix: str = "rune",
         written.append(path)
         entries.append((name, public_key(seed), permissions))
     (out / "auth.conf").write_text(auth_conf(entries))
-    template = resources.files("broker_config").joinpath("nats-single.conf").read_text()
+    template = resources.files("rune.broker_config").joinpath("nats-single.conf").read_text()
     (out / "nats.conf").write_text(template)
     nodes = []
     for node in range(cluster):
