@@ -21,11 +21,15 @@ MAX_MESSAGE = 4 * 1024 * 1024
 
 
 def _tls_wanted(address: str, ca_file: str | None) -> tuple[str, bool]:
+    """As the CLI: TLS for https://, a CA file, or any non-loopback address; `http://`
+    says plaintext explicitly (an apiserver on a private network, started --insecure)."""
     if address.startswith("https://"):
         return address.removeprefix("https://"), True
+    if address.startswith("http://"):
+        return address.removeprefix("http://"), bool(ca_file)
     host = address.rsplit(":", 1)[0].strip("[]")
     loopback = host in ("localhost", "::1") or host.startswith("127.")
-    return address.removeprefix("http://"), bool(ca_file) or not loopback
+    return address, bool(ca_file) or not loopback
 
 
 class Api:

@@ -170,6 +170,42 @@ def test_live_observe_kill_search_play(browser, signed_in_stack):  # noqa: F811
     shoot(driver, "play")
 
 
+def test_fanout_members_are_grouped_and_argv_is_escaped(browser, signed_in_stack):  # noqa: F811
+    """A fan-out's members sit under one group row; control characters show as \\xNN."""
+    from selenium.webdriver.common.by import By
+
+    stack, base = signed_in_stack
+    driver = browser
+    sign_in(driver, base, stack.admin_token)
+    until(driver, lambda d: d.find_element(By.ID, "status").text == "live", "live stream")
+    marker = f"fan{uuid.uuid4().hex[:6]}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rune.cli.main", "exec", "--api-server", stack.api_address,
+         "--token-file", str(stack.token_files[stack.admin]), "api", "--all", "sh", "-c",
+         "sleep 30", f"{marker}\x1b[31mred"], stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+        env={**os.environ, "RUNE_CONFIG": str(stack.state_dir / "no-config.yaml")})
+    try:
+        def group(d):
+            for body in d.find_elements(By.CSS_SELECTOR, "#live tbody.fanout"):
+                members = body.find_elements(By.CSS_SELECTOR, "tr[data-session]")
+                if len(members) == 2 and marker in members[0].text:
+                    return body, members
+            return None
+
+        body, members = until(driver, group, "both members under one fan-out group")
+        head = body.find_element(By.CSS_SELECTOR, "tr.fanout-head").text
+        assert "2 instances" in head
+        argv = members[0].find_elements(By.TAG_NAME, "td")[4].text
+        assert f"{marker}\\x1b[31mred" in argv  # shown escaped, never interpreted
+        instances = sorted(m.find_elements(By.TAG_NAME, "td")[2].text for m in members)
+        assert instances == ["api-instance-a1-0", "api-instance-a1-1"]
+        shoot(driver, "fanout")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_token_without_audit_sees_nothing(browser, signed_in_stack):  # noqa: F811
     """The `dev` token (exec and list only) signs in but sees no sessions and no events."""
     from selenium.webdriver.common.by import By

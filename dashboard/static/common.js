@@ -23,7 +23,11 @@ const Rune = (() => {
   const bytes = (n) => n < 1024 ? n + " B" : n < 1048576 ? (n / 1024).toFixed(1) + " KiB"
     : (n / 1048576).toFixed(1) + " MiB";
 
-  const clock = (unix) => new Date(unix * 1000).toLocaleString();
+  // Today's times as a time of day; older ones with their date.
+  const clock = (unix) => {
+    const d = new Date(unix * 1000);
+    return d.toDateString() === new Date().toDateString() ? d.toLocaleTimeString() : d.toLocaleString();
+  };
 
   const cell = (row, text, cls) => {
     const td = row.insertCell();
