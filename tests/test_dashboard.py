@@ -125,6 +125,29 @@ async def test_rbac_stays_with_the_apiserver(signed_in_stack):  # noqa: F811
             assert r.status == 403
         async with client.get(f"{base}/api/audit") as r:
             assert r.status == 200 and (await r.json())["events"] == []
+        admin = stack.token_files[stack.admin]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rune.cli.main", "exec", "--api-server", stack.api_address,
+             "--token-file", str(admin), "-v", "api", "sleep", "60"], cwd=ROOT,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env={"PATH": "/usr/bin:/bin", "RUNE_CONFIG": str(stack.state_dir / "none.yaml")})
+        try:
+            found = None
+            while found is None:  # -v says which rule chose the TTY first, then the session
+                line = await asyncio.to_thread(proc.stderr.readline)
+                assert line, "the exec ended before it started"
+                found = re.search(rb"session ([0-9a-f]{32}) on instance", line)
+            sid = found.group(1).decode()
+            async with client.get(f"{base}/api/sessions/{sid}/observe") as r:
+                events = await read_events(r, lambda ev: any(e[1] == "failure" for e in ev))
+            assert "may not observe" in events[-1][2]["error"]
+            async with client.post(f"{base}/api/sessions/{sid}/kill", json={"reason": "no"},
+                                   headers={"X-CSRF-Token": csrf}) as r:
+                assert r.status == 403 and "may not admin" in (await r.json())["error"]
+            assert proc.poll() is None  # still running: nothing was done to it
+        finally:
+            proc.kill()
+            proc.wait()
 
 
 async def test_search_pages_with_the_cursor_and_exports_the_filter(signed_in_stack):  # noqa: F811
