@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -18,8 +19,11 @@ from rune.errors import InvalidArgument, RuneError
 from rune.proto import exec_pb2 as pb
 from rune.subjects import check_token
 
+log = logging.getLogger(__name__)
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+KEEPALIVE = 10.0  # seconds of silence before an observer stream writes a comment
 SNAPSHOT_EVERY = 2.0  # seconds between full refreshes of the live table (durations, idle, bytes)
 MAX_STREAMS = 200  # open event streams at once, so memory stays bounded
 EXPORT_PAGE = 500
@@ -128,8 +132,8 @@ class Routes:
                 follower.cancel()
         except RuneError as exc:
             await stream.fail(exc)
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+        except ConnectionResetError:
+            pass  # the browser went away
         finally:
             self.streams -= 1
         return stream.response
@@ -148,9 +152,23 @@ class Routes:
         session_id = _session_id(request)
         self._open_stream()
         stream = EventStream(request)
+        chunks = self.api.observe(token, session_id)
+        pending: asyncio.Future | None = None
         try:
             await stream.open()
-            async for chunk in self.api.observe(token, session_id):
+            while True:
+                # The same read stays pending across keep-alives (cancelling it would end
+                # the gRPC stream); writing is how a closed browser tab is noticed.
+                pending = pending or asyncio.ensure_future(anext(chunks))
+                done, _ = await asyncio.wait((pending,), timeout=KEEPALIVE)
+                if not done:
+                    await stream.comment("keep-alive")
+                    continue
+                pending = None
+                try:
+                    chunk = done.pop().result()
+                except StopAsyncIteration:
+                    break
                 if chunk.width and chunk.height:
                     await stream.send("size", {"width": chunk.width, "height": chunk.height})
                 if chunk.data:
@@ -161,9 +179,13 @@ class Routes:
                     break
         except RuneError as exc:
             await stream.fail(exc)
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+        except ConnectionResetError:
+            pass  # the browser went away
         finally:
+            if pending is not None:
+                pending.cancel()
+                await asyncio.wait((pending,))
+            await chunks.aclose()
             self.streams -= 1
         return stream.response
 
@@ -195,13 +217,16 @@ class Routes:
             "Content-Disposition": 'attachment; filename="rune-audit.jsonl"'})
         await response.prepare(request)
         reply = first
-        while True:
-            if reply.events:
-                await response.write("".join(e.json + "\n" for e in reply.events).encode())
-            if not reply.next_cursor:
-                break
-            search.cursor = reply.next_cursor
-            reply = await self.api.search(token, search)
+        try:
+            while True:
+                if reply.events:
+                    await response.write("".join(e.json + "\n" for e in reply.events).encode())
+                if not reply.next_cursor:
+                    break
+                search.cursor = reply.next_cursor
+                reply = await self.api.search(token, search)
+        except RuneError as exc:
+            return _cut_short(request, response, exc)
         await response.write_eof()
         return response
 
@@ -221,10 +246,23 @@ class Routes:
         response = web.StreamResponse(headers={"Content-Type": "application/x-asciicast"})
         await response.prepare(request)
         await response.write(first)
-        async for chunk in chunks:
-            await response.write(chunk)
+        try:
+            async for chunk in chunks:
+                await response.write(chunk)
+        except RuneError as exc:
+            return _cut_short(request, response, exc)
         await response.write_eof()
         return response
+
+
+def _cut_short(request: web.Request, response: web.StreamResponse,
+               exc: RuneError) -> web.StreamResponse:
+    """A download that fails half-way must not look complete: end it without its last
+    chunk, so the client reports an incomplete transfer."""
+    log.warning("%s ended early: %s", request.path, exc.message)
+    if request.transport is not None:
+        request.transport.close()
+    return response
 
 
 def _event(item: pb.AuditEvent) -> dict[str, Any]:

@@ -27,6 +27,9 @@ class EventStream:
         head = f"id: {event_id}\n" if event_id is not None else ""
         await self.response.write(f"{head}event: {event}\ndata: {text}\n\n".encode())
 
+    async def comment(self, text: str) -> None:
+        await self.response.write(f": {text}\n\n".encode())
+
     async def fail(self, exc: RuneError) -> None:
         """Tells the page why the stream ends (permission denied, not found, ...)."""
         if self.response.prepared:

@@ -23,7 +23,7 @@ from tests.test_audit_e2e import session_id_of
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-WAIT = 20.0
+WAIT = 30.0  # generous: the 2-core machine may be busy
 
 
 def _browser_missing() -> str | None:
