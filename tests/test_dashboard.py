@@ -302,3 +302,35 @@ async def test_hostile_requests_get_a_clear_refusal(signed_in_stack, path):  # n
             assert r.status in (200, 400), await r.text()
         async with client.get(base + "/healthz") as r:
             assert r.status == 200
+
+
+async def test_observing_a_quiet_session_keeps_the_stream(signed_in_stack):  # noqa: F811
+    """Output after a silence longer than the keep-alive interval still reaches the observer."""
+    import base64
+
+    stack, base = signed_in_stack
+    admin = stack.token_files[stack.admin]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rune.cli.main", "exec", "--api-server", stack.api_address,
+         "--token-file", str(admin), "-v", "-t", "api", "sh", "-c",
+         "echo early; sleep 12; echo late-output; sleep 60"], cwd=ROOT,
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={"PATH": "/usr/bin:/bin", "RUNE_CONFIG": str(stack.state_dir / "none.yaml")})
+    try:
+        found = None
+        while found is None:
+            line = await asyncio.to_thread(proc.stderr.readline)
+            assert line, "the exec ended before it started"
+            found = re.search(rb"session ([0-9a-f]{32}) on instance", line)
+        sid = found.group(1).decode()
+        client, _ = await sign_in(base, stack.admin_token)
+        async with client:
+            async with client.get(f"{base}/api/sessions/{sid}/observe") as r:
+                def seen(events):
+                    text = b"".join(base64.b64decode(e[2]["data"]) for e in events
+                                    if e[1] == "output")
+                    return b"late-output" in text and b"early" in text
+                await read_events(r, seen, timeout=40)
+    finally:
+        proc.kill()
+        proc.wait()
