@@ -49,6 +49,7 @@ def _session_id(value: str) -> str:
 class OperatorRpcs:
     auth: Any
     authz: Any
+    core: Any
     sessions: dict
     oversight: Any
 
@@ -89,8 +90,16 @@ class OperatorRpcs:
                         duration=now - r.started, recorded=r.tap is not None,
                         host=r.host or r.instance.host,
                         idle=0.0 if r.writing else max(0.0, monotonic - r.last_io),
-                        bytes_in=r.bytes_in, bytes_out=r.bytes_out,
-                        fanout_id=getattr(r, "fanout_id", "")))
+                        bytes_in=r.bytes_in, bytes_out=r.bytes_out, fanout_id=r.fanout_id))
+            board = self.core.board
+            for r in board.remote() if board is not None else ():  # other apiservers'
+                if (namespace is None or r["namespace"] == namespace) and \
+                        visible(r["namespace"]):
+                    found.append(pb.SessionInfo(
+                        session_id=r["session_id"], state="active", user=r["user"],
+                        namespace=r["namespace"], instance_id=r["instance"],
+                        command=r["argv"], tty=r["tty"], started=r["started"],
+                        duration=now - r["started"], recorded=r["tty"]))
             active = {s.session_id for s in found}
             recordings = None if request.active_only else self.oversight.recordings
             for m in (await recordings.list()) if recordings is not None else ():
@@ -136,15 +145,22 @@ class OperatorRpcs:
             identity = self._identity(context)
             session_id = _session_id(request.session_id)
             record = self.sessions.get(session_id)
-            if record is None:
-                raise NotFound(f"no active session {session_id} on this API server")
-            self.authz.authorize(identity, "admin", record.instance.namespace)
-            reason = _reason(request.reason)
-            why = f": {reason}" if reason else ""
+            board = self.core.board
+            elsewhere = board.find(session_id) if record is None and board else None
+            if record is None and elsewhere is None:
+                raise NotFound(f"no active session {session_id}")
+            namespace = record.instance.namespace if record else elsewhere["namespace"]
+            self.authz.authorize(identity, "admin", namespace)
+            text = _reason(request.reason)
+            why = f": {text}" if text else ""
             # The user whose session ends reads `Error: session ended by <operator>: <why>`.
-            record.kill_reason = f"ended by {identity.user}{why}"
-            self._operator_event(schema.KILLED, identity, record, reason=reason)
-            record.kill.set()
+            reason = f"ended by {identity.user}{why}"
+            if record is not None:
+                self._operator_event(schema.KILLED, identity, record, reason=text)
+                self.core.kill(session_id, reason)
+            elif not await board.kill(elsewhere, reason):
+                raise Unavailable(f"session {session_id} runs on apiserver "
+                                  f"{elsewhere['apiserver']}, which did not answer the kill")
         except RuneError as exc:
             await _abort(context, exc)
         return pb.KillSessionResponse(killed=True)

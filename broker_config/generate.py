@@ -31,11 +31,15 @@ def public_key(seed: bytes) -> str:
 
 def apiserver_permissions(s: Subjects) -> dict:
     return {
-        # recording_all: TTY recordings go to their own stream (dropped without it).
+        # Recordings are stored by the apiserver too (rune.rec.<session>.data/meta).
+        # Apiservers share their live sessions (a KV bucket) and forward kills to each other.
         "publish": {"allow": [s.agent_all("*"), f"{s.prefix}.in.>", s.audit_all(),
-                              s.recording_all(), "$JS.API.>", "$JS.ACK.>"]},
-        "subscribe": {"allow": [f"{s.prefix}.out.>", s.audit_all(),
+                              s.recording_all(), f"$KV.{s.sessions_bucket}.>",
+                              s.apiserver_all(), "$JS.API.>", "$JS.ACK.>"]},
+        "subscribe": {"allow": [f"{s.prefix}.out.>", s.audit_all(), s.apiserver_all(),
                                 f"{s.inbox('apiserver')}.>"]},
+        # Answer another apiserver's kill request on its reply subject, once each.
+        "allow_responses": True,
     }
 
 

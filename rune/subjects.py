@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+from rune import bounds
 
 
 def check_token(value: str, what: str) -> str:
-    """Ids that become subject tokens must not contain wildcards, dots or spaces."""
-    if not _TOKEN.fullmatch(value or ""):  # fullmatch: "$" would let a trailing "\n" in
-        raise ValueError(f"{what} {value!r} must match [A-Za-z0-9_-]+")
-    return value
+    """Ids that become subject tokens: no wildcards, dots, spaces or newlines, in full."""
+    return bounds.name(value, what)
 
 
 @dataclass(frozen=True)
@@ -53,7 +50,7 @@ class Subjects:
         if not (subject.startswith(head) and subject.endswith(tail)):
             return None
         agent = subject[len(head):-len(tail)]
-        return agent if _TOKEN.match(agent) else None
+        return agent if bounds.NAME.fullmatch(agent) else None
 
     def audit(self, namespace: str, event: str) -> str:
         return f"{self.prefix}.audit.{namespace}.{event}"
@@ -86,6 +83,17 @@ class Subjects:
     @property
     def instances_bucket(self) -> str:
         return f"{self.prefix}_instances"
+
+    @property
+    def sessions_bucket(self) -> str:
+        """Every apiserver's live sessions and leases (apiserver/peers.py)."""
+        return f"{self.prefix}_sessions"
+
+    def apiserver_kill(self, apiserver: str) -> str:
+        return f"{self.prefix}.apiserver.{apiserver}.kill"
+
+    def apiserver_all(self) -> str:
+        return f"{self.prefix}.apiserver.>"
 
     @property
     def audit_stream(self) -> str:
