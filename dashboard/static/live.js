@@ -28,8 +28,11 @@
     if (body === singles) return;
     const n = body.rows.length - 1;
     const first = rows.get(body.rows[1]?.dataset.session || "");
-    body.rows[0].cells[0].textContent = "fan-out " + body.dataset.fanout.slice(0, 8) + " · " +
-      n + " instance" + (n === 1 ? "" : "s") + (first ? " · " + Rune.argv(first.data.argv) : "");
+    if (!first || !first.data) return;
+    const text = "fan-out " + body.dataset.fanout.slice(0, 8) + " · " + n + " instance" +
+      (n === 1 ? "" : "s") + " · " + Rune.argv(first.data.argv);
+    const cell = body.rows[0].cells[0];
+    if (cell.textContent !== text) cell.textContent = text;
   };
 
   const render = (entry) => {
@@ -60,11 +63,11 @@
       actions.append(watch, " ", kill);
       entry = {tr, body};
       rows.set(s.session_id, entry);
-      label(body);
     }
     entry.data = {...(entry.data || {}), ...s};
     entry.at = Date.now() / 1000;
     render(entry);
+    label(entry.body);
   };
 
   const remove = (sid) => {
