@@ -11,7 +11,7 @@ from rune.apiserver.recording import RecordingSettings
 
 from rune import bounds
 
-VERBS = ("exec", "exec-tty", "list", "audit", "admin")
+VERBS = ("exec", "exec-tty", "list", "audit", "observe", "admin")
 
 
 class CommandRules(BaseModel):
