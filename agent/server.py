@@ -10,6 +10,7 @@ import time
 from nats.aio.client import Client as NATS
 from rune.agent.audit import AgentAudit
 from rune.agent.config import AgentConfig
+from rune.agent.files.host import CopyHost
 from rune.agent.metrics import AgentMetrics
 from rune.agent.registry import Registry
 from rune.agent.runners.base import CommandUnavailable, Runner
@@ -26,6 +27,7 @@ from rune.errors import (
     RuneError,
     Unavailable,
 )
+from rune.files.models import COPY_KINDS
 from rune.link import LinkSettings, SessionLink
 from rune.models import ExecOpen, ExecOpened, InstanceInfo
 from rune.natsconn import connect
@@ -53,6 +55,7 @@ class Agent:
         self._stopped = asyncio.Event()
         self.metrics = AgentMetrics(lambda: len(self.sessions))
         self.audit: AgentAudit | None = None
+        self.copies = CopyHost(self)
 
     async def start(self) -> None:
         self.nc = await connect(self.config.nats.url, f"rune-agent {self.config.agent_id}",
@@ -122,7 +125,11 @@ class Agent:
 
     async def _on_exec(self, msg: object) -> None:
         try:
-            request = ExecOpen.model_validate(frames.unpack(msg.data))
+            data = frames.unpack(msg.data)
+            if isinstance(data, dict) and data.get("kind") in COPY_KINDS:
+                await self._reply(msg, await self.copies.answer(data))
+                return
+            request = ExecOpen.model_validate(data)
             check_token(request.session_id, "session id")
         except (ValueError, frames.MalformedFrame) as exc:
             await self._reply(msg, ExecOpened(ok=False, error=InvalidArgument(

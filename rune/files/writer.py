@@ -34,6 +34,7 @@ class FileFailed(Exception):
     def __init__(self, path: str, message: str) -> None:
         super().__init__(f"{path}: {message}")
         self.path = path
+        self.reason = message
 
 
 def _why(exc: OSError) -> str:
