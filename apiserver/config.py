@@ -7,9 +7,10 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, Field, field_validator
 from rune.apiserver.audit import AuditSettings
+from rune.apiserver.copy_policy import CopySettings, PathRules
 from rune.apiserver.recording import RecordingSettings
 
-VERBS = ("exec", "exec-tty", "list", "audit", "admin")
+VERBS = ("exec", "exec-tty", "list", "audit", "admin", "cp-read", "cp-write")
 
 
 class CommandRules(BaseModel):
@@ -29,6 +30,9 @@ class TokenEntry(BaseModel):
 class Role(CommandRules):
     verbs: list[str] = Field(description=f"any of {', '.join(VERBS)}, or *")
     namespaces: list[str] = Field(default_factory=lambda: ["*"])
+    cp_paths: PathRules = Field(default_factory=PathRules,
+                                description="remote paths `rune cp` may read or write")
+    cp_chown: bool = Field(default=False, description="may `rune cp --chown`")
 
     @field_validator("verbs")
     @classmethod
@@ -88,6 +92,7 @@ class ApiServerConfig(BaseModel):
     exec: CommandRules = Field(default_factory=CommandRules,
                                description="command rules for everyone")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    cp: CopySettings = Field(default_factory=CopySettings)
 
 
 def load(path: str | Path | None) -> ApiServerConfig:

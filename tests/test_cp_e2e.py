@@ -1,0 +1,124 @@
+"""`rune cp` end to end on the process stack: real nats-server, apiserver, agent, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from conftest import Rune
+from test_cp_engine import make_tree, snapshot
+
+
+@pytest.fixture(scope="module")
+def cp(stack):
+    r = Rune(stack)
+
+    def run(*args: str, input: bytes | None = None, timeout: float = 120):
+        return r("cp", "--api-server", stack.api_address, "--no-progress", *args,
+                 input=input, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def instance(stack) -> str:
+    return "api-instance-a1-0"
+
+
+def remote(tmp_path: Path, name: str) -> Path:
+    """A fresh directory on this host that the process instances can see as well."""
+    path = tmp_path / name
+    path.mkdir()
+    return path
+
+
+def test_file_up_and_down_identical(cp, instance, tmp_path: Path) -> None:
+    """A random file uploaded then downloaded comes back byte for byte, mode kept."""
+    src = tmp_path / "blob.bin"
+    src.write_bytes(os.urandom(5 * 1024 * 1024 + 3))
+    src.chmod(0o640)
+    there = remote(tmp_path, "there")
+    up = cp(str(src), f"{instance}:{there}/")
+    assert up.returncode == 0, up.stderr
+    assert (there / "blob.bin").read_bytes() == src.read_bytes()
+    assert (there / "blob.bin").stat().st_mode & 0o777 == 0o640
+    back = remote(tmp_path, "back")
+    down = cp(f"{instance}:{there}/blob.bin", str(back / "copy.bin"))
+    assert down.returncode == 0, down.stderr
+    assert hashlib.sha256((back / "copy.bin").read_bytes()).digest() == \
+        hashlib.sha256(src.read_bytes()).digest()
+
+
+def test_tree_round_trip(cp, instance, tmp_path: Path) -> None:
+    """A tree with nested dirs, empty files, symlinks, unicode names and modes round-trips."""
+    make_tree(tmp_path / "tree")
+    there = remote(tmp_path, "there")
+    assert cp("-r", str(tmp_path / "tree"), f"api:{there}").returncode == 0
+    back = remote(tmp_path, "back")
+    result = cp("-r", f"{instance}:{there}/tree", str(back))
+    assert result.returncode == 0, result.stderr
+    assert snapshot(back / "tree") == snapshot(tmp_path / "tree")
+
+
+def test_stdin_and_stdout(cp, instance, tmp_path: Path) -> None:
+    """`-` as SRC reads stdin into one remote file; `-` as DEST writes it to stdout."""
+    there = remote(tmp_path, "there")
+    assert cp("-", f"{instance}:{there}/from-stdin.txt", input=b"piped\n").returncode == 0
+    assert (there / "from-stdin.txt").read_bytes() == b"piped\n"
+    result = cp(f"{instance}:{there}/from-stdin.txt", "-")
+    assert result.returncode == 0 and result.stdout == b"piped\n"
+
+
+def test_cp_semantics_and_exit_codes(cp, instance, tmp_path: Path) -> None:
+    """A directory needs -r (exit 1, one Error line); a missing file is exit 1; bad flags 2."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "f").write_text("f")
+    there = remote(tmp_path, "there")
+    result = cp(str(tmp_path / "d"), str(tmp_path / "f"), f"{instance}:{there}")
+    assert result.returncode == 1
+    assert result.stderr.decode().count("Error:") == 1 and "-r" in result.stderr.decode()
+    assert (there / "f").read_text() == "f"
+    missing = cp(f"{instance}:{there}/nope", str(tmp_path / "x"))
+    assert missing.returncode == 1 and "No such file" in missing.stderr.decode()
+    assert cp(str(tmp_path / "f"), str(tmp_path / "g")).returncode == 2
+    assert cp("--timeout", "soon", str(tmp_path / "f"), f"{instance}:{there}").returncode == 2
+    gone = cp(str(tmp_path / "f"), f"nosuch:{there}")
+    assert gone.returncode == 255 and "not found" in gone.stderr.decode()
+
+
+def test_traversal_in_remote_path_refused(cp, instance, tmp_path: Path) -> None:
+    """`rune cp x api:../../etc/x` is refused with a clear error; nothing written."""
+    (tmp_path / "x").write_text("x")
+    result = cp(str(tmp_path / "x"), "api:../../etc/x")
+    assert result.returncode == 255
+    assert "'..' is not allowed" in result.stderr.decode()
+    assert not Path("/etc/x").exists()
+
+
+def test_local_destination_symlink_refused(cp, instance, tmp_path: Path) -> None:
+    """A download whose local DEST is a symlink to /etc is refused, nothing written."""
+    there = remote(tmp_path, "there")
+    (there / "passwd").write_text("evil\n")
+    os.symlink("/etc", tmp_path / "link")
+    before = Path("/etc/passwd").read_bytes()
+    result = cp(f"{instance}:{there}/passwd", str(tmp_path / "link"))
+    assert result.returncode == 1 and "symlink" in result.stderr.decode()
+    assert Path("/etc/passwd").read_bytes() == before
+
+
+def test_fanout_upload_and_download(cp, tmp_path: Path) -> None:
+    """--all uploads to every instance (summary table); a download from many writes
+    DEST/<instance-id>/."""
+    (tmp_path / "fix.sh").write_text("echo fixed\n")
+    there = remote(tmp_path, "there")
+    result = cp("--all", str(tmp_path / "fix.sh"), f"api:{there}/")
+    assert result.returncode == 0, result.stderr
+    summary = result.stderr.decode()
+    assert "api-instance-a1-0" in summary and "api-instance-a1-1" in summary
+    out = tmp_path / "out"
+    result = cp("--all", f"api:{there}/fix.sh", str(out))
+    assert result.returncode == 0, result.stderr
+    for i in (0, 1):
+        assert (out / f"api-instance-a1-{i}" / "fix.sh").read_text() == "echo fixed\n"
