@@ -122,3 +122,35 @@ def test_fanout_upload_and_download(cp, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     for i in (0, 1):
         assert (out / f"api-instance-a1-{i}" / "fix.sh").read_text() == "echo fixed\n"
+
+
+@pytest.mark.parametrize("target", ["/", "../..", "/etc"])
+def test_remote_tree_with_escaping_symlink_refused(cp, instance, tmp_path: Path,
+                                                   target: str) -> None:
+    """A remote tree whose symlink points to / or ../..: the link is refused with one
+    Error line (exit 1), the rest of the tree arrives, nothing is written through it."""
+    there = remote(tmp_path, "there")
+    (there / "t").mkdir()
+    (there / "t" / "ok").write_text("ok\n")
+    os.symlink(target, there / "t" / "evil")
+    back = remote(tmp_path, "back")
+    result = cp("-r", f"{instance}:{there}/t", str(back))
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.decode().splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "t/evil" in errors[0] and target in errors[0]
+    assert (back / "t" / "ok").read_text() == "ok\n"
+    assert not os.path.lexists(back / "t" / "evil")
+
+
+def test_dereference_copies_what_links_point_to(cp, instance, tmp_path: Path) -> None:
+    """-L follows symlinks: a link to a file arrives as that file's content."""
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "real").write_text("real\n")
+    os.symlink("real", tmp_path / "t" / "link")
+    there = remote(tmp_path, "there")
+    assert cp("-r", "-L", str(tmp_path / "t"), f"{instance}:{there}").returncode == 0
+    assert not (there / "t" / "link").is_symlink()
+    assert (there / "t" / "link").read_text() == "real\n"
+    plain = remote(tmp_path, "plain")
+    assert cp("-r", str(tmp_path / "t"), f"{instance}:{plain}").returncode == 0
+    assert os.readlink(plain / "t" / "link") == "real"

@@ -10,6 +10,7 @@ times and owners are applied last, deepest first. The calls block: run them on a
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
@@ -22,6 +23,15 @@ from rune.files.entries import CopyLimits, EntryRefused, Header, Manifest, parse
 from rune.files.safepath import O_PATH, PathRefused, SafeRoot
 
 SETID = stat.S_ISUID | stat.S_ISGID
+WRITEBACK_EVERY = 8 * 1024 * 1024
+SYNC_FILE_RANGE_WRITE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                  ctypes.c_uint)
+
+
+def _sync_file_range(fd: int, offset: int, nbytes: int, flags: int) -> None:
+    _libc.sync_file_range(fd, offset, nbytes, flags)  # a hint: failure costs only speed
 
 
 class CopyAborted(Exception):
@@ -50,6 +60,7 @@ class _Open:
     fd: int
     hasher: object = field(default_factory=hashlib.sha256)
     written: int = 0
+    flushed: int = 0
 
 
 class TreeWriter:
@@ -179,6 +190,11 @@ class TreeWriter:
             self._fail(FileFailed(current.header.path, _why(exc)))
             return
         current.written += len(chunk)
+        if current.written - current.flushed >= WRITEBACK_EVERY:
+            # Start writing back what is there now, so the closing fsync has little left.
+            _sync_file_range(current.fd, current.flushed, current.written - current.flushed,
+                             SYNC_FILE_RANGE_WRITE)
+            current.flushed = current.written
 
     def end(self, payload: object) -> None:
         current, self._current = self._current, None
