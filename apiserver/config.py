@@ -62,9 +62,10 @@ class AuthConfig(BaseModel):
 class LimitsConfig(BaseModel):
     max_sessions_per_user: int = Field(default=32, description="0 = no limit; off without auth")
     max_sessions_per_agent: int = Field(default=256, description="0 = no limit")
-    max_argv_bytes: int = 128 * 1024
-    max_argc: int = 4096
-    max_env_bytes: int = 64 * 1024
+    # ARG_MAX scale, as docker and kubectl accept; hard caps in rune/bounds.py
+    max_argv_bytes: int = Field(default=1024 * 1024, description="argv bytes in all (<= 1 MiB)")
+    max_argc: int = Field(default=32768, description="arguments (<= 32768)")
+    max_env_bytes: int = Field(default=64 * 1024, description="env bytes in all (<= 64 KiB)")
 
 
 class ApiServerConfig(BaseModel):

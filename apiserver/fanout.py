@@ -1,10 +1,13 @@
-"""Fan-out exec: one request runs a command on many instances, one relayed session each.
+"""Fan-out exec: one request runs a command on many instances, one core session each.
 
-Each instance gets its own session and SessionLink (its own window, so one slow
-or dead instance never stalls the rest). Sessions open in parallel, at most
-`max_parallel` at a time; every frame goes back to the CLI tagged with its
-instance id through one bounded queue and one writer, so the apiserver holds no
-more than the sessions' windows. Each instance ends with exactly one result.
+The request is admitted once (apiserver/admission.py: bounds, RBAC, command policy;
+a refusal is audited as denied), then every selected instance is a member session
+lived through the session core like a single exec: limited, registered (so `sessions
+list/kill` see it), audited with the fan-out's id, timed out and killable on its own.
+Members open in parallel, at most `max_parallel` at a time, each with its own window
+so one slow or dead instance never stalls the rest; every frame goes back to the CLI
+tagged with its instance id through one bounded queue and one writer. Each instance
+ends with exactly one result.
 """
 
 from __future__ import annotations
@@ -12,22 +15,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 
 import grpc
-from rune.apiserver.relay import SessionRecord
+from rune.apiserver.admission import SessionSpec, fanout_fields
 from rune.apiserver.service import ExecService
+from rune.apiserver.session import Session
 
-from rune import errors, frames
-from rune.errors import (
-    DeadlineExceeded,
-    Internal,
-    InvalidArgument,
-    NotFound,
-    NotRunning,
-    RuneError,
-    Unavailable,
-)
-from rune.models import INSTANCE_MARK, ExecOpen, InstanceInfo
+from rune import frames
+from rune.errors import Internal, InvalidArgument, NotFound, NotRunning, RuneError, Unavailable
+from rune.models import INSTANCE_MARK, ExecOpened, InstanceInfo
 from rune.proto import exec_pb2 as pb
 from rune.proto import exec_pb2_grpc as pb_grpc
 
@@ -77,9 +74,9 @@ def select(instances: list[InstanceInfo], request: pb.FanoutRequest,
 
 class FanoutService(pb_grpc.FanoutServiceServicer):
     def __init__(self, exec_service: ExecService) -> None:
-        self.exec = exec_service
-        self.relay = exec_service.relay
-        self.config = exec_service.relay.config
+        self.core = exec_service.core
+        self.admission = exec_service.admission
+        self.config = exec_service.config
 
     async def StreamFanout(self, request: pb.FanoutRequest,  # noqa: N802 - gRPC's name
                            context: grpc.aio.ServicerContext) -> None:
@@ -90,31 +87,72 @@ class FanoutService(pb_grpc.FanoutServiceServicer):
 
     async def _fanout(self, request: pb.FanoutRequest,
                       context: grpc.aio.ServicerContext) -> None:
-        identity = self.exec.auth.authenticate(context.invocation_metadata() or ())
-        namespace = request.namespace or "default"
-        if not request.command:
-            raise InvalidArgument("no command given")
+        identity = self.admission.authenticate(context.invocation_metadata())
+        fanout_id = uuid.uuid4().hex
+        fields = fanout_fields(request)
         if not (request.all or request.instances or request.selector):
-            raise InvalidArgument("fan-out needs --all, --instances or --selector")
-        self.exec.authz.authorize(identity, "exec", namespace, list(request.command))
-        targets = select(list(self.exec.directory.instances.values()), request, namespace)
+            error = InvalidArgument("fan-out needs --all, --instances or --selector")
+            self.admission.deny(identity, SessionSpec.model_construct(**fields), error,
+                                fanout_id)
+            raise error
+        spec = self.admission.admit(identity, fields, fanout_id=fanout_id)
+        try:
+            targets = select(self.core.directory.list(spec.namespace), request,
+                             spec.namespace)
+        except RuneError as exc:
+            self.admission.deny(identity, spec, exc, fanout_id)
+            raise
         parallel = request.max_parallel or DEFAULT_MAX_PARALLEL
         parallel = max(1, min(parallel, self.config.fanout_max_parallel))
-        log.info("fan-out start: user=%s %s/%s instances=%d parallel=%d argv0=%s",
-                 identity.user, namespace, request.target, len(targets), parallel,
-                 request.command[0])
-        run = FanoutRun(self, identity.user, request, targets, parallel)
+        log.info("fan-out %s start: user=%r %s/%s instances=%d parallel=%d", fanout_id,
+                 identity.user, spec.namespace, spec.target, len(targets), parallel)
+        run = FanoutRun(self, identity, spec, fanout_id, request.fail_fast, targets, parallel)
         await run.serve(context)
 
 
-class FanoutRun:
-    """One fan-out: the per-instance sessions, the shared writer, fail-fast."""
+class FanoutMember:
+    """The fan-out member session kind: output tagged with the instance, no stdin."""
 
-    def __init__(self, service: FanoutService, user: str, request: pb.FanoutRequest,
-                 targets: list[InstanceInfo], parallel: int) -> None:
+    name = "fanout"
+
+    def __init__(self, run: FanoutRun, info: InstanceInfo, window: int) -> None:
+        self.run = run
+        self.info = info
+        self.window = window
+        self.session: Session | None = None
+
+    async def started(self, session: Session, opened: ExecOpened) -> None:
+        self.session = session
+        info = self.info
+        await self.run.emit(info, started=pb.Started(
+            session_id=session.record.id, instance_id=info.instance_id,
+            host=session.record.host, agent=info.agent, service=info.service,
+            runner=info.runner))
+
+    async def output(self, session: Session, kind: int, data: bytes) -> None:
+        if kind == frames.STDOUT:
+            await self.run.emit(self.info, stdout=data)
+        else:
+            await self.run.emit(self.info, stderr=data)
+
+    async def exited(self, session: Session, code: int, signal: int) -> None:
+        return None  # the result follows once the core has closed the session
+
+    async def feed(self, session: Session) -> None:
+        await session.close_stdin()  # fan-out forwards no stdin
+
+
+class FanoutRun:
+    """One fan-out: the member sessions, the shared writer, fail-fast."""
+
+    def __init__(self, service: FanoutService, identity: object, spec: SessionSpec,
+                 fanout_id: str, fail_fast: bool, targets: list[InstanceInfo],
+                 parallel: int) -> None:
         self.service = service
-        self.user = user
-        self.request = request
+        self.identity = identity
+        self.spec = spec
+        self.fanout_id = fanout_id
+        self.fail_fast = fail_fast
         self.targets = targets
         self.slots = asyncio.Semaphore(parallel)
         self.out: asyncio.Queue[pb.FanoutResponse | None] = asyncio.Queue(maxsize=parallel)
@@ -130,8 +168,7 @@ class FanoutRun:
         tasks = {asyncio.create_task(self._one(i)): i for i in self.targets}
         try:
             pending = set(tasks)
-            stopper = asyncio.create_task(self.failed.wait()) if self.request.fail_fast \
-                else None
+            stopper = asyncio.create_task(self.failed.wait()) if self.fail_fast else None
             while pending:
                 waiting = pending | {writer} | ({stopper} if stopper else set())
                 done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
@@ -155,7 +192,7 @@ class FanoutRun:
         finally:
             for task in tasks:
                 task.cancel()
-            # Closing the remote ends is shielded inside each task; wait for them briefly.
+            # Closing the remote ends is shielded inside each session; wait for them briefly.
             await asyncio.wait(tasks, timeout=5.0)
             writer.cancel()
 
@@ -166,7 +203,7 @@ class FanoutRun:
                 return
             await context.write(response)
 
-    async def _emit(self, info: InstanceInfo, **fields: object) -> None:
+    async def emit(self, info: InstanceInfo, **fields: object) -> None:
         await self.out.put(pb.FanoutResponse(instance_id=info.instance_id, **fields))
 
     async def _result(self, info: InstanceInfo, status: str, code: int, duration: float,
@@ -175,84 +212,35 @@ class FanoutRun:
                                  duration_seconds=duration, host=host or info.host)
         if error is not None:
             result.error.CopyFrom(pb.Error(code=error.code, message=error.message))
-        await self._emit(info, result=result)
+        await self.emit(info, result=result)
         self.reported.add(info.instance_id)
-        if status in ("unreachable", "failed") or code or signal:
+        if status != "exited" or code or signal:
             self.failed.set()
 
     async def _one(self, info: InstanceInfo) -> None:
         async with self.slots:
-            if self.failed.is_set() and self.request.fail_fast:
+            if self.failed.is_set() and self.fail_fast:
                 return  # reported as cancelled by serve()
             began = time.monotonic()
+            member = FanoutMember(self, info, self.service.config.fanout_window)
             try:
-                await self._session(info, began)
+                record = await self.service.core.run(self.identity, self.spec, info, member,
+                                                     fanout_id=self.fanout_id)
             except RuneError as exc:
+                killed = member.session is not None and member.session.record.kill_reason
+                if killed:
+                    # Ended by an operator: reported like a command killed by SIGKILL.
+                    await self._result(info, "killed", 137, time.monotonic() - began,
+                                       error=exc, host=member.session.record.host)
+                    return
                 status = "unreachable" if isinstance(exc, Unavailable) else "failed"
-                code = exc.exit_code
-                await self._result(info, status, code, time.monotonic() - began, error=exc)
+                await self._result(info, status, exc.exit_code, time.monotonic() - began,
+                                   error=exc)
             except Exception as exc:  # a bug must still end this instance with a result
                 log.exception("fan-out session on %s failed", info.instance_id)
                 await self._result(info, "failed", 255, time.monotonic() - began,
                                    error=Internal(f"internal error: {exc}"))
-
-    async def _session(self, info: InstanceInfo, began: float) -> None:
-        service = self.service
-        relay, config, request = service.relay, service.config, self.request
-        timeout = min(request.timeout_seconds or 300.0, config.max_timeout)
-        record = SessionRecord(id=relay.new_session_id(), user=self.user, instance=info,
-                               argv=list(request.command), tty=False)
-        opening = ExecOpen(
-            session_id=record.id, namespace=info.namespace, instance_id=info.instance_id,
-            argv=list(request.command), env=dict(request.env), workdir=request.workdir,
-            tty=False, timeout=timeout, user=self.user, window=config.fanout_window,
-            heartbeat=config.heartbeat, lost_after=config.lost_after)
-        link = relay.session_link(info, record.id, config.fanout_window)
-        await link.open()
-        sessions, busy = service.exec.sessions, service.exec.directory.busy
-        sessions[record.id] = record
-        busy[info.key] += 1
-        finished = False
-        try:
-            opened = await relay.open_session(info, opening)
-            host = opened.host or info.host
-            await self._emit(info, started=pb.Started(
-                session_id=record.id, instance_id=info.instance_id, host=host,
-                agent=info.agent, service=info.service, runner=info.runner))
-            await link.send(frames.STDIN_EOF)  # fan-out forwards no stdin
-            try:
-                code, sig = await asyncio.wait_for(
-                    self._pump(info, link), timeout + config.heartbeat * 3)
-            except TimeoutError:
-                raise DeadlineExceeded(f"command timed out after {timeout:g}s") from None
-            record.exit_code, record.signal = code, sig
-            finished = True
-            await self._result(info, "exited", code, time.monotonic() - began, signal=sig,
-                               host=host)
-        finally:
-            record.bytes_in, record.bytes_out = link.bytes_out, link.bytes_in
-            busy[info.key] -= 1
-            sessions.pop(record.id, None)
-            if not finished:
-                await asyncio.shield(relay.close_remote(link))
-            await link.close()
-
-    async def _pump(self, info: InstanceInfo, link: object) -> tuple[int, int]:
-        """Forwards one session's output; returns its (code, signal)."""
-        while True:
-            try:
-                kind, payload = await link.recv()
-            except Unavailable as exc:
-                raise Unavailable(f"{exc}; the session ended") from None
-            if kind == frames.STDOUT:
-                await self._emit(info, stdout=payload)
-            elif kind == frames.STDERR:
-                await self._emit(info, stderr=payload)
-            elif kind == frames.EXIT:
-                await link.flush_ack()
-                if not isinstance(payload, dict):
-                    return 255, 0
-                return int(payload.get("code", 255)), int(payload.get("signal", 0))
-            elif kind == frames.ERROR:
-                await link.flush_ack()
-                raise errors.from_wire(payload)
+            else:
+                await self._result(info, "exited", record.exit_code or 0,
+                                   time.monotonic() - began, signal=record.signal,
+                                   host=record.host)

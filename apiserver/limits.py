@@ -1,4 +1,4 @@
-"""Input checks on an exec request and the concurrent-session limits per user and agent."""
+"""The concurrent-session limits per user and per agent."""
 
 from __future__ import annotations
 
@@ -6,32 +6,7 @@ from collections import Counter
 
 from rune.apiserver.config import LimitsConfig
 
-from rune.errors import InvalidArgument, ResourceExhausted
-from rune.proto import exec_pb2 as pb
-
-
-def check_init(init: pb.ExecInit, limits: LimitsConfig) -> None:
-    """Refuses argv/env that are too large or carry NUL bytes, and relative workdirs."""
-    if len(init.command) > limits.max_argc:
-        raise InvalidArgument(f"too many arguments: {len(init.command)} > {limits.max_argc}")
-    argv_bytes = sum(len(a.encode()) + 1 for a in init.command)
-    if argv_bytes > limits.max_argv_bytes:
-        raise InvalidArgument(f"argv too large: {argv_bytes} bytes > {limits.max_argv_bytes}")
-    if any("\0" in a for a in init.command):
-        raise InvalidArgument("argv contains a NUL byte")
-    env_bytes = sum(len(k.encode()) + len(v.encode()) + 2 for k, v in init.env.items())
-    if env_bytes > limits.max_env_bytes:
-        raise InvalidArgument(f"environment too large: {env_bytes} bytes > "
-                              f"{limits.max_env_bytes}")
-    for key, value in init.env.items():
-        if "\0" in key or "\0" in value:
-            raise InvalidArgument("environment contains a NUL byte")
-        if not key or "=" in key:
-            raise InvalidArgument(f"bad environment variable name {key!r}")
-    if init.workdir and not init.workdir.startswith("/"):
-        raise InvalidArgument(f"workdir must be an absolute path, not {init.workdir!r}")
-    if "\0" in init.workdir:
-        raise InvalidArgument("workdir contains a NUL byte")
+from rune.errors import ResourceExhausted
 
 
 class SessionLimits:

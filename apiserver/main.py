@@ -33,11 +33,13 @@ def build_access(config: ApiServerConfig) -> tuple[object, object]:
 
 
 async def serve(config: ApiServerConfig) -> None:
+    from rune.apiserver.admission import Admission
     from rune.apiserver.directory import InstanceDirectory
     from rune.apiserver.fanout import FanoutService
+    from rune.apiserver.limits import SessionLimits
     from rune.apiserver.oversight import start_oversight, stop_oversight
-    from rune.apiserver.relay import Relay
     from rune.apiserver.service import ExecService
+    from rune.apiserver.session import SessionCore
     from rune.apiserver.tls import check_plaintext_allowed, is_loopback, server_credentials
 
     from rune.natsconn import connect
@@ -60,8 +62,9 @@ async def serve(config: ApiServerConfig) -> None:
     if not config.auth.enabled:  # everyone is "anonymous": a per-user cap would be global
         limits = limits.model_copy(update={"max_sessions_per_user": 0})
     oversight = await start_oversight(nc, subjects, config)
-    service = ExecService(directory, Relay(nc, subjects, config), authn, authz, limits,
-                          oversight)
+    core = SessionCore(nc, subjects, config, directory, SessionLimits(limits), oversight)
+    admission = Admission(authn, authz, directory, limits, config.max_timeout, oversight)
+    service = ExecService(core, admission)
     # gRPC's own cap sits above ours, so an oversized message reaches our check and is
     # refused as INVALID_ARGUMENT with a clear message instead of a transport error.
     options = [

@@ -31,8 +31,9 @@ def public_key(seed: bytes) -> str:
 
 def apiserver_permissions(s: Subjects) -> dict:
     return {
+        # Recordings are stored by the apiserver too (rune.rec.<session>.data/meta).
         "publish": {"allow": [s.agent_all("*"), f"{s.prefix}.in.>", s.audit_all(),
-                              "$JS.API.>", "$JS.ACK.>"]},
+                              s.recording_all(), "$JS.API.>", "$JS.ACK.>"]},
         "subscribe": {"allow": [f"{s.prefix}.out.>", s.audit_all(),
                                 f"{s.inbox('apiserver')}.>"]},
     }

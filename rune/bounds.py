@@ -21,6 +21,8 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 
+from rune.errors import InvalidArgument
+
 NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 LABEL_KEY = re.compile(r"[A-Za-z0-9_./-]{1,128}")
 MAX_LABEL_VALUE = 256
@@ -34,8 +36,9 @@ MAX_PATH_BYTES = 4096
 MAX_TERM = 64
 
 
-class OutOfBounds(ValueError):
-    """A request field is outside its documented bounds; the message names the field."""
+class OutOfBounds(InvalidArgument, ValueError):
+    """A request field is outside its documented bounds; the message names the field.
+    A ValueError too, so that pydantic validators report it as the field's error."""
 
 
 def name(value: object, what: str) -> str:

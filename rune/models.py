@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 from rune import bounds
+
+
+def _named(check: object) -> AfterValidator:
+    """A bounds check given the field's name, for the message."""
+    return AfterValidator(lambda value, info: check(value, info.field_name.replace("_", " ")))
+
+
+# Request fields with their bounds (rune/bounds.py), shared by every request model.
+Name = Annotated[str, _named(bounds.name)]
+Argv = Annotated[list[str], AfterValidator(bounds.argv)]
+Env = Annotated[dict[str, str], AfterValidator(bounds.env)]
+Workdir = Annotated[str, AfterValidator(bounds.workdir)]
+TerminalSize = Annotated[int, _named(bounds.terminal_size)]
+Seconds = Annotated[float, _named(bounds.timeout)]
 
 InstanceState = Literal["starting", "running", "exited", "restarting", "stopped", "lost"]
 INSTANCE_MARK = "-instance-"
@@ -36,51 +50,21 @@ class InstanceInfo(BaseModel):
 class ExecOpen(BaseModel):
     """The apiserver's request to an agent to open a session (rune.agent.<id>.exec)."""
 
-    session_id: str
-    namespace: str
-    instance_id: str
-    argv: list[str] = Field(min_length=1)
-    env: dict[str, str] = Field(default_factory=dict)
-    workdir: str = ""
+    # The agent trusts no caller: the same bounds as the apiserver's, checked again here.
+    session_id: Name
+    namespace: Name
+    instance_id: Name
+    argv: Argv
+    env: Env = Field(default_factory=dict)
+    workdir: Workdir = ""
     tty: bool = False
-    width: int = 80
-    height: int = 24
-    timeout: float = 300.0
+    width: TerminalSize = 80
+    height: TerminalSize = 24
+    timeout: Seconds = 300.0
     user: str = ""  # the rune user who asked (for audit), not an OS account
     window: int = 4 * 1024 * 1024
-    heartbeat: float = 2.0
+    heartbeat: Seconds = 2.0
     lost_after: int = Field(default=3, ge=1, le=1000)
-
-    # The agent trusts no caller: the same bounds as the apiserver's, checked again here.
-    @field_validator("session_id", "namespace", "instance_id")
-    @classmethod
-    def _names(cls, value: str, info: object) -> str:
-        return bounds.name(value, info.field_name.replace("_", " "))
-
-    @field_validator("argv")
-    @classmethod
-    def _argv(cls, value: list[str]) -> list[str]:
-        return bounds.argv(value)
-
-    @field_validator("env")
-    @classmethod
-    def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        return bounds.env(value)
-
-    @field_validator("workdir")
-    @classmethod
-    def _workdir(cls, value: str) -> str:
-        return bounds.workdir(value)
-
-    @field_validator("width", "height")
-    @classmethod
-    def _size(cls, value: int, info: object) -> int:
-        return bounds.terminal_size(value, info.field_name)
-
-    @field_validator("timeout", "heartbeat")
-    @classmethod
-    def _seconds(cls, value: float, info: object) -> float:
-        return bounds.timeout(value, info.field_name)
 
     @field_validator("window")
     @classmethod
