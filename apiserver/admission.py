@@ -102,12 +102,12 @@ class Admission:
         return self.auth.authenticate(metadata or ())
 
     def admit(self, identity: Any, fields: dict[str, Any], tty_verb: bool = False,
-              fanout_id: str = "") -> SessionSpec:
+              fanout_id: str = "", verb: str = "") -> SessionSpec:
         """The checked, authorized spec; every refusal is audited as denied, then raised."""
         spec = _raw(fields)
         try:
             spec = decode(fields, self.limits, self.max_timeout)
-            verb = "exec-tty" if spec.tty or tty_verb else "exec"
+            verb = verb or ("exec-tty" if spec.tty or tty_verb else "exec")
             try:
                 self.authz.authorize(identity, verb, spec.namespace, spec.argv)
             except PermissionDenied as exc:

@@ -1,218 +1,231 @@
-"""Relays a copy's entries between the CLI's gRPC stream and one or more agents.
+"""The copy session kind: what a copy supplies to the session core (apiserver/session.py).
 
-cp-write: each message from the client becomes a frame on every instance's link (each
-with its own credit: the slowest instance sets the pace, memory stays bounded); the
-agents' replies (file errors, done) go back tagged with their instance. cp-read: each
-agent's tree goes to the client as it comes, a message per frame, so gRPC's own flow
-control and the link's credit hold the data back end to end.
+    open_request  a CopyOpen (cp-read / cp-write, paths, limits) instead of an ExecOpen
+    feed          cp-write: the client's entries, frame by frame, onto the link
+    relay         the agent's frames to the client: the tree (cp-read), file errors, done
+
+Everything else — limits, registration, kill, idle and session timeouts, audit — is the
+core's. With several instances one Broadcast reads the client's stream once and hands
+each message to every member (a bounded queue each, so the slowest sets the pace and
+memory stays bounded).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from rune.apiserver.config import ApiServerConfig
-from rune.apiserver.relay import Relay, SessionRecord
+from rune.apiserver.session import Session
 
 from rune import errors, frames
-from rune.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, RuneError, Unavailable
+from rune.errors import InvalidArgument, ResourceExhausted, Unavailable
 from rune.files import grpcwire
 from rune.files.models import CopyOpen
-from rune.link import SessionLink
-from rune.models import InstanceInfo
+from rune.models import ExecOpened, InstanceInfo
 from rune.proto import exec_pb2 as pb
-
-log = logging.getLogger(__name__)
 
 COPY_REPLIES = frozenset((frames.FILE_HEADER, frames.FILE_DATA, frames.FILE_END,
                           frames.FILE_ERROR, frames.COPY_DONE, frames.ERROR))
+QUEUE_DEPTH = 4  # messages (of up to ~1 MiB) waiting per member
+_DONE = object()
 
 
-@dataclass
-class CopyMember:
-    """One instance's copy: its session record, link and how it ended."""
+class Broadcast:
+    """The client's cp-write stream, read once, for every member still copying."""
 
-    info: InstanceInfo
-    record: SessionRecord
-    request: CopyOpen
-    link: SessionLink
-    began: float
-    identity: Any
-    opened: bool = False
-    done: dict | None = None
-    error: RuneError | None = None
-    bytes_to_agent: int = 0
-    bytes_from_agent: int = 0
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    def __init__(self, context: grpc.aio.ServicerContext, expected: int, max_message: int,
+                 max_bytes: int) -> None:
+        self.context = context
+        self.max_message = max_message
+        self.max_bytes = max_bytes
+        self._expected = expected
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._settled = 0
+        self._all_settled = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        if expected == 0:
+            self._all_settled.set()
 
+    def join(self, key: str) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue(QUEUE_DEPTH)
+        self._queues[key] = queue
+        self._settle()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+        return queue
 
-class CopyRelay:
-    def __init__(self, config: ApiServerConfig) -> None:
-        self.config = config
-        self._write_lock = asyncio.Lock()
-
-    async def open(self, relay: Relay, member: CopyMember, fanout: bool) -> None:
-        """Opens the agent's end; in a fan-out a failure is that member's, not the copy's."""
-        try:
-            await member.link.open()
-            opened = await relay.nc.request(
-                relay.subjects.agent_exec(member.info.agent),
-                frames.pack(member.request.model_dump()), timeout=self.config.open_timeout)
-            from rune.models import ExecOpened
-
-            reply = ExecOpened.model_validate(frames.unpack(opened.data))
-            if not reply.ok:
-                raise errors.from_wire(reply.error)
-            member.opened = True
-            member.record.host = reply.host or member.info.host
-            member.record.opened = time.time()
-        except RuneError as exc:
-            member.error = exc
-        except Exception as exc:  # no responders, timeout, broker gone
-            member.error = Unavailable(f"agent {member.info.agent} is not reachable "
-                                       f"({type(exc).__name__})")
-        if member.error is not None and not fanout:
-            raise member.error
-
-    def error_response(self, member: CopyMember, fanout: bool) -> pb.CopyResponse:
-        error = member.error or RuneError("copy failed")
-        return pb.CopyResponse(instance_id=member.info.instance_id if fanout else "",
-                               error=pb.Error(code=error.code, message=error.message))
-
-    async def _write(self, context: grpc.aio.ServicerContext, response: pb.CopyResponse) -> None:
-        async with self._write_lock:  # several members answer on one stream
-            await context.write(response)
-
-    async def run(self, context: grpc.aio.ServicerContext, init: pb.CopyInit,
-                  members: list[CopyMember], fanout: bool) -> None:
-        live = [m for m in members if m.error is None]
-        if not live:
+    def leave(self, key: str) -> None:
+        """A member that ended (or never started): nothing more is queued for it."""
+        queue = self._queues.pop(key, None)
+        if queue is None:
+            self._settle()
             return
-        timeout = members[0].request.timeout + self.config.heartbeat * 3
-        pumps = [asyncio.create_task(self._from_agent(context, m, fanout)) for m in live]
-        tasks = list(pumps)
-        if init.kind == "cp-write":
-            tasks.append(asyncio.create_task(self._to_agents(context, live)))
-        kills = [asyncio.ensure_future(m.record.kill.wait()) for m in live]
-        try:
-            pending = set(tasks)
-            deadline = time.monotonic() + timeout
-            while pending & set(pumps):
-                done, pending = await asyncio.wait(
-                    pending | set(kills), timeout=deadline - time.monotonic(),
-                    return_when=asyncio.FIRST_COMPLETED)
-                pending -= set(kills)
-                if not done:
-                    raise DeadlineExceeded(f"copy timed out after {timeout:g}s")
-                for member, kill in zip(live, kills, strict=True):
-                    if kill in done:
-                        raise Unavailable(f"session ended: {member.record.kill_reason}")
-                for task in done:
-                    if task in tasks and task.exception() is not None:
-                        raise task.exception()
-        finally:
-            for task in (*tasks, *kills):
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        while not queue.empty():  # a put() blocked on it can finish
+            queue.get_nowait()
 
-    async def _to_agents(self, context: grpc.aio.ServicerContext,
-                         members: list[CopyMember]) -> None:
-        """The client's tree, frame by frame, to every live member."""
-        cap = self.config.cp.limits.max_bytes
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def _settle(self) -> None:
+        self._settled += 1
+        if self._settled >= self._expected:
+            self._all_settled.set()
+
+    async def _run(self) -> None:
+        # Members open at their own pace: start reading once each has joined or failed.
+        await self._all_settled.wait()
         sent = 0
+        try:
+            while True:
+                request = await self.context.read()
+                if request is grpc.aio.EOF:
+                    raise InvalidArgument("the client ended the copy before it was done")
+                if request.ByteSize() > self.max_message:
+                    raise InvalidArgument("message exceeds the maximum message size")
+                which = request.WhichOneof("msg")
+                if which not in ("header", "data", "end", "done"):
+                    raise InvalidArgument(f"unexpected {which or 'empty'} message in a copy")
+                if which == "data":
+                    sent += len(request.data)
+                    if self.max_bytes and sent > self.max_bytes:
+                        raise ResourceExhausted(f"copy exceeds its cap of {self.max_bytes} "
+                                                "bytes")
+                await self._put(request)
+                if which == "done":
+                    return
+        except (errors.RuneError, grpc.aio.AioRpcError) as exc:
+            failure = exc if isinstance(exc, errors.RuneError) else Unavailable(
+                f"the client stream broke: {exc.code().name}")
+            await self._put(failure)
+
+    async def _put(self, item: object) -> None:
+        for queue in list(self._queues.values()):
+            await queue.put(item)
+
+
+class CopyKind:
+    """One instance's copy inside the core."""
+
+    accepts = COPY_REPLIES
+
+    def __init__(self, run: Any, info: InstanceInfo, request: dict[str, Any],
+                 window: int) -> None:
+        self.run = run
+        self.info = info
+        self.request = request
+        self.name = request["kind"]
+        self.window = window
+        self.tag = info.instance_id if run.fanout else ""
+        self.session: Session | None = None
+        self.done: dict | None = None
+
+    def open_request(self, session: Session) -> CopyOpen:
+        record = session.record
+        return CopyOpen(session_id=record.id, namespace=self.info.namespace,
+                        instance_id=self.info.instance_id, timeout=session.spec.timeout,
+                        user=record.user, window=self.window,
+                        heartbeat=self.run.config.heartbeat,
+                        lost_after=self.run.config.lost_after, **self.request)
+
+    async def started(self, session: Session, opened: ExecOpened) -> None:
+        self.session = session
+        record = session.record
+        if not self.run.fanout:
+            self.run.context.set_trailing_metadata((("rune-session", record.id),))
+        await self.run.write(pb.CopyResponse(instance_id=self.tag, started=pb.Started(
+            session_id=record.id, instance_id=self.info.instance_id, host=record.host,
+            agent=self.info.agent, service=self.info.service, runner=self.info.runner)))
+
+    async def output(self, session: Session, kind: int, data: bytes) -> None:
+        return None  # a copy's frames go through relay()
+
+    async def exited(self, session: Session, code: int, signal: int) -> None:
+        return None
+
+    async def feed(self, session: Session) -> None:
+        if self.name != "cp-write":
+            return  # nothing flows from the client in a download
+        queue = self.run.broadcast.join(self.info.instance_id)
+        link, record = session.link, session.record
         while True:
-            request = await context.read()
-            if request is grpc.aio.EOF:
-                raise InvalidArgument("the client ended the copy before it was done")
-            if request.ByteSize() > self.config.max_message:
-                raise InvalidArgument("message exceeds the maximum message size")
-            which = request.WhichOneof("msg")
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            record.last_io = time.monotonic()
+            which = item.WhichOneof("msg")
             if which == "data":
-                data = request.data
-                sent += len(data)
-                if cap and sent > cap:
-                    raise ResourceExhausted(f"copy exceeds its cap of {cap} bytes")
+                data = item.data
                 for i in range(0, len(data), frames.MAX_DATA):
                     chunk = data[i:i + frames.MAX_DATA]
-                    await self._send_all(members, frames.FILE_DATA, chunk, len(chunk))
+                    await link.send(frames.FILE_DATA, chunk, len(chunk))
             elif which == "header":
-                await self._send_all(members, frames.FILE_HEADER,
-                                     grpcwire.header_dict(request.header))
+                await link.send(frames.FILE_HEADER, grpcwire.header_dict(item.header))
             elif which == "end":
-                await self._send_all(members, frames.FILE_END, grpcwire.end_dict(request.end))
-            elif which == "done":
-                await self._send_all(members, frames.COPY_DONE, {})
-                return
+                await link.send(frames.FILE_END, grpcwire.end_dict(item.end))
             else:
-                raise InvalidArgument(f"unexpected {which or 'empty'} message in a copy")
+                await link.send(frames.COPY_DONE, {})
+                return
 
-    async def _send_all(self, members: list[CopyMember], kind: int, payload: object,
-                        size: int = 0) -> None:
-        targets = [m for m in members if m.error is None and m.done is None]
-        for member in targets:
-            member.bytes_to_agent += size
-        if len(targets) == 1:
-            await targets[0].link.send(kind, payload, size)
-        else:
-            await asyncio.gather(*(m.link.send(kind, payload, size) for m in targets))
-
-    async def _from_agent(self, context: grpc.aio.ServicerContext, member: CopyMember,
-                          fanout: bool) -> None:
-        """One member's frames to the client until its done or error."""
-        tag = member.info.instance_id if fanout else ""
-        cap = self.config.cp.limits.max_bytes
+    async def relay(self, session: Session) -> None:
+        """The agent's frames until its done (or error); done sets the exit and audit."""
+        link, record = session.link, session.record
+        cap = self.run.config.cp.limits.max_bytes
+        received = 0
         while True:
             try:
-                kind, payload = await member.link.recv()
+                kind, payload = await link.recv()
             except Unavailable as exc:
-                failure = Unavailable(f"{exc}; the copy ended")
-                if not fanout:
-                    raise failure from None
-                member.error = failure
-                await self._write(context, self.error_response(member, fanout))
-                return
+                raise Unavailable(f"{exc}; the copy ended") from None
+            record.last_io = time.monotonic()
+            response = self._response(kind, payload)
             if kind == frames.FILE_DATA:
-                member.bytes_from_agent += len(payload)
-                if cap and member.bytes_from_agent > cap:
+                received += len(payload)
+                if cap and received > cap:
                     raise ResourceExhausted(f"copy exceeds its cap of {cap} bytes")
-                await self._write(context, pb.CopyResponse(instance_id=tag, data=payload))
-            elif kind == frames.FILE_HEADER and isinstance(payload, dict):
-                await self._write(context, pb.CopyResponse(
-                    instance_id=tag, header=grpcwire.header_pb(payload)))
-            elif kind == frames.FILE_END and isinstance(payload, dict):
-                await self._write(context, pb.CopyResponse(instance_id=tag,
-                                                           end=grpcwire.end_pb(payload)))
-            elif kind == frames.FILE_ERROR and isinstance(payload, dict):
-                await self._write(context, pb.CopyResponse(instance_id=tag, file_error=pb.FileError(
-                    path=str(payload.get("path", "")), message=str(payload.get("message", "")))))
-            elif kind == frames.COPY_DONE:
-                member.done = payload if isinstance(payload, dict) else {}
-                await member.link.flush_ack()
-                await self._write(context, pb.CopyResponse(
-                    instance_id=tag, done=grpcwire.done_pb(member.done)))
-                return
             elif kind == frames.ERROR:
-                await member.link.flush_ack()
-                member.error = errors.from_wire(payload)
-                if not fanout:
-                    raise member.error
-                await self._write(context, self.error_response(member, fanout))
+                await link.flush_ack()
+                raise errors.from_wire(payload)
+            elif kind == frames.COPY_DONE:
+                await link.flush_ack()
+                self.done = payload if isinstance(payload, dict) else {}
+                record.exit_code = 1 if self.done.get("failed") else 0
+                record.extra = audit_fields(self.done)
+            if response is not None:
+                record.writing = True
+                try:
+                    await self.run.write(response)
+                finally:
+                    record.writing = False
+            if kind == frames.COPY_DONE:
                 return
 
-    async def close(self, member: CopyMember) -> None:
-        """Tells an agent whose copy did not finish to stop (it discards partial files)."""
-        link = member.link
-        member.record.bytes_in, member.record.bytes_out = (member.bytes_to_agent,
-                                                           member.bytes_from_agent)
-        if member.opened and member.done is None and member.error is None:
-            try:
-                await link.send(frames.CLOSE, "client gone")
-                await link.flush_ack()
-            except Exception:
-                pass
-        await link.close()
+    def _response(self, kind: int, payload: Any) -> pb.CopyResponse | None:
+        tag = self.tag
+        if kind == frames.FILE_DATA:
+            return pb.CopyResponse(instance_id=tag, data=payload)
+        if not isinstance(payload, dict):
+            return None
+        if kind == frames.FILE_HEADER:
+            return pb.CopyResponse(instance_id=tag, header=grpcwire.header_pb(payload))
+        if kind == frames.FILE_END:
+            return pb.CopyResponse(instance_id=tag, end=grpcwire.end_pb(payload))
+        if kind == frames.FILE_ERROR:
+            return pb.CopyResponse(instance_id=tag, file_error=pb.FileError(
+                path=str(payload.get("path", ""))[:4096],
+                message=str(payload.get("message", ""))[:4096]))
+        if kind == frames.COPY_DONE:
+            return pb.CopyResponse(instance_id=tag, done=grpcwire.done_pb(payload))
+        return None
+
+
+def audit_fields(done: dict[str, Any]) -> dict[str, Any]:
+    """What the ended event says of a copy: files, bytes, each file's SHA-256, manifest."""
+    digests = done.get("sha256")
+    return {"files": int(done.get("files", 0)), "bytes": int(done.get("bytes", 0)),
+            "failed_files": int(done.get("failed", 0)),
+            "manifest_sha256": str(done.get("manifest_sha256", ""))[:64],
+            "sha256": dict(list(digests.items())[:1000]) if isinstance(digests, dict) else {},
+            "outcome": "partial" if done.get("failed") else "success"}

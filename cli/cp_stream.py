@@ -139,27 +139,25 @@ class CopyCall:
             pass  # the server already ended the call (a refused token): read says why
         except grpc.aio.AioRpcError as exc:
             raise self.client.translate(exc) from None
-        expected = 1
-        while len(self.members) < expected:
-            response = await self._read()
-            if response is None:
-                raise Unavailable("the API server closed the stream before the copy started")
-            which = response.WhichOneof("msg")
-            if which == "plan":
-                expected = len(response.plan.instances)
-                continue
-            key = response.instance_id
-            if which == "started":
-                s = response.started
-                self.members[key] = Member(InstanceResult(s.instance_id, s.service, s.agent,
-                                                          s.host))
-            elif which == "error":
-                member = Member(InstanceResult(key, status="unreachable",
-                                               error=response.error.message, code=255))
-                member.done = True
-                self.members[key] = member
-            if not p.upload and which == "started":
-                self.members[key].sink = self._sink or await self._local_sink(key)
+        first = await self._read()
+        if first is None:
+            raise Unavailable("the API server closed the stream before the copy started")
+        if first.WhichOneof("msg") == "plan":
+            for i in first.plan.instances:
+                self.members[i.instance_id] = Member(InstanceResult(
+                    i.instance_id, i.service, i.agent, i.host))
+        else:
+            await self._handle(first)
+
+    async def _on_started(self, key: str, started: pb.Started) -> None:
+        member = self.members.get(key)
+        if member is None:
+            member = self.members[key] = Member(InstanceResult(started.instance_id))
+        r = member.result
+        r.service, r.agent, r.host = started.service, started.agent, started.host
+        member.began = time.monotonic()
+        if not self.plan.upload:
+            member.sink = self._sink or await self._local_sink(started.instance_id)
 
     async def run(self) -> list[InstanceResult]:
         if not self.plan.upload and not self.plan.fanout:
@@ -248,27 +246,35 @@ class CopyCall:
 
     async def _replies(self) -> None:
         """Reads until every member is done: file errors, done, errors, download data."""
-        while not all(m.done for m in self.members.values()):
+        while not self.members or not all(m.done for m in self.members.values()):
             response = await self._read()
             if response is None:
                 raise Unavailable("the API server ended the copy stream early")
-            member = self.members.get(response.instance_id)
-            if member is None:
-                continue
-            which = response.WhichOneof("msg")
-            if which in ("header", "data", "end"):
-                await self._download(member, which, response)
-            elif which == "file_error":
-                member.failed += 1
-                e = response.file_error
-                self._file_error(member, f"{e.path}: {e.message}" if e.path else e.message)
-            elif which == "done":
-                await self._finish(member)
-            elif which == "error":
-                member.done = True
-                member.result.status, member.result.code = "failed", 255
-                member.result.error = response.error.message
-                member.result.duration = time.monotonic() - member.began
+            await self._handle(response)
+
+    async def _handle(self, response: pb.CopyResponse) -> None:
+        which = response.WhichOneof("msg")
+        key = response.instance_id
+        if which == "started":
+            await self._on_started(key, response.started)
+            return
+        member = self.members.get(key)
+        if member is None:
+            return
+        if which in ("header", "data", "end"):
+            await self._download(member, which, response)
+        elif which == "file_error":
+            member.failed += 1
+            e = response.file_error
+            self._file_error(member, f"{e.path}: {e.message}" if e.path else e.message)
+        elif which == "done":
+            await self._finish(member)
+        elif which == "error":
+            member.done = True
+            r = member.result
+            r.status = "unreachable" if response.error.code == "unavailable" else "failed"
+            r.code, r.error = 255, response.error.message
+            r.duration = time.monotonic() - member.began
 
     async def _download(self, member: Member, which: str, response: pb.CopyResponse) -> None:
         sink = member.sink

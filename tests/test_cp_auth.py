@@ -82,9 +82,9 @@ def test_dev_without_cp_write_in_prod_is_refused_and_audited(secure, tmp_path: P
     assert 'may not cp-write in namespace "prod"' in result.stderr.decode()
     assert not dest.exists()
     denied = audit_events(secure, "prod", lambda e: e.get("event") == "session.denied"
-                          and e.get("kind") == "cp-write" and e.get("user") == DEV_USER)
-    assert denied and denied[0]["direction"] == "upload"
-    assert denied[0]["dest"] == str(dest) and denied[0]["code"] == "permission_denied"
+                          and e.get("argv", [None])[0] == "rune-cp" and e.get("user") == DEV_USER)
+    assert denied and denied[0]["argv"] == ["rune-cp", "cp-write", "x", str(dest)]
+    assert denied[0]["code"] == "permission_denied"
 
 
 def test_cp_paths_allow_and_deny(secure) -> None:
@@ -105,8 +105,8 @@ def test_cp_paths_allow_and_deny(secure) -> None:
 
 
 def test_one_audit_event_per_copy_with_digests(secure) -> None:
-    """A finished copy is one session.ended event: direction, paths, files, bytes and the
-    SHA-256 of each file plus a manifest digest."""
+    """A copy is a session like any other (session.started, then one session.ended) and
+    its ended event says what moved: files, bytes, each file's SHA-256, a manifest digest."""
     import hashlib
 
     drop = secure.state_dir / "drop"
@@ -114,12 +114,12 @@ def test_one_audit_event_per_copy_with_digests(secure) -> None:
     out = secure.state_dir / "downloaded.bin"
     result = rune(secure, "bob", "cp", "--no-progress", f"api:{drop}/audited.bin", str(out))
     assert result.returncode == 0, result.stderr
+    argv = ["rune-cp", "cp-read", f"{drop}/audited.bin"]
     ended = audit_events(secure, "default", lambda e: e.get("event") == "session.ended"
-                         and e.get("kind") == "cp-read"
-                         and e.get("paths") == [f"{drop}/audited.bin"])
+                         and e.get("argv") == argv)
     assert len(ended) == 1
     event = ended[0]
-    assert event["user"] == "bob" and event["direction"] == "download"
+    assert event["user"] == "bob" and event["kind"] == "cp-read" and event["exit_code"] == 0
     assert event["files"] == 1 and event["bytes"] == 1000 and event["outcome"] == "success"
     assert event["sha256"] == {"audited.bin": hashlib.sha256(b"a" * 1000).hexdigest()}
     assert len(event["manifest_sha256"]) == 64
