@@ -429,3 +429,19 @@ def test_race_reader_never_follows_a_swapped_link(tmp_path: Path) -> None:
 def test_openat2_is_used_where_the_kernel_has_it() -> None:
     """This kernel has openat2: the in-root resolution is the kernel's own."""
     assert safepath.openat2_available()
+
+
+def test_small_files_become_visible_only_once_synced(tmp_path: Path) -> None:
+    """Small files are synced in batches: until the batch is synced and renamed none of
+    them is at its name, and a copy that stops before leaves neither them nor temps."""
+    root = SafeRoot.at(str(tmp_path))
+    writer = TreeWriter(root, ".")
+    for i in range(50):
+        for kind, payload in file_entries(f"f{i}", b"x" * i):
+            getattr(writer, kind)(payload)
+    assert not any(p.name.startswith("f") for p in tmp_path.iterdir())
+    writer.close()
+    root.close()
+    assert list(tmp_path.iterdir()) == []
+    errors = feed(tmp_path, ".", [e for i in range(50) for e in file_entries(f"f{i}", b"y")])
+    assert errors == [] and len(list(tmp_path.iterdir())) == 50
