@@ -154,3 +154,16 @@ def test_dereference_copies_what_links_point_to(cp, instance, tmp_path: Path) ->
     plain = remote(tmp_path, "plain")
     assert cp("-r", str(tmp_path / "t"), f"{instance}:{plain}").returncode == 0
     assert os.readlink(plain / "t" / "link") == "real"
+
+
+def test_progress_on_request(stack, instance, tmp_path: Path) -> None:
+    """--progress draws bytes, rate and ETA on stderr (rich) and changes nothing else."""
+    src = tmp_path / "p.bin"
+    src.write_bytes(os.urandom(3 * 1024 * 1024))
+    there = remote(tmp_path, "there")
+    result = Rune(stack, env={"COLUMNS": "120"})(
+        "cp", "--api-server", stack.api_address, "--progress", str(src),
+        f"{instance}:{there}/")
+    assert result.returncode == 0, result.stderr
+    assert b"Error" not in result.stderr
+    assert (there / "p.bin").read_bytes() == src.read_bytes()
