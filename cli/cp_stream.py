@@ -18,7 +18,7 @@ from rune.cli.client import ApiClient
 from rune.cli.cp_progress import CopyProgress
 from rune.cli.fanout_output import InstanceResult
 
-from rune.errors import InvalidArgument, RuneError, Unavailable
+from rune.errors import InvalidArgument, Unavailable
 from rune.files import grpcwire
 from rune.files.entries import CopyLimits
 from rune.files.pump import TreeSink, stream_tree
@@ -313,7 +313,7 @@ class CopyCall:
         self.report(prefix + text)
 
 
-class _CallEnded(RuneError):
+class _CallEnded(Exception):
     """Writing failed because the call is over; the reply stream says how it ended."""
 
 

@@ -23,7 +23,7 @@ from rune.files.models import CopyOpen
 from rune.files.pump import TreeSink, stream_tree
 from rune.files.reader import TreeReader, safepath_reason
 from rune.files.worker import FileWorker
-from rune.files.writer import CopyAborted, TreeWriter
+from rune.files.writer import CapExceeded, CopyAborted, TreeWriter
 from rune.link import SessionLink
 
 log = logging.getLogger(__name__)
@@ -141,9 +141,10 @@ class CopySession:
                 await self._report(sink)
             manifest = await sink.finish()
             await self._report(sink)
+        except CapExceeded as exc:
+            raise ResourceExhausted(str(exc)) from None
         except CopyAborted as exc:
-            raise (ResourceExhausted if "cap" in str(exc) or "more than" in str(exc)
-                   else InvalidArgument)(str(exc)) from None
+            raise InvalidArgument(str(exc)) from None
         finally:
             await sink.abort()
         self.result = {**manifest.summary(), "failed": self.failures}

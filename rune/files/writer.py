@@ -41,6 +41,10 @@ class CopyAborted(Exception):
     """The whole copy must stop (a cap was passed, or the stream itself is broken)."""
 
 
+class CapExceeded(CopyAborted):
+    """The copy passed one of its caps (bytes, files)."""
+
+
 class FileFailed(Exception):
     """One entry could not be written; the copy goes on with the next one."""
 
@@ -157,7 +161,7 @@ class TreeWriter:
             self._fail(FileFailed(str(path), str(exc).removeprefix(f"{path}: ")))
             return
         if self.manifest.files + len(self._unsynced) >= self.limits.max_files:
-            raise CopyAborted(f"more than {self.limits.max_files} files in one copy")
+            raise CapExceeded(f"more than {self.limits.max_files} files in one copy")
         self._cap(header.size if header.size > 0 else 0)
         parts = self._local(header.path)
         try:
@@ -274,7 +278,7 @@ class TreeWriter:
     def _cap(self, size: int) -> None:
         cap = self.limits.max_bytes
         if cap and self.manifest.bytes + self._pending() + size > cap:
-            raise CopyAborted(f"copy exceeds its cap of {cap} bytes")
+            raise CapExceeded(f"copy exceeds its cap of {cap} bytes")
 
     def _pending(self) -> int:
         return self._unsynced_bytes + (self._current.written if self._current else 0)
