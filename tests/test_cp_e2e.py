@@ -167,3 +167,40 @@ def test_progress_on_request(stack, instance, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert b"Error" not in result.stderr
     assert (there / "p.bin").read_bytes() == src.read_bytes()
+
+
+@pytest.mark.parametrize("request_body", [
+    {"kind": "cp-write", "session_id": "s1", "namespace": "default",
+     "instance_id": "api-instance-a1-0", "dest": "../../etc/x"},
+    {"kind": "cp-read", "session_id": "s2", "namespace": "default",
+     "instance_id": "api-instance-a1-0", "paths": []},
+    {"kind": "cp-read", "session_id": "bad id\n", "namespace": "default",
+     "instance_id": "api-instance-a1-0", "paths": ["/etc/hosts"]},
+    {"kind": "cp-write", "session_id": "s3", "namespace": "default",
+     "instance_id": "api-instance-a1-0", "dest": "/tmp/x", "chown": "root"},
+    {"kind": "cp-read", "session_id": "s4", "namespace": "default",
+     "instance_id": "api-instance-a1-0", "paths": ["a\0b"]},
+])
+def test_agent_refuses_malformed_copy_requests(stack, cp, instance, tmp_path: Path,
+                                               request_body: dict) -> None:
+    """The agent checks a copy request itself: a bad one gets an error reply, no session,
+    and the agent goes on copying."""
+    import asyncio
+
+    import nats
+
+    from rune import frames
+
+    async def ask() -> dict:
+        nc = await nats.connect(stack.nats_url, connect_timeout=5, max_reconnect_attempts=0)
+        try:
+            reply = await nc.request("rune.agent.a1.exec", frames.pack(request_body),
+                                     timeout=10)
+            return frames.unpack(reply.data)
+        finally:
+            await nc.close()
+
+    reply = asyncio.run(ask())
+    assert reply["ok"] is False and reply["error"]["code"] == "invalid_argument"
+    (tmp_path / "after").write_text("after\n")
+    assert cp(str(tmp_path / "after"), f"{instance}:{tmp_path}/after2").returncode == 0
