@@ -17,6 +17,11 @@ from rune.files.worker import FileWorker
 from rune.files.writer import FileFailed, TreeWriter
 
 Emit = Callable[[str, object], Awaitable[None]]
+HOLD_MAX = 256 * 1024  # files up to this size are handed to the writer whole
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) else -1
 
 
 async def stream_tree(worker: FileWorker, reader: TreeReader, sources: list[str],
@@ -27,29 +32,29 @@ async def stream_tree(worker: FileWorker, reader: TreeReader, sources: list[str]
     manifest = Manifest()
     failures = 0
     current: Header | None = None
-    pending = asyncio.ensure_future(worker.next(events))
+    pending = asyncio.ensure_future(worker.next_batch(events))
     try:
         while True:
-            item = await pending
-            if item is None:
+            batch = await pending
+            if not batch:
                 return manifest, failures
-            pending = asyncio.ensure_future(worker.next(events))
-            kind, payload = item
-            if kind == "header":
-                current = payload
-                if payload.kind != "file":
-                    manifest.add(payload.path, payload.kind, 0, payload.target)
-                await emit(kind, payload.wire())
-            elif kind == "data":
-                await emit(kind, payload)
-            elif kind == "end":
-                if current is not None and payload.get("size", -1) >= 0:
-                    manifest.add(current.path, "file", payload["size"], payload["sha256"])
-                current = None
-                await emit(kind, payload)
-            elif isinstance(payload, ReadError):
-                failures += 1
-                await emit("error", {"path": payload.path, "message": payload.message})
+            pending = asyncio.ensure_future(worker.next_batch(events))
+            for kind, payload in batch:
+                if kind == "header":
+                    current = payload
+                    if payload.kind != "file":
+                        manifest.add(payload.path, payload.kind, 0, payload.target)
+                    await emit(kind, payload.wire())
+                elif kind == "data":
+                    await emit(kind, payload)
+                elif kind == "end":
+                    if current is not None and payload.get("size", -1) >= 0:
+                        manifest.add(current.path, "file", payload["size"], payload["sha256"])
+                    current = None
+                    await emit(kind, payload)
+                elif isinstance(payload, ReadError):
+                    failures += 1
+                    await emit("error", {"path": payload.path, "message": payload.message})
     finally:
         pending.cancel()
         await worker.call(events.close)
@@ -62,14 +67,39 @@ class TreeSink:
         self.worker = worker
         self.writer = writer
         self._reported = 0
+        self._held: list[tuple[str, object]] = []
 
     async def apply(self, kind: str, payload: object) -> None:
-        if kind == "header":
-            await self.worker.call(self.writer.header, payload)
-        elif kind == "data":
-            await self.worker.call(self.writer.data, payload)
-        elif kind == "end":
-            await self.worker.call(self.writer.end, payload)
+        # A small file's header, data and end are written in one hand-off to the worker.
+        held = self._held
+        if kind == "header" and isinstance(payload, dict) and payload.get("kind") == "file" \
+                and 0 <= _int(payload.get("size")) <= HOLD_MAX:
+            await self._release()
+            self._held = [("header", payload)]
+            return
+        if held and kind in ("data", "end") and len(held) < 64:
+            held.append((kind, payload))
+            if kind == "end":
+                self._held = []
+                await self.worker.call(self._apply_all, held)
+            return
+        await self._release()
+        await self.worker.call(self._apply_all, [(kind, payload)])
+
+    async def _release(self) -> None:
+        held, self._held = self._held, []
+        if held:
+            await self.worker.call(self._apply_all, held)
+
+    def _apply_all(self, entries: list[tuple[str, object]]) -> None:
+        w = self.writer
+        for kind, payload in entries:
+            if kind == "header":
+                w.header(payload)
+            elif kind == "data":
+                w.data(payload)
+            elif kind == "end":
+                w.end(payload)
 
     def new_errors(self) -> list[FileFailed]:
         fresh = self.writer.errors[self._reported:]
@@ -77,6 +107,7 @@ class TreeSink:
         return fresh
 
     async def finish(self) -> Manifest:
+        await self._release()
         return await self.worker.call(self.writer.finish)
 
     async def abort(self) -> None:

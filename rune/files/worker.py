@@ -31,5 +31,22 @@ class FileWorker:
         item = await self.call(next, events, _DONE)
         return None if item is _DONE else item
 
+    async def next_batch(self, events: Iterator[T], max_items: int = 256,
+                         max_bytes: int = 1024 * 1024) -> list[T]:
+        """The generator's next items, up to a count or a size of data: one thread
+        hand-off for many small entries. Empty at its end."""
+        return await self.call(_take, events, max_items, max_bytes)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+
+
+def _take(events: Iterator, max_items: int, max_bytes: int) -> list:
+    items, size = [], 0
+    for item in events:
+        items.append(item)
+        if item[0] == "data":
+            size += len(item[1])
+        if len(items) >= max_items or size >= max_bytes:
+            break
+    return items
