@@ -10,6 +10,8 @@ from rune.apiserver.audit import AuditSettings
 from rune.apiserver.copy_policy import CopySettings, PathRules
 from rune.apiserver.recording import RecordingSettings
 
+from rune import bounds
+
 VERBS = ("exec", "exec-tty", "list", "audit", "admin", "cp-read", "cp-write")
 
 
@@ -70,6 +72,10 @@ class LimitsConfig(BaseModel):
 
 class ApiServerConfig(BaseModel):
     listen: str = "127.0.0.1:8443"
+    apiserver_id: str = Field(default="", description="this apiserver among several; "
+                              "empty = a new random id at each start")
+    share_sessions: bool = Field(default=True, description="share live sessions and "
+                                 "session counts with the other apiservers on the broker")
     nats_url: str = "nats://127.0.0.1:4222"
     nats_nkey_seed_file: str | None = None
     prefix: str = "rune"
@@ -90,6 +96,12 @@ class ApiServerConfig(BaseModel):
     tls_key: str | None = None
     insecure: bool = Field(default=False, description="allow plaintext on non-loopback")
     auth: AuthConfig = Field(default_factory=AuthConfig)
+
+    @field_validator("apiserver_id")
+    @classmethod
+    def _apiserver_id(cls, value: str) -> str:
+        return bounds.name(value, "apiserver_id") if value else value
+
     exec: CommandRules = Field(default_factory=CommandRules,
                                description="command rules for everyone")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
+from dataclasses import dataclass
 
 import grpc
 from rune.apiserver.admission import SessionSpec, fanout_fields
@@ -23,10 +25,19 @@ from rune.apiserver.service import ExecService
 from rune.apiserver.session import Session
 
 from rune import frames
-from rune.errors import Internal, InvalidArgument, NotFound, NotRunning, RuneError, Unavailable
+from rune.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    NotRunning,
+    RuneError,
+    Unavailable,
+)
 from rune.models import INSTANCE_MARK, ExecOpened, InstanceInfo
 from rune.proto import exec_pb2 as pb
 from rune.proto import exec_pb2_grpc as pb_grpc
+from rune.rollout import NEVER_RAN, Amount, MemberStatus
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +110,47 @@ class FanoutService(pb_grpc.FanoutServiceServicer):
         try:
             targets = select(self.core.directory.list(spec.namespace), request,
                              spec.namespace)
+            rollout = Rollout.of(request, len(targets), self.config.fanout_max_parallel)
         except RuneError as exc:
             self.admission.deny(identity, spec, exc, fanout_id)
             raise
-        parallel = request.max_parallel or DEFAULT_MAX_PARALLEL
-        parallel = max(1, min(parallel, self.config.fanout_max_parallel))
-        log.info("fan-out %s start: user=%r %s/%s instances=%d parallel=%d", fanout_id,
-                 identity.user, spec.namespace, spec.target, len(targets), parallel)
-        run = FanoutRun(self, identity, spec, fanout_id, request.fail_fast, targets, parallel)
+        log.info("fan-out %s start: user=%r %s/%s instances=%d %s", fanout_id,
+                 identity.user, spec.namespace, spec.target, len(targets), rollout)
+        run = FanoutRun(self, identity, spec, fanout_id, rollout, targets)
         await run.serve(context)
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """How a fan-out's members are started: window, pacing, failure budget, canaries."""
+
+    window: int
+    batch_wait: float = 0.0
+    max_fail: int | None = None
+    canary: int = 0
+    job_timeout: float = 0.0
+    fail_fast: bool = False
+
+    @classmethod
+    def of(cls, request: pb.FanoutRequest, total: int, parallel_cap: int) -> Rollout:
+        batch = Amount.parse(request.batch, "--batch")
+        window = batch.of(total) if batch else (request.max_parallel or DEFAULT_MAX_PARALLEL)
+        max_fail = Amount.parse(request.max_fail, "--max-fail", zero_ok=True)
+        for value, what in ((request.batch_wait_seconds, "--batch-wait"),
+                            (request.job_timeout_seconds, "--job-timeout")):
+            if not math.isfinite(value) or value < 0:
+                raise InvalidArgument(f"{what} {value!r} must be a finite number of seconds "
+                                      ">= 0")
+        return cls(window=max(1, min(window, parallel_cap)),
+                   batch_wait=request.batch_wait_seconds,
+                   max_fail=max_fail.of(total) if max_fail else None,
+                   canary=min(request.canary, total), job_timeout=request.job_timeout_seconds,
+                   fail_fast=request.fail_fast)
+
+    def __str__(self) -> str:
+        return (f"window={self.window} batch_wait={self.batch_wait:g} "
+                f"max_fail={self.max_fail} canary={self.canary} "
+                f"job_timeout={self.job_timeout:g} fail_fast={self.fail_fast}")
 
 
 class FanoutMember:
@@ -143,21 +186,23 @@ class FanoutMember:
 
 
 class FanoutRun:
-    """One fan-out: the member sessions, the shared writer, fail-fast."""
+    """One fan-out: starts members as its Rollout says, one writer, one result per member."""
 
     def __init__(self, service: FanoutService, identity: object, spec: SessionSpec,
-                 fanout_id: str, fail_fast: bool, targets: list[InstanceInfo],
-                 parallel: int) -> None:
+                 fanout_id: str, rollout: Rollout, targets: list[InstanceInfo]) -> None:
         self.service = service
         self.identity = identity
         self.spec = spec
         self.fanout_id = fanout_id
-        self.fail_fast = fail_fast
+        self.rollout = rollout
         self.targets = targets
-        self.slots = asyncio.Semaphore(parallel)
-        self.out: asyncio.Queue[pb.FanoutResponse | None] = asyncio.Queue(maxsize=parallel)
+        self.out: asyncio.Queue[pb.FanoutResponse | None] = asyncio.Queue(
+            maxsize=rollout.window)
         self.reported: set[str] = set()
-        self.failed = asyncio.Event()
+        self.started: set[str] = set()
+        self.not_ok = 0  # members that ended other than "exited 0"
+        self.unstarted = len(targets)
+        self.running: set[asyncio.Task] = set()
 
     async def serve(self, context: grpc.aio.ServicerContext) -> None:
         writer = asyncio.create_task(self._write(context))
@@ -165,36 +210,90 @@ class FanoutRun:
             pb.Instance(namespace=i.namespace, service=i.service, instance_id=i.instance_id,
                         state=i.state, host=i.host, agent=i.agent, runner=i.runner,
                         labels=i.labels) for i in self.targets])))
-        tasks = {asyncio.create_task(self._one(i)): i for i in self.targets}
+        schedule = asyncio.create_task(self._schedule())
+        expired = False
         try:
-            pending = set(tasks)
-            stopper = asyncio.create_task(self.failed.wait()) if self.fail_fast else None
-            while pending:
-                waiting = pending | {writer} | ({stopper} if stopper else set())
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if writer in done:
-                    writer.result()  # the client is gone: raise, and the finally cleans up
-                    raise Unavailable("the client stream ended")
-                pending -= done
-                if stopper in done:
-                    stopper = None
-                    for task in pending:
-                        task.cancel()
-            if stopper:
-                stopper.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            timeout = self.rollout.job_timeout or None
+            done, _ = await asyncio.wait((schedule, writer), timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if writer in done:
+                writer.result()  # the client is gone: raise, and the finally cleans up
+                raise Unavailable("the client stream ended")
+            if schedule in done:
+                schedule.result()
+            else:  # the job's time ran out: stop the running members, start no more
+                expired = True
+                await self._stop(schedule)
+            limit = f"the job timed out after {self.rollout.job_timeout:g}s"
             for info in self.targets:
-                if info.instance_id not in self.reported:
-                    await self._result(info, "cancelled", code=0, duration=0.0,
+                if info.instance_id in self.reported:
+                    continue
+                if info.instance_id not in self.started:
+                    await self._result(info, MemberStatus.SKIPPED, 0, 0.0,
+                                       error=RuneError(f"not started: {limit}"))
+                elif expired:
+                    await self._result(info, MemberStatus.TIMED_OUT, 124, 0.0,
+                                       error=DeadlineExceeded(limit))
+                else:
+                    await self._result(info, MemberStatus.CANCELLED, 0, 0.0,
                                        error=RuneError("stopped by --fail-fast"))
             await self.out.put(None)
             await writer
         finally:
-            for task in tasks:
-                task.cancel()
-            # Closing the remote ends is shielded inside each session; wait for them briefly.
-            await asyncio.wait(tasks, timeout=5.0)
+            await self._stop(schedule)
             writer.cancel()
+
+    async def _stop(self, schedule: asyncio.Task) -> None:
+        """Cancels the scheduler and the running members; their sessions close themselves
+        (shielded), so wait for them briefly."""
+        schedule.cancel()
+        for task in self.running:
+            task.cancel()
+        await asyncio.wait({schedule, *self.running}, timeout=5.0)
+
+    async def _schedule(self) -> None:
+        """Canaries first; then a sliding window, until done or the failure budget is spent."""
+        members = list(self.targets)
+        canary = self.rollout.canary
+        if canary:
+            await self._start(members[:canary])
+            members = members[canary:]
+            if self.not_ok:
+                await self._skip(members, f"not started: {self.not_ok} of the {canary} "
+                                          "canaries did not succeed")
+                return
+        await self._start(members)
+
+    async def _start(self, members: list[InstanceInfo]) -> None:
+        for index, info in enumerate(members):
+            while len(self.running) >= self.rollout.window:
+                await asyncio.wait(self.running, return_when=asyncio.FIRST_COMPLETED)
+            why = self._stop_reason()
+            if why is not None:
+                status = MemberStatus.CANCELLED if self.rollout.fail_fast \
+                    else MemberStatus.SKIPPED
+                await self._skip(members[index:], why, status)
+                break
+            self.unstarted -= 1
+            task = asyncio.create_task(self._one(info))
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
+        while self.running:
+            await asyncio.wait(self.running)
+
+    def _stop_reason(self) -> str | None:
+        if self.rollout.fail_fast and self.not_ok:
+            return "stopped by --fail-fast"
+        budget = self.rollout.max_fail
+        if budget is not None and self.not_ok > budget:
+            return f"not started: {self.not_ok} members failed (--max-fail {budget})"
+        return None
+
+    async def _skip(self, members: list[InstanceInfo], why: str,
+                    status: MemberStatus = MemberStatus.SKIPPED) -> None:
+        for info in members:
+            self.unstarted -= 1
+            await self._result(info, status, 0, 0.0, error=RuneError(why))
 
     async def _write(self, context: grpc.aio.ServicerContext) -> None:
         while True:
@@ -206,41 +305,48 @@ class FanoutRun:
     async def emit(self, info: InstanceInfo, **fields: object) -> None:
         await self.out.put(pb.FanoutResponse(instance_id=info.instance_id, **fields))
 
-    async def _result(self, info: InstanceInfo, status: str, code: int, duration: float,
-                      signal: int = 0, error: RuneError | None = None, host: str = "") -> None:
+    async def _result(self, info: InstanceInfo, status: MemberStatus, code: int,
+                      duration: float, signal: int = 0, error: RuneError | None = None,
+                      host: str = "") -> None:
         result = pb.FanoutResult(status=status, code=code, signal=signal,
                                  duration_seconds=duration, host=host or info.host)
         if error is not None:
             result.error.CopyFrom(pb.Error(code=error.code, message=error.message))
         await self.emit(info, result=result)
         self.reported.add(info.instance_id)
-        if status != "exited" or code or signal:
-            self.failed.set()
+        if status not in NEVER_RAN and (status != MemberStatus.EXITED or code or signal):
+            self.not_ok += 1
+            if self.rollout.fail_fast:  # the first failure stops the running ones too
+                for task in self.running - {asyncio.current_task()}:
+                    task.cancel()
 
     async def _one(self, info: InstanceInfo) -> None:
-        async with self.slots:
-            if self.failed.is_set() and self.fail_fast:
-                return  # reported as cancelled by serve()
-            began = time.monotonic()
-            member = FanoutMember(self, info, self.service.config.fanout_window)
-            try:
-                record = await self.service.core.run(self.identity, self.spec, info, member,
-                                                     fanout_id=self.fanout_id)
-            except RuneError as exc:
-                killed = member.session is not None and member.session.record.kill_reason
-                if killed:
-                    # Ended by an operator: reported like a command killed by SIGKILL.
-                    await self._result(info, "killed", 137, time.monotonic() - began,
-                                       error=exc, host=member.session.record.host)
-                    return
-                status = "unreachable" if isinstance(exc, Unavailable) else "failed"
-                await self._result(info, status, exc.exit_code, time.monotonic() - began,
+        began = time.monotonic()
+        self.started.add(info.instance_id)
+        member = FanoutMember(self, info, self.service.config.fanout_window)
+        try:
+            record = await self.service.core.run(self.identity, self.spec, info, member,
+                                                 fanout_id=self.fanout_id)
+        except RuneError as exc:
+            took = time.monotonic() - began
+            if member.session is not None and member.session.record.kill_reason:
+                # Ended by an operator: reported like a command killed by SIGKILL.
+                await self._result(info, MemberStatus.KILLED, 137, took, error=exc,
+                                   host=member.session.record.host)
+            elif isinstance(exc, DeadlineExceeded):
+                await self._result(info, MemberStatus.TIMED_OUT, exc.exit_code, took, error=exc)
+            elif isinstance(exc, Unavailable):
+                await self._result(info, MemberStatus.UNREACHABLE, exc.exit_code, took,
                                    error=exc)
-            except Exception as exc:  # a bug must still end this instance with a result
-                log.exception("fan-out session on %s failed", info.instance_id)
-                await self._result(info, "failed", 255, time.monotonic() - began,
-                                   error=Internal(f"internal error: {exc}"))
             else:
-                await self._result(info, "exited", record.exit_code or 0,
-                                   time.monotonic() - began, signal=record.signal,
-                                   host=record.host)
+                await self._result(info, MemberStatus.FAILED, exc.exit_code, took, error=exc)
+        except Exception as exc:  # a bug must still end this instance with a result
+            log.exception("fan-out session on %s failed", info.instance_id)
+            await self._result(info, MemberStatus.FAILED, 255, time.monotonic() - began,
+                               error=Internal(f"internal error: {exc}"))
+        else:
+            await self._result(info, MemberStatus.EXITED, record.exit_code or 0,
+                               time.monotonic() - began, signal=record.signal,
+                               host=record.host)
+        if self.rollout.batch_wait and self.unstarted > 0:
+            await asyncio.sleep(self.rollout.batch_wait)  # the slot stays taken meanwhile

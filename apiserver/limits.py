@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 from rune.apiserver.config import LimitsConfig
 
@@ -12,19 +13,25 @@ from rune.errors import ResourceExhausted
 class SessionLimits:
     """Counts live sessions per user and per agent; refuses past the maxima (0 = no limit)."""
 
-    def __init__(self, limits: LimitsConfig) -> None:
+    def __init__(self, limits: LimitsConfig,
+                 elsewhere: Callable[[str, str], tuple[int, int]] | None = None) -> None:
         self.limits = limits
         self.per_user: Counter[str] = Counter()
         self.per_agent: Counter[str] = Counter()
+        # The sessions other apiservers run for a user and on an agent (apiserver/peers.py).
+        self.elsewhere = elsewhere
 
     def acquire(self, user: str, agent: str) -> None:
         cap_user, cap_agent = self.limits.max_sessions_per_user, self.limits.max_sessions_per_agent
-        if cap_user and self.per_user[user] >= cap_user:
+        users, agents = self.elsewhere(user, agent) if self.elsewhere else (0, 0)
+        users += self.per_user[user]
+        agents += self.per_agent[agent]
+        if cap_user and users >= cap_user:
             raise ResourceExhausted(f'too many sessions: user "{user}" already has '
-                                    f"{self.per_user[user]} (the maximum)")
-        if cap_agent and self.per_agent[agent] >= cap_agent:
+                                    f"{users} (the maximum)")
+        if cap_agent and agents >= cap_agent:
             raise ResourceExhausted(f'too many sessions: host agent "{agent}" already runs '
-                                    f"{self.per_agent[agent]} (the maximum)")
+                                    f"{agents} (the maximum)")
         self.per_user[user] += 1
         self.per_agent[agent] += 1
 

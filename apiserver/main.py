@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
+import uuid
 from typing import Annotated, Optional
 
 import grpc
@@ -63,6 +64,15 @@ async def serve(config: ApiServerConfig) -> None:
         limits = limits.model_copy(update={"max_sessions_per_user": 0})
     oversight = await start_oversight(nc, subjects, config)
     core = SessionCore(nc, subjects, config, directory, SessionLimits(limits), oversight)
+    board = None
+    if config.share_sessions:
+        from rune.apiserver.peers import SessionBoard
+
+        board = SessionBoard(nc, subjects, config.apiserver_id or uuid.uuid4().hex[:12],
+                             core.kill)
+        await board.start()
+        core.board = board
+        core.limits.elsewhere = board.counts
     admission = Admission(authn, authz, directory, limits, config.max_timeout, oversight)
     service = ExecService(core, admission)
     # gRPC's own cap sits above ours, so an oversized message reaches our check and is
@@ -92,6 +102,8 @@ async def serve(config: ApiServerConfig) -> None:
     await stop.wait()
     await server.stop(grace=2)
     await directory.stop()
+    if board is not None:
+        await board.stop()
     await stop_oversight(oversight)
     await nc.drain()
 

@@ -33,6 +33,7 @@ def _session_id(value: str) -> str:
 class OperatorRpcs:
     auth: Any
     authz: Any
+    core: Any
     sessions: dict
     oversight: Any
 
@@ -70,6 +71,14 @@ class OperatorRpcs:
                         namespace=r.instance.namespace, instance_id=r.instance.instance_id,
                         command=r.argv, tty=r.tty, started=r.started,
                         duration=now - r.started, recorded=r.tap is not None))
+            board = self.core.board
+            for r in board.remote() if board is not None else ():  # other apiservers'
+                if namespace is None or r["namespace"] == namespace:
+                    found.append(pb.SessionInfo(
+                        session_id=r["session_id"], state="active", user=r["user"],
+                        namespace=r["namespace"], instance_id=r["instance"],
+                        command=r["argv"], tty=r["tty"], started=r["started"],
+                        duration=now - r["started"], recorded=r["tty"]))
             active = {s.session_id for s in found}
             recordings = self.oversight.recordings
             for m in (await recordings.list()) if recordings is not None else ():
@@ -115,12 +124,19 @@ class OperatorRpcs:
             identity = self._identity(context)
             session_id = _session_id(request.session_id)
             record = self.sessions.get(session_id)
-            if record is None:
-                raise NotFound(f"no active session {session_id} on this API server")
-            self.authz.authorize(identity, "admin", record.instance.namespace)
+            board = self.core.board
+            elsewhere = board.find(session_id) if record is None and board else None
+            if record is None and elsewhere is None:
+                raise NotFound(f"no active session {session_id}")
+            namespace = record.instance.namespace if record else elsewhere["namespace"]
+            self.authz.authorize(identity, "admin", namespace)
             why = f": {request.reason}" if request.reason else ""
-            record.kill_reason = f"killed by {identity.user}{why}"
-            record.kill.set()
+            reason = f"killed by {identity.user}{why}"
+            if record is not None:
+                self.core.kill(session_id, reason)
+            elif not await board.kill(elsewhere, reason):
+                raise Unavailable(f"session {session_id} runs on apiserver "
+                                  f"{elsewhere['apiserver']}, which did not answer the kill")
         except RuneError as exc:
             await _abort(context, exc)
         return pb.KillSessionResponse(killed=True)

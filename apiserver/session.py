@@ -316,6 +316,7 @@ class SessionCore:
         self.limits = limits
         self.oversight = oversight
         self.sessions: dict[str, SessionRecord] = {}
+        self.board: Any = None  # apiserver/peers.py SessionBoard, when sessions are shared
 
     async def run(self, identity: Any, spec: SessionSpec, instance: InstanceInfo,
                   kind: SessionKind, fanout_id: str = "",
@@ -331,6 +332,8 @@ class SessionCore:
                                argv=list(spec.argv), tty=spec.tty, kind=kind.name,
                                fanout_id=fanout_id)
         self.sessions[record.id] = record
+        if self.board is not None:
+            self.board.added(record)
         self.directory.busy[instance.key] += 1
         self.oversight.opening(record, identity, spec,
                                received if received is not None else time.monotonic())
@@ -344,6 +347,8 @@ class SessionCore:
             self.limits.release(identity.user, instance.agent)
             self.directory.busy[instance.key] -= 1
             self.sessions.pop(record.id, None)
+            if self.board is not None:
+                self.board.removed(record)
             self.oversight.ended(record, outcome)
         return record
 
@@ -378,6 +383,15 @@ class SessionCore:
 
     def find(self, session_id: str) -> SessionRecord | None:
         return self.sessions.get(session_id)
+
+    def kill(self, session_id: str, reason: str) -> bool:
+        """Ends one live session of this apiserver; `reason` is told to its user."""
+        record = self.sessions.get(session_id)
+        if record is None:
+            return False
+        record.kill_reason = reason
+        record.kill.set()
+        return True
 
 
 def _retrieve(task: asyncio.Future) -> None:

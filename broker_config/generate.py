@@ -32,10 +32,14 @@ def public_key(seed: bytes) -> str:
 def apiserver_permissions(s: Subjects) -> dict:
     return {
         # Recordings are stored by the apiserver too (rune.rec.<session>.data/meta).
+        # Apiservers share their live sessions (a KV bucket) and forward kills to each other.
         "publish": {"allow": [s.agent_all("*"), f"{s.prefix}.in.>", s.audit_all(),
-                              s.recording_all(), "$JS.API.>", "$JS.ACK.>"]},
-        "subscribe": {"allow": [f"{s.prefix}.out.>", s.audit_all(),
+                              s.recording_all(), f"$KV.{s.sessions_bucket}.>",
+                              s.apiserver_all(), "$JS.API.>", "$JS.ACK.>"]},
+        "subscribe": {"allow": [f"{s.prefix}.out.>", s.audit_all(), s.apiserver_all(),
                                 f"{s.inbox('apiserver')}.>"]},
+        # Answer another apiserver's kill request on its reply subject, once each.
+        "allow_responses": True,
     }
 
 
@@ -129,7 +133,7 @@ def generate(out_dir: str | Path, agents: Sequence[str], prefix: str = "rune",
         written.append(path)
         entries.append((name, public_key(seed), permissions))
     (out / "auth.conf").write_text(auth_conf(entries))
-    template = resources.files("broker_config").joinpath("nats-single.conf").read_text()
+    template = resources.files("rune.broker_config").joinpath("nats-single.conf").read_text()
     (out / "nats.conf").write_text(template)
     nodes = []
     for node in range(cluster):

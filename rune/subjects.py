@@ -85,6 +85,17 @@ class Subjects:
         return f"{self.prefix}_instances"
 
     @property
+    def sessions_bucket(self) -> str:
+        """Every apiserver's live sessions and leases (apiserver/peers.py)."""
+        return f"{self.prefix}_sessions"
+
+    def apiserver_kill(self, apiserver: str) -> str:
+        return f"{self.prefix}.apiserver.{apiserver}.kill"
+
+    def apiserver_all(self) -> str:
+        return f"{self.prefix}.apiserver.>"
+
+    @property
     def audit_stream(self) -> str:
         return f"{self.prefix.upper()}_AUDIT"
 
