@@ -204,3 +204,22 @@ def test_agent_refuses_malformed_copy_requests(stack, cp, instance, tmp_path: Pa
     assert reply["ok"] is False and reply["error"]["code"] == "invalid_argument"
     (tmp_path / "after").write_text("after\n")
     assert cp(str(tmp_path / "after"), f"{instance}:{tmp_path}/after2").returncode == 0
+
+
+def test_fanout_partial_failure_exit_and_summary(stack, cp, tmp_path: Path) -> None:
+    """A relative path is the instance's own working dir: a file that only one instance
+    has is fetched from it, the other reports one Error line; exit 1, both in the table."""
+    workdir = stack.state_dir / "agents" / "a1" / "instances" / "api-instance-a1-0"
+    (workdir / "only-here.txt").write_text("here\n")
+    try:
+        out = tmp_path / "out"
+        result = cp("--all", "api:only-here.txt", str(out))
+        assert result.returncode == 1, result.stderr
+        err = result.stderr.decode()
+        assert (out / "api-instance-a1-0" / "only-here.txt").read_text() == "here\n"
+        assert not (out / "api-instance-a1-1" / "only-here.txt").exists()
+        errors = [line for line in err.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and errors[0].startswith("Error: api-instance-a1-1: ")
+        assert "2 instances" in err
+    finally:
+        (workdir / "only-here.txt").unlink()
