@@ -30,6 +30,7 @@ from bench.dockerbox import SERVICE  # noqa: E402
 SECTION = "extra: rune cp vs scp and docker cp"
 SIZE = "cp_bytes"
 FILES = "cp_files"
+ONLY = "cp_only"
 
 
 def _timed(argv: list[str], env: dict | None = None) -> float:
@@ -128,7 +129,8 @@ def run(ctx: BenchContext) -> list[dict]:
                 else [f"{host}{remote_dir}/{name}", f"{into}/"])
         return [*scp, *flags, *ends]
 
-    for way in ("up", "down"):
+    only = ctx.extra.get(ONLY, "")
+    for way in ("up", "down") if only != "docker" else ():
         for what in ("file", "tree"):
             add_row = file_row if what == "file" else tree_row
             name = "big.bin" if what == "file" else "tree"
@@ -150,15 +152,16 @@ def run(ctx: BenchContext) -> list[dict]:
         if way == "up":  # the download rows read what this puts in place
             _fresh(remote_dir)
             _timed([*cp, "-r", str(tree), str(big), f"{instance}:{remote_dir}/"], ctx.env)
-    out += _docker_rows(ctx, cp, big, tree, want, size, files, label)
+    if only != "process":
+        out += _docker_rows(ctx, cp, big, tree, want, size, files, label)
     shutil.rmtree(work, ignore_errors=True)
     return out
 
 
 def _docker_rows(ctx: BenchContext, cp: list[str], big: Path, tree: Path, want: str,
                  size: int, files: int, label: str) -> list[dict]:
-    names = [("cp.up.file.crune", "cp.up.file.dockercp"), ("cp.down.file.crune",
-             "cp.down.file.dockercp")]
+    names = [(f"cp.{way}.{what}.crune", f"cp.{way}.{what}.dockercp")
+             for way in ("up", "down") for what in ("file", "tree")]
     if not ctx.docker:
         return [rows.absent(i, SECTION, i, rows.SKIPPED, ctx.docker_reason or "no Docker")
                 for pair in names for i in pair]
@@ -176,7 +179,10 @@ def _docker_rows(ctx: BenchContext, cp: list[str], big: Path, tree: Path, want: 
         local = ctx.workdir / "cp" / "dst" / "docker-local"
 
         def check_file(path: Path) -> None:
-            if _sha(path) != want:
+            if path.name == "tree":
+                if _count(path) != files:
+                    raise RuntimeError(f"{_count(path)} files arrived, not {files}")
+            elif _sha(path) != want:
                 raise RuntimeError("the copy's SHA-256 differs from the source's")
 
         def add(row_id: str, name: str, argv: list[str], env: dict | None, check: Path,
@@ -185,11 +191,15 @@ def _docker_rows(ctx: BenchContext, cp: list[str], big: Path, tree: Path, want: 
                 before()
                 took = _timed(argv, env)
                 check_file(check)
+                if check.name == "tree":
+                    return rows.figure(row_id, SECTION, name, files / took, "files/s",
+                                       better="higher", ref=ref, seconds=took)
                 return rows.throughput(row_id, SECTION, name, size, took, ref=ref)
             out.append(rows.guarded(row_id, SECTION, name, measure))
 
         def clear_inside() -> None:
             (inside / "big.bin").unlink(missing_ok=True)
+            shutil.rmtree(inside / "tree", ignore_errors=True)
 
         add("cp.up.file.crune", f"rune cp, {label} file, upload (container)",
             [*cp, str(big), f"{instance}:/tmp/"], ctx.env, inside / "big.bin", None,
@@ -203,6 +213,19 @@ def _docker_rows(ctx: BenchContext, cp: list[str], big: Path, tree: Path, want: 
         add("cp.down.file.dockercp", f"docker cp, {label} file, download",
             ["docker", "cp", f"{box.name}:/tmp/big.bin", f"{local}/"], None,
             local / "big.bin", "cp.down.file.crune", lambda: _fresh(local))
+        shown = f"{files} small files"
+        add("cp.up.tree.crune", f"rune cp -r, {shown}, upload (container)",
+            [*cp, "-r", str(tree), f"{instance}:/tmp/"], ctx.env, inside / "tree", None,
+            clear_inside)
+        add("cp.up.tree.dockercp", f"docker cp, {shown}, upload",
+            ["docker", "cp", str(tree), f"{box.name}:/tmp/"], None, inside / "tree",
+            "cp.up.tree.crune", clear_inside)
+        add("cp.down.tree.crune", f"rune cp -r, {shown}, download (container)",
+            [*cp, "-r", f"{instance}:/tmp/tree", f"{local}/"], ctx.env, local / "tree",
+            None, lambda: _fresh(local))
+        add("cp.down.tree.dockercp", f"docker cp, {shown}, download",
+            ["docker", "cp", f"{box.name}:/tmp/tree", f"{local}/"], None,
+            local / "tree", "cp.down.tree.crune", lambda: _fresh(local))
         clear_inside()
         client.close()
     finally:
@@ -215,6 +238,8 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", choices=("process", "docker"), default="",
+                        help="just the rows beside scp (process) or docker cp (docker)")
     args = parser.parse_args()
     from bench.harness import standalone
 
@@ -223,6 +248,7 @@ def main() -> None:
     def section(ctx: BenchContext) -> list[dict]:
         ctx.extra.update({SIZE: 64 << 20, FILES: 500} if args.quick else
                          {SIZE: args.size_mib << 20, FILES: args.files})
+        ctx.extra[ONLY] = args.only
         return run(ctx)
 
     standalone(section, sizes)
