@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from rune.apiserver.config import LimitsConfig
+from rune.apiserver.rbac import needs_tty_verb
 
 from rune import bounds
 from rune.errors import InvalidArgument, PermissionDenied, RuneError
@@ -52,6 +53,12 @@ class SessionSpec(BaseModel):
     @classmethod
     def _term(cls, value: str) -> str:
         return bounds.term(value)
+
+    @property
+    def interactive(self) -> bool:
+        """A TTY, or an interactive shell or interpreter without one: needs exec-tty and
+        is recorded."""
+        return self.tty or needs_tty_verb(self.argv)
 
 
 def _raw(fields: dict[str, Any]) -> SessionSpec:
@@ -101,15 +108,17 @@ class Admission:
     def authenticate(self, metadata: Any) -> Any:
         return self.auth.authenticate(metadata or ())
 
-    def admit(self, identity: Any, fields: dict[str, Any], tty_verb: bool = False,
-              fanout_id: str = "", verb: str = "") -> SessionSpec:
+    def admit(self, identity: Any, fields: dict[str, Any], fanout_id: str = "",
+              verb: str = "") -> SessionSpec:
         """The checked, authorized spec; every refusal is audited as denied, then raised."""
         spec = _raw(fields)
         try:
             spec = decode(fields, self.limits, self.max_timeout)
-            verb = verb or ("exec-tty" if spec.tty or tty_verb else "exec")
+            # An interactive shell without a TTY is as interactive as one with: same verb.
+            # A kind with a verb of its own (a copy: cp-read / cp-write) gives it.
+            verb = verb or ("exec-tty" if spec.interactive else "exec")
             try:
-                self.authz.authorize(identity, verb, spec.namespace, spec.argv)
+                self.authz.authorize(identity, verb, spec.namespace, spec.argv, env=spec.env)
             except PermissionDenied as exc:
                 log.warning("denied: user=%r namespace=%s target=%s argv0=%r: %s",
                             identity.user, spec.namespace, spec.target, spec.argv[0], exc)

@@ -19,6 +19,18 @@ class CommandRules(BaseModel):
     allowed_commands: list[str] = Field(default_factory=list,
                                         description="if set, only these may run")
     blocked_commands: list[str] = Field(default_factory=list)
+    allowed_env: list[str] | None = Field(
+        default=None, description="with allowed_commands: the only --env names allowed "
+        "(NAME or PREFIX*); unset: any but PATH, LD_*, GIT_*, PYTHON*, … (policy.py)")
+    command_dirs: list[str] | None = Field(
+        default=None, description="directories whose absolute paths an allowed bare name "
+        "may be given as (default /usr/local/sbin … /bin)")
+
+
+class AgentBinding(BaseModel):
+    """What an agent's credential may speak for: the namespaces of its instances."""
+
+    namespaces: list[str] = Field(default_factory=lambda: ["*"])
 
 
 class TokenEntry(BaseModel):
@@ -105,6 +117,9 @@ class ApiServerConfig(BaseModel):
     exec: CommandRules = Field(default_factory=CommandRules,
                                description="command rules for everyone")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    agents: dict[str, AgentBinding] = Field(
+        default_factory=dict, description="per agent id: the namespaces whose instances it "
+        "may register (an agent not listed: any)")
     cp: CopySettings = Field(default_factory=CopySettings)
 
 

@@ -57,7 +57,8 @@ async def serve(config: ApiServerConfig) -> None:
     subjects = Subjects(config.prefix)
     nc = await connect(config.nats_url, "rune-apiserver", config.nats_nkey_seed_file,
                        inbox_prefix=subjects.inbox("apiserver"))
-    directory = InstanceDirectory(nc, subjects, config.lost_after)
+    directory = InstanceDirectory(nc, subjects, config.lost_after,
+                                  {a: b.namespaces for a, b in config.agents.items()})
     await directory.start()
     limits = config.limits
     if not config.auth.enabled:  # everyone is "anonymous": a per-user cap would be global

@@ -161,12 +161,14 @@ class Oversight:
         if self.metrics:
             self.metrics.active.inc()
             self.metrics.setup.observe(time.monotonic() - received)
-        if spec.tty and self.recordings is not None:
+        if spec.interactive and self.recordings is not None:
             meta = {"session_id": record.id, "user": identity.user, "namespace":
                     fields["namespace"], "instance": fields["instance"], "target": spec.target,
                     "argv": fields["argv"], "started": record.started}
+            # Without a TTY the input is the session (what the shell was told): keep it.
             record.tap = self.recordings.recorder(record.id, meta, spec.width, spec.height,
-                                                  spec.term)
+                                                  spec.term, keystrokes=True if not spec.tty
+                                                  else None)
 
     def ended(self, record: Any, exc: BaseException | None) -> None:
         """The session is over: `ended` with an exit status, else `failed` with the reason."""

@@ -263,7 +263,7 @@ class Session:
             except Unavailable as exc:
                 raise Unavailable(f"{exc}; the session ended") from None
             if kind in (frames.STDOUT, frames.STDERR):
-                if kind == frames.STDOUT and record.tap is not None:
+                if record.tap is not None:  # without a TTY, a shell's prompt is on stderr
                     record.tap.output(payload)
                 record.writing = True
                 try:

@@ -1,7 +1,8 @@
 """Writes nats-server auth config and nkeys seeds: the apiserver, one user per agent, audit.
 
 Each component gets an nkeys user whose permissions follow DESIGN.md: an agent
-publishes only under `rune.out.<its id>`, its own registry keys and audit, and
+publishes only under `rune.out.<its id>`, its own registry keys and its own audit
+subjects (`rune.audit.<ns>.agent.<its id>.>`, never the apiserver's), and
 subscribes only to `rune.agent.<its id>` and `rune.in.<its id>`; replies to the
 apiserver's requests go through `allow_responses`. Every component has its own
 reply-inbox prefix (rune.subjects.Subjects.inbox) so nobody can read another's
@@ -46,7 +47,7 @@ def apiserver_permissions(s: Subjects) -> dict:
 def agent_permissions(s: Subjects, agent: str) -> dict:
     bucket = s.instances_bucket
     return {
-        "publish": {"allow": [s.agent_out_all(agent), s.audit_all(),
+        "publish": {"allow": [s.agent_out_all(agent), s.agent_audit_all(agent),
                               f"$KV.{bucket}.{agent}.>",
                               f"$JS.API.STREAM.INFO.KV_{bucket}"]},
         "subscribe": {"allow": [s.agent_all(agent), s.agent_in_all(agent),

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rune.cli.devstack import DEMO_SERVICES, DEV_USER, Stack, StackError, stop_pid
+from rune.cli.devstack import DEV_USER, Stack, StackError, demo_account, demo_services, stop_pid
 
 dev_app = typer.Typer(add_completion=False, no_args_is_help=True,
                       help="Run the local development stack.")
@@ -39,13 +39,20 @@ def up(
         stack.start_nats()
         print(f"starting rune-apiserver on {stack.api_address} ...", flush=True)
         stack.start_apiserver()
-        print("starting rune-agent local with services api (2) and worker (1) ...", flush=True)
-        stack.start_agent("local", DEMO_SERVICES)
+        account = demo_account()
+        runs_as = f"as user {account}" if account else "as you (not root: no other user)"
+        print(f"starting rune-agent local with services api (2) and worker (1) {runs_as} ...",
+              flush=True)
+        stack.start_agent("local", demo_services(account))
     except (StackError, OSError) as exc:
         stack.stop()
         sys.stderr.write(f"Error: {exc}\n")
         raise typer.Exit(255) from None
     stack.save_pids()
+    if account is None:
+        sys.stderr.write("warning: not running as root, so the demo instances run as you and "
+                         f"can read your files, {stack.state_dir / 'tokens'} included; "
+                         "run `rune dev up` as root for a restricted user that cannot\n")
     api_flag = "" if api_port == 8443 else f" --api-server {stack.api_address}"
     config_file = _point_cli_at(stack, api_port)
     dev_token = stack.token_files[DEV_USER]

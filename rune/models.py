@@ -23,7 +23,10 @@ Workdir = Annotated[str, AfterValidator(bounds.workdir)]
 TerminalSize = Annotated[int, _named(bounds.terminal_size)]
 Seconds = Annotated[float, _named(bounds.timeout)]
 
-InstanceState = Literal["starting", "running", "exited", "restarting", "stopped", "lost"]
+# "lost" and "conflict" are never written by an agent: the apiserver's directory shows them
+# (an agent gone silent; an instance id that two agents claim).
+InstanceState = Literal["starting", "running", "exited", "restarting", "stopped", "lost",
+                        "conflict"]
 INSTANCE_MARK = "-instance-"
 
 

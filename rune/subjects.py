@@ -55,6 +55,14 @@ class Subjects:
     def audit(self, namespace: str, event: str) -> str:
         return f"{self.prefix}.audit.{namespace}.{event}"
 
+    def agent_audit(self, namespace: str, agent: str, event: str) -> str:
+        """What an agent reports: `<prefix>.audit.<ns>.agent.<agent>.<event>`, apart from
+        the apiserver's `<prefix>.audit.<ns>.session.*`, and fenced per agent by the broker."""
+        return f"{self.prefix}.audit.{namespace}.agent.{agent}.{event}"
+
+    def agent_audit_all(self, agent: str) -> str:
+        return f"{self.prefix}.audit.*.agent.{agent}.>"
+
     def audit_all(self) -> str:
         return f"{self.prefix}.audit.>"
 

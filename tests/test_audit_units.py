@@ -184,7 +184,7 @@ def test_oversight_event_sequences_per_outcome():
 
     instance = InstanceInfo(namespace="default", service="api", instance_id="api-instance-x-0",
                             state="running", agent="x", host="hx", runner="process")
-    init = SimpleNamespace(namespace="", target="api", argv=["true"], tty=False,
+    init = SimpleNamespace(namespace="", target="api", argv=["true"], tty=False, interactive=False,
                            workdir="", env={}, width=0, height=0, term="")
     collect, metrics = Collect(), ApiMetrics()
     oversight = Oversight(collect, None, metrics)

@@ -91,10 +91,10 @@ def test_blocked_pattern_is_not_a_substring_match(argv):
 
 def test_pattern_words_and_long_flags():
     """Positional words match as a leading sequence; long flags may carry =values."""
-    assert Pattern.parse("git push").matches(["git", "push", "origin"])
-    assert not Pattern.parse("git push").matches(["git", "pull"])
-    assert Pattern.parse("git push --force").matches(["git", "push", "--force=yes", "o"])
-    assert not Pattern.parse("git push --force").matches(["git", "push", "o"])
+    assert Pattern.parse("git push").blocks(["git", "push", "origin"])
+    assert not Pattern.parse("git push").blocks(["git", "pull"])
+    assert Pattern.parse("git push --force").blocks(["git", "push", "--force=yes", "o"])
+    assert not Pattern.parse("git push --force").blocks(["git", "push", "o"])
 
 
 def test_allowlist_refuses_everything_else():
