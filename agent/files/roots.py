@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pwd
 from dataclasses import dataclass
 
 from rune.agent.files.identity import FileIdentity
@@ -30,18 +29,12 @@ class InstanceFiles:
         return path if path.startswith("/") else f"{self.workdir.rstrip('/')}/{path}"
 
 
-def _host_identity(user: str | None) -> FileIdentity | None:
-    if not user:
-        return None
-    entry = pwd.getpwnam(user)
-    return FileIdentity(entry.pw_uid, entry.pw_gid,
-                        tuple(os.getgrouplist(entry.pw_name, entry.pw_gid)))
-
-
 def process_files(context: object | None, instance: InstanceInfo) -> InstanceFiles:
     if context is None:
         raise NotFound(f"instance {instance.instance_id} is not supervised by this agent")
-    return InstanceFiles(SafeRoot.at("/"), _host_identity(context.user), context.workdir)
+    account = context.account
+    identity = FileIdentity(account.uid, account.gid, tuple(account.groups))
+    return InstanceFiles(SafeRoot.at("/"), identity, context.workdir)
 
 
 def _container_user(root: SafeRoot, spec: str) -> FileIdentity:
