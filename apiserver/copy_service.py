@@ -154,9 +154,9 @@ class CopyService(pb_grpc.CopyServiceServicer):
         try:
             await self.core.run(identity, spec, info, kind, received=received)
         except RuneError as exc:
-            if not run.fanout:
-                raise
-            await run.write(pb.CopyResponse(instance_id=info.instance_id,
+            # In-band, not as the call's status: a status that races the client's own
+            # writes (an upload refused mid-stream) reaches it as "internal error".
+            await run.write(pb.CopyResponse(instance_id=info.instance_id if run.fanout else "",
                                             error=pb.Error(code=exc.code, message=exc.message)))
         finally:
             run.broadcast.leave(info.instance_id)

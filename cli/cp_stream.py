@@ -18,7 +18,7 @@ from rune.cli.client import ApiClient
 from rune.cli.cp_progress import CopyProgress
 from rune.cli.fanout_output import InstanceResult
 
-from rune.errors import InvalidArgument, Unavailable
+from rune.errors import InvalidArgument, Unavailable, from_wire
 from rune.files import grpcwire
 from rune.files.entries import CopyLimits
 from rune.files.pump import TreeSink, stream_tree
@@ -142,6 +142,8 @@ class CopyCall:
         first = await self._read()
         if first is None:
             raise Unavailable("the API server closed the stream before the copy started")
+        if first.WhichOneof("msg") == "error" and not p.fanout:
+            raise from_wire({"code": first.error.code, "message": first.error.message})
         if first.WhichOneof("msg") == "plan":
             for i in first.plan.instances:
                 self.members[i.instance_id] = Member(InstanceResult(
