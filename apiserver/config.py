@@ -12,7 +12,7 @@ from rune.apiserver.recording import RecordingSettings
 
 from rune import bounds
 
-VERBS = ("exec", "exec-tty", "list", "audit", "admin", "cp-read", "cp-write")
+VERBS = ("exec", "exec-tty", "list", "audit", "observe", "admin", "cp-read", "cp-write")
 
 
 class CommandRules(BaseModel):

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from rune.apiserver import observe
 from rune.apiserver.admission import SessionSpec
 from rune.apiserver.config import ApiServerConfig
 from rune.apiserver.directory import InstanceDirectory
@@ -213,7 +214,7 @@ class Session:
                 if not done:
                     raise DeadlineExceeded(f"command timed out after {self.spec.timeout:g}s")
                 if killed in done:
-                    raise Unavailable(f"session ended: {record.kill_reason}")
+                    raise Unavailable(f"session {record.kill_reason}")
                 if idle in done:
                     raise idle.exception()
                 if feed in done:
@@ -263,6 +264,8 @@ class Session:
             except Unavailable as exc:
                 raise Unavailable(f"{exc}; the session ended") from None
             if kind in (frames.STDOUT, frames.STDERR):
+                # Dashboard hook: live byte count and read-only observers (observe.py).
+                observe.tap_output(record, payload)
                 if record.tap is not None:  # without a TTY, a shell's prompt is on stderr
                     record.tap.output(payload)
                 record.writing = True

@@ -25,6 +25,7 @@ def up(
     state_dir: Annotated[Path, typer.Option(help="where state and logs go")] = DEFAULT_STATE,
     nats_port: int = 4222,
     api_port: int = 8443,
+    dashboard_port: int = 8480,
 ) -> None:
     """Start nats-server, rune-apiserver and one agent with demo services."""
     pids = state_dir / "pids.json"
@@ -44,6 +45,8 @@ def up(
         print(f"starting rune-agent local with services api (2) and worker (1) {runs_as} ...",
               flush=True)
         stack.start_agent("local", demo_services(account))
+        print(f"starting rune-dashboard on http://127.0.0.1:{dashboard_port} ...", flush=True)
+        stack.start_dashboard(dashboard_port)
     except (StackError, OSError) as exc:
         stack.stop()
         sys.stderr.write(f"Error: {exc}\n")
@@ -59,7 +62,9 @@ def up(
     print(f"\nready. logs in {stack.logs}\n"
           f"your admin token: {stack.token_files[stack.admin]} (set in {config_file})\n"
           f"restricted user {DEV_USER!r} (exec and list in namespace default only, "
-          f"rm -rf and friends blocked): {dev_token}\n\ntry:\n  rune instances{api_flag}\n"
+          f"rm -rf and friends blocked): {dev_token}\n"
+          f"dashboard: http://127.0.0.1:{dashboard_port} (sign in with your admin token)\n"
+          f"\ntry:\n  rune instances{api_flag}\n"
           f"  rune exec{api_flag} api ls -la\n  rune exec{api_flag} api sh\n"
           f"  rune exec{api_flag} --token-file {dev_token} -n prod api ls   # denied\n")
     if detach:

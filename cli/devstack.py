@@ -245,6 +245,19 @@ class Stack:
         tag = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:12]
         return SHARED_AGENT_STATE / f"{tag}-{agent_id}"
 
+    def start_dashboard(self, port: int) -> subprocess.Popen:
+        """The ops dashboard on 127.0.0.1:`port`, talking to this stack's apiserver."""
+        if port_open(port):
+            raise StackError(f"port {port} is already in use")
+        argv = [sys.executable, "-m", "rune.dashboard.main", "--listen", f"127.0.0.1:{port}",
+                "--api-server", self.api_address]
+        if self.ca_file:
+            argv += ["--ca-file", self.ca_file]
+        proc = self._spawn("dashboard", argv)
+        wait_until(lambda: port_open(port), "rune-dashboard", proc=proc,
+                   log=self.logs / "dashboard.log")
+        return proc
+
     def write_agent_config(self, agent_id: str, services: list[dict],
                            extra: dict | None = None) -> Path:
         config = {

@@ -40,7 +40,10 @@ STARTED = "session.started"
 ENDED = "session.ended"
 DENIED = "session.denied"
 FAILED = "session.failed"
-EVENTS = (STARTED, ENDED, DENIED, FAILED)
+# Operators acting on a live session: watching it read-only, ending it with a reason.
+OBSERVED = "session.observed"
+KILLED = "session.killed"
+EVENTS = (STARTED, ENDED, DENIED, FAILED, OBSERVED, KILLED)
 MAX_RETRY_DELAY = 5.0
 POISON_ATTEMPTS = 3
 

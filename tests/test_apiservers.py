@@ -118,7 +118,7 @@ def test_a_session_through_a_is_listed_and_killed_through_b(pair):
             for _ in call:
                 pass
         assert time.monotonic() - began < 5
-        assert "killed by admin: drill" in info.value.details()
+        assert "session ended by admin: drill" in info.value.details()
     finally:
         channel.close()
     wait_until(lambda: session_id not in {s.session_id for s in pair.list_sessions("b")},
