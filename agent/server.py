@@ -10,6 +10,7 @@ import time
 from nats.aio.client import Client as NATS
 from rune.agent.audit import AgentAudit
 from rune.agent.config import AgentConfig
+from rune.agent.files.host import CopyHost
 from rune.agent.metrics import AgentMetrics
 from rune.agent.registry import Registry
 from rune.agent.runners.base import CommandUnavailable, Runner
@@ -26,6 +27,7 @@ from rune.errors import (
     RuneError,
     Unavailable,
 )
+from rune.files.models import COPY_KINDS
 from rune.link import LinkSettings, SessionLink
 from rune.models import ExecOpen, ExecOpened, InstanceInfo, first_problem
 from rune.natsconn import connect
@@ -53,6 +55,7 @@ class Agent:
         self._stopped = asyncio.Event()
         self.metrics = AgentMetrics(lambda: len(self.sessions))
         self.audit: AgentAudit | None = None
+        self.copies = CopyHost(self)
 
     async def start(self) -> None:
         # Refuse an unsafe state directory (or an unknown user) before joining the fleet.
@@ -126,7 +129,11 @@ class Agent:
     async def _on_exec(self, msg: object) -> None:
         # Nothing in a request may raise past here: every way out answers (or logs).
         try:
-            request = ExecOpen.model_validate(frames.unpack(msg.data))
+            data = frames.unpack(msg.data)
+            if isinstance(data, dict) and data.get("kind") in COPY_KINDS:
+                await self._reply(msg, await self.copies.answer(data))
+                return
+            request = ExecOpen.model_validate(data)
         except Exception as exc:  # ValidationError, MalformedFrame, anything a field raises
             await self._reply(msg, ExecOpened(ok=False, error=InvalidArgument(
                 f"malformed exec request: {first_problem(exc)}").to_wire()))

@@ -108,13 +108,15 @@ class Admission:
     def authenticate(self, metadata: Any) -> Any:
         return self.auth.authenticate(metadata or ())
 
-    def admit(self, identity: Any, fields: dict[str, Any], fanout_id: str = "") -> SessionSpec:
+    def admit(self, identity: Any, fields: dict[str, Any], fanout_id: str = "",
+              verb: str = "") -> SessionSpec:
         """The checked, authorized spec; every refusal is audited as denied, then raised."""
         spec = _raw(fields)
         try:
             spec = decode(fields, self.limits, self.max_timeout)
             # An interactive shell without a TTY is as interactive as one with: same verb.
-            verb = "exec-tty" if spec.interactive else "exec"
+            # A kind with a verb of its own (a copy: cp-read / cp-write) gives it.
+            verb = verb or ("exec-tty" if spec.interactive else "exec")
             try:
                 self.authz.authorize(identity, verb, spec.namespace, spec.argv, env=spec.env)
             except PermissionDenied as exc:

@@ -7,11 +7,12 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, Field, field_validator
 from rune.apiserver.audit import AuditSettings
+from rune.apiserver.copy_policy import CopySettings, PathRules
 from rune.apiserver.recording import RecordingSettings
 
 from rune import bounds
 
-VERBS = ("exec", "exec-tty", "list", "audit", "observe", "admin")
+VERBS = ("exec", "exec-tty", "list", "audit", "observe", "admin", "cp-read", "cp-write")
 
 
 class CommandRules(BaseModel):
@@ -43,6 +44,9 @@ class TokenEntry(BaseModel):
 class Role(CommandRules):
     verbs: list[str] = Field(description=f"any of {', '.join(VERBS)}, or *")
     namespaces: list[str] = Field(default_factory=lambda: ["*"])
+    cp_paths: PathRules = Field(default_factory=PathRules,
+                                description="remote paths `rune cp` may read or write")
+    cp_chown: bool = Field(default=False, description="may `rune cp --chown`")
 
     @field_validator("verbs")
     @classmethod
@@ -116,6 +120,7 @@ class ApiServerConfig(BaseModel):
     agents: dict[str, AgentBinding] = Field(
         default_factory=dict, description="per agent id: the namespaces whose instances it "
         "may register (an agent not listed: any)")
+    cp: CopySettings = Field(default_factory=CopySettings)
 
 
 def load(path: str | Path | None) -> ApiServerConfig:

@@ -85,6 +85,9 @@ async def serve(config: ApiServerConfig) -> None:
     server = grpc.aio.server(options=options)
     pb_grpc.add_ExecServiceServicer_to_server(service, server)
     pb_grpc.add_FanoutServiceServicer_to_server(FanoutService(service), server)
+    from rune.apiserver.copy_service import CopyService
+
+    pb_grpc.add_CopyServiceServicer_to_server(CopyService(service, config), server)
     if tls:
         server.add_secure_port(config.listen, server_credentials(config.tls_cert,
                                                                  config.tls_key))

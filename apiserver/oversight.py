@@ -177,6 +177,7 @@ class Oversight:
             return
         duration = round(time.time() - record.started, 3)
         fields = {**request_fields(identity, spec), **session_fields(record),
+                  **getattr(record, "extra", {}),
                   "duration": duration, "bytes_in": record.bytes_in,
                   "bytes_out": record.bytes_out}
         exited = record.exit_code is not None and not record.kill_reason

@@ -74,6 +74,7 @@ class SessionRecord:
     lost: bool = False
     last_io: float = field(default_factory=time.monotonic)
     writing: bool = False  # output is on its way to a (maybe slow) client: not idle
+    extra: dict = field(default_factory=dict)  # what a kind adds to its ended audit event
 
 
 class SessionKind(Protocol):
@@ -110,7 +111,7 @@ class Session:
             core.nc,
             send_subject=core.subjects.session_in(instance.agent, record.id),
             recv_subject=core.subjects.session_out(instance.agent, record.id),
-            accepts=APISERVER_ACCEPTS,
+            accepts=getattr(kind, "accepts", APISERVER_ACCEPTS),
             settings=LinkSettings(window=kind.window, heartbeat=config.heartbeat,
                                   lost_after=config.lost_after),
             peer=f"agent {instance.agent}",
@@ -190,12 +191,16 @@ class Session:
         finished = False
         tasks: list[asyncio.Future] = []
         try:
-            opened = await core.open_on_agent(record.instance, self._open_request())
+            # A kind may bring its own open request and pump (a copy: CopyOpen, entries).
+            request = self.kind.open_request(self) if hasattr(self.kind, "open_request") \
+                else self._open_request()
+            opened = await core.open_on_agent(record.instance, request)
             record.host = opened.host or record.instance.host
             record.last_io = time.monotonic()
             await self.kind.started(self, opened)
             core.oversight.started(record)
-            relay = asyncio.create_task(self._relay_output())
+            relay = asyncio.create_task(self.kind.relay(self) if hasattr(self.kind, "relay")
+                                        else self._relay_output())
             feed = asyncio.create_task(self.kind.feed(self))
             killed = asyncio.ensure_future(record.kill.wait())
             idle = asyncio.create_task(self._idle_watch())

@@ -198,6 +198,9 @@ def _register_subapps() -> None:
 
     register_audit(app)
     app.add_typer(sessions_app, name="sessions")
+    from rune.cli.cp_cmd import register as register_cp
+
+    register_cp(app)
 
 
 def main() -> None:

@@ -21,6 +21,12 @@ STDIN_EOF = 11
 RESIZE = 12  # payload [width, height]
 SIGNAL = 13  # payload signal number
 CLOSE = 14  # payload reason; the agent kills the command and ends the session
+# file copy, either direction (rune/files/entries.py): a tree as entries, then a summary
+FILE_HEADER = 30  # payload {"path", "kind", "size", "mode", "mtime", "target"}
+FILE_DATA = 31  # payload bytes of the current file
+FILE_END = 32  # payload {"size": int, "sha256": hex}
+FILE_ERROR = 33  # payload {"path": str, "message": str}: one file not copied
+COPY_DONE = 34  # payload {"files", "bytes", "manifest_sha256", ...}: the stream is complete
 # both directions, unsequenced
 ACK = 20  # payload: highest contiguous sequence number consumed
 HEARTBEAT = 21  # payload: highest contiguous sequence number received
@@ -28,9 +34,10 @@ HEARTBEAT = 21  # payload: highest contiguous sequence number received
 NAMES = {
     STDOUT: "stdout", STDERR: "stderr", EXIT: "exit", ERROR: "error", STDIN: "stdin",
     STDIN_EOF: "stdin_eof", RESIZE: "resize", SIGNAL: "signal", CLOSE: "close",
-    ACK: "ack", HEARTBEAT: "heartbeat",
+    ACK: "ack", HEARTBEAT: "heartbeat", FILE_HEADER: "file_header", FILE_DATA: "file_data",
+    FILE_END: "file_end", FILE_ERROR: "file_error", COPY_DONE: "copy_done",
 }
-DATA_KINDS = frozenset((STDOUT, STDERR, STDIN))
+DATA_KINDS = frozenset((STDOUT, STDERR, STDIN, FILE_DATA))
 
 # Data frames stay well under NATS max_payload (1 MiB by default).
 MAX_DATA = 1020 * 1024

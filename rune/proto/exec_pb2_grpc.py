@@ -524,3 +524,93 @@ class FanoutService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class CopyServiceStub:
+    """--- File copy (`rune cp`): one stream per copy, init first ---
+    cp-write: after `started` the client sends the tree (per file: header, data..., end)
+    and then `done`; the server answers file_error per file not written, then `done`.
+    cp-read: the server sends the tree, file_error per file not read, then `done`.
+    With several instances (fan-out) the first response is a plan, and every response
+    names its instance; each instance ends with `done` or `error`.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.StreamCopy = channel.stream_stream(
+                '/rune.v1.CopyService/StreamCopy',
+                request_serializer=rune_dot_proto_dot_exec__pb2.CopyRequest.SerializeToString,
+                response_deserializer=rune_dot_proto_dot_exec__pb2.CopyResponse.FromString,
+                _registered_method=True)
+
+
+class CopyServiceServicer:
+    """--- File copy (`rune cp`): one stream per copy, init first ---
+    cp-write: after `started` the client sends the tree (per file: header, data..., end)
+    and then `done`; the server answers file_error per file not written, then `done`.
+    cp-read: the server sends the tree, file_error per file not read, then `done`.
+    With several instances (fan-out) the first response is a plan, and every response
+    names its instance; each instance ends with `done` or `error`.
+    """
+
+    def StreamCopy(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_CopyServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'StreamCopy': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamCopy,
+                    request_deserializer=rune_dot_proto_dot_exec__pb2.CopyRequest.FromString,
+                    response_serializer=rune_dot_proto_dot_exec__pb2.CopyResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'rune.v1.CopyService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('rune.v1.CopyService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class CopyService:
+    """--- File copy (`rune cp`): one stream per copy, init first ---
+    cp-write: after `started` the client sends the tree (per file: header, data..., end)
+    and then `done`; the server answers file_error per file not written, then `done`.
+    cp-read: the server sends the tree, file_error per file not read, then `done`.
+    With several instances (fan-out) the first response is a plan, and every response
+    names its instance; each instance ends with `done` or `error`.
+    """
+
+    @staticmethod
+    def StreamCopy(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/rune.v1.CopyService/StreamCopy',
+            rune_dot_proto_dot_exec__pb2.CopyRequest.SerializeToString,
+            rune_dot_proto_dot_exec__pb2.CopyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

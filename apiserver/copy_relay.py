@@ -1,0 +1,231 @@
+"""The copy session kind: what a copy supplies to the session core (apiserver/session.py).
+
+    open_request  a CopyOpen (cp-read / cp-write, paths, limits) instead of an ExecOpen
+    feed          cp-write: the client's entries, frame by frame, onto the link
+    relay         the agent's frames to the client: the tree (cp-read), file errors, done
+
+Everything else — limits, registration, kill, idle and session timeouts, audit — is the
+core's. With several instances one Broadcast reads the client's stream once and hands
+each message to every member (a bounded queue each, so the slowest sets the pace and
+memory stays bounded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+from rune.apiserver.session import Session
+
+from rune import errors, frames
+from rune.errors import InvalidArgument, ResourceExhausted, Unavailable
+from rune.files import grpcwire
+from rune.files.models import CopyOpen
+from rune.models import ExecOpened, InstanceInfo
+from rune.proto import exec_pb2 as pb
+
+COPY_REPLIES = frozenset((frames.FILE_HEADER, frames.FILE_DATA, frames.FILE_END,
+                          frames.FILE_ERROR, frames.COPY_DONE, frames.ERROR))
+QUEUE_DEPTH = 4  # messages (of up to ~1 MiB) waiting per member
+_DONE = object()
+
+
+class Broadcast:
+    """The client's cp-write stream, read once, for every member still copying."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, expected: int, max_message: int,
+                 max_bytes: int) -> None:
+        self.context = context
+        self.max_message = max_message
+        self.max_bytes = max_bytes
+        self._expected = expected
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._settled = 0
+        self._all_settled = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        if expected == 0:
+            self._all_settled.set()
+
+    def join(self, key: str) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue(QUEUE_DEPTH)
+        self._queues[key] = queue
+        self._settle()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+        return queue
+
+    def leave(self, key: str) -> None:
+        """A member that ended (or never started): nothing more is queued for it."""
+        queue = self._queues.pop(key, None)
+        if queue is None:
+            self._settle()
+            return
+        while not queue.empty():  # a put() blocked on it can finish
+            queue.get_nowait()
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def _settle(self) -> None:
+        self._settled += 1
+        if self._settled >= self._expected:
+            self._all_settled.set()
+
+    async def _run(self) -> None:
+        # Members open at their own pace: start reading once each has joined or failed.
+        await self._all_settled.wait()
+        sent = 0
+        try:
+            while True:
+                request = await self.context.read()
+                if request is grpc.aio.EOF:
+                    raise InvalidArgument("the client ended the copy before it was done")
+                if request.ByteSize() > self.max_message:
+                    raise InvalidArgument("message exceeds the maximum message size")
+                which = request.WhichOneof("msg")
+                if which not in ("header", "data", "end", "done"):
+                    raise InvalidArgument(f"unexpected {which or 'empty'} message in a copy")
+                if which == "data":
+                    sent += len(request.data)
+                    if self.max_bytes and sent > self.max_bytes:
+                        raise ResourceExhausted(f"copy exceeds its cap of {self.max_bytes} "
+                                                "bytes")
+                await self._put(request)
+                if which == "done":
+                    return
+        except (errors.RuneError, grpc.aio.AioRpcError) as exc:
+            failure = exc if isinstance(exc, errors.RuneError) else Unavailable(
+                f"the client stream broke: {exc.code().name}")
+            await self._put(failure)
+
+    async def _put(self, item: object) -> None:
+        for queue in list(self._queues.values()):
+            await queue.put(item)
+
+
+class CopyKind:
+    """One instance's copy inside the core."""
+
+    accepts = COPY_REPLIES
+
+    def __init__(self, run: Any, info: InstanceInfo, request: dict[str, Any],
+                 window: int) -> None:
+        self.run = run
+        self.info = info
+        self.request = request
+        self.name = request["kind"]
+        self.window = window
+        self.tag = info.instance_id if run.fanout else ""
+        self.session: Session | None = None
+        self.done: dict | None = None
+
+    def open_request(self, session: Session) -> CopyOpen:
+        record = session.record
+        return CopyOpen(session_id=record.id, namespace=self.info.namespace,
+                        instance_id=self.info.instance_id, timeout=session.spec.timeout,
+                        user=record.user, window=self.window,
+                        heartbeat=self.run.config.heartbeat,
+                        lost_after=self.run.config.lost_after, **self.request)
+
+    async def started(self, session: Session, opened: ExecOpened) -> None:
+        self.session = session
+        record = session.record
+        if not self.run.fanout:
+            self.run.context.set_trailing_metadata((("rune-session", record.id),))
+        await self.run.write(pb.CopyResponse(instance_id=self.tag, started=pb.Started(
+            session_id=record.id, instance_id=self.info.instance_id, host=record.host,
+            agent=self.info.agent, service=self.info.service, runner=self.info.runner)))
+
+    async def output(self, session: Session, kind: int, data: bytes) -> None:
+        return None  # a copy's frames go through relay()
+
+    async def exited(self, session: Session, code: int, signal: int) -> None:
+        return None
+
+    async def feed(self, session: Session) -> None:
+        if self.name != "cp-write":
+            return  # nothing flows from the client in a download
+        queue = self.run.broadcast.join(self.info.instance_id)
+        link, record = session.link, session.record
+        while True:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            record.last_io = time.monotonic()
+            which = item.WhichOneof("msg")
+            if which == "data":
+                data = item.data
+                for i in range(0, len(data), frames.MAX_DATA):
+                    chunk = data[i:i + frames.MAX_DATA]
+                    await link.send(frames.FILE_DATA, chunk, len(chunk))
+            elif which == "header":
+                await link.send(frames.FILE_HEADER, grpcwire.header_dict(item.header))
+            elif which == "end":
+                await link.send(frames.FILE_END, grpcwire.end_dict(item.end))
+            else:
+                await link.send(frames.COPY_DONE, {})
+                return
+
+    async def relay(self, session: Session) -> None:
+        """The agent's frames until its done (or error); done sets the exit and audit."""
+        link, record = session.link, session.record
+        cap = self.run.config.cp.limits.max_bytes
+        received = 0
+        while True:
+            try:
+                kind, payload = await link.recv()
+            except Unavailable as exc:
+                raise Unavailable(f"{exc}; the copy ended") from None
+            record.last_io = time.monotonic()
+            response = self._response(kind, payload)
+            if kind == frames.FILE_DATA:
+                received += len(payload)
+                if cap and received > cap:
+                    raise ResourceExhausted(f"copy exceeds its cap of {cap} bytes")
+            elif kind == frames.ERROR:
+                await link.flush_ack()
+                raise errors.from_wire(payload)
+            elif kind == frames.COPY_DONE:
+                await link.flush_ack()
+                self.done = payload if isinstance(payload, dict) else {}
+                record.exit_code = 1 if self.done.get("failed") else 0
+                record.extra = audit_fields(self.done)
+            if response is not None:
+                record.writing = True
+                try:
+                    await self.run.write(response)
+                finally:
+                    record.writing = False
+            if kind == frames.COPY_DONE:
+                return
+
+    def _response(self, kind: int, payload: Any) -> pb.CopyResponse | None:
+        tag = self.tag
+        if kind == frames.FILE_DATA:
+            return pb.CopyResponse(instance_id=tag, data=payload)
+        if not isinstance(payload, dict):
+            return None
+        if kind == frames.FILE_HEADER:
+            return pb.CopyResponse(instance_id=tag, header=grpcwire.header_pb(payload))
+        if kind == frames.FILE_END:
+            return pb.CopyResponse(instance_id=tag, end=grpcwire.end_pb(payload))
+        if kind == frames.FILE_ERROR:
+            return pb.CopyResponse(instance_id=tag, file_error=pb.FileError(
+                path=str(payload.get("path", ""))[:4096],
+                message=str(payload.get("message", ""))[:4096]))
+        if kind == frames.COPY_DONE:
+            return pb.CopyResponse(instance_id=tag, done=grpcwire.done_pb(payload))
+        return None
+
+
+def audit_fields(done: dict[str, Any]) -> dict[str, Any]:
+    """What the ended event says of a copy: files, bytes, each file's SHA-256, manifest."""
+    digests = done.get("sha256")
+    return {"files": int(done.get("files", 0)), "bytes": int(done.get("bytes", 0)),
+            "failed_files": int(done.get("failed", 0)),
+            "manifest_sha256": str(done.get("manifest_sha256", ""))[:64],
+            "sha256": dict(list(digests.items())[:1000]) if isinstance(digests, dict) else {},
+            "outcome": "partial" if done.get("failed") else "success"}
