@@ -63,7 +63,7 @@ class ApiClient:
         self.tls = bool(tls or ca_file)
         roots = _read_roots(ca_file) if self.tls and ca_file else None
         self._owned = channels is None
-        pool = channels or ChannelPool()
+        pool = channels if channels is not None else ChannelPool()
         self.channel = pool.channel(address, self.tls, roots, token)
         self.stub = pb_grpc.ExecServiceStub(self.channel)
         self.fanout_stub = pb_grpc.FanoutServiceStub(self.channel)
