@@ -218,9 +218,12 @@ class Mux:
         try:
             return int(await job)
         except asyncio.CancelledError:
-            if getattr(job, "interrupted", None):
-                return job.interrupted
-            return 255
+            interrupted = getattr(job, "interrupted", None)
+            if interrupted == 130:
+                from rune.cli.dispatch import error_line
+
+                return error_line(inv, "interrupted", 130)  # as KeyboardInterrupt in-process
+            return interrupted or 255
         except SystemExit as exc:
             return exc.code if isinstance(exc.code, int) else 1
         except Exception as exc:  # a bug: one line for the user, the trace in the log
