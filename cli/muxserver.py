@@ -42,17 +42,15 @@ async def _readable(sock: socket.socket) -> None:
 
 class Mux:
     def __init__(self, folder: str, idle: float) -> None:
-        from rune.cli.client import ChannelPool
-
         self.folder = folder
         self.path = muxwire.socket_path(folder)
         self.idle = idle
         self.version = build_id()
-        self.pool = ChannelPool(keep=True)
+        self.pool = None  # the warm channels: made in serve(), grpc loads after listen()
         self.sessions: set[asyncio.Task] = set()
         self.last_used = time.monotonic()
         self.started = time.time()
-        self.stopping = asyncio.Event()
+        self.stopping: asyncio.Event | None = None  # made on the loop, in serve()
         self._listener: socket.socket | None = None
         self._inode = 0
 
@@ -88,6 +86,10 @@ class Mux:
             pass
 
     async def serve(self) -> None:
+        from rune.cli.client import ChannelPool
+
+        self.pool = ChannelPool(keep=True)
+        self.stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in STOPPING_SIGNALS:
             loop.add_signal_handler(signum, self.stopping.set)
@@ -254,11 +256,12 @@ class Mux:
 
 
 def _warm_up() -> None:
-    """Imports and builds what commands need, so the first session pays nothing for it."""
+    """Builds the whole command tree once the first session is under way (not before it:
+    a first `rune exec` waits for this process to listen, not for what it may need later)."""
     from rune.cli import dispatch
 
-    dispatch._command(full=True)
     dispatch._command(full=False)
+    dispatch._command(full=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -270,16 +273,16 @@ def main(argv: list[str] | None = None) -> None:
     folder = muxwire.private_dir(args.dir or muxwire.mux_dir(os.environ))
     idle = float(os.environ.get("RUNE_MUX_IDLE") or muxwire.DEFAULT_IDLE)
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-    _warm_up()
     os.chdir("/")  # commands resolve paths against their client's cwd, never ours
+    mux = Mux(folder, idle)
+    mux.listen()
+    _log(f"listening on {mux.path} (install {mux.version}, idle timeout {idle:g}s)")
+    if args.ready_fd >= 0:
+        os.write(args.ready_fd, b"ready\n")  # connections wait in the backlog meanwhile
+        os.close(args.ready_fd)
 
     async def run() -> None:
-        mux = Mux(folder, idle)
-        mux.listen()
-        _log(f"listening on {mux.path} (install {mux.version}, idle timeout {idle:g}s)")
-        if args.ready_fd >= 0:
-            os.write(args.ready_fd, b"ready\n")
-            os.close(args.ready_fd)
+        asyncio.get_running_loop().call_later(0.5, _warm_up)
         await mux.serve()
 
     # Plain asyncio: the descriptors it is given are shared with the clients' shells.
