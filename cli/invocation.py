@@ -111,3 +111,14 @@ class Invocation:
                     stream.flush()
                 except (OSError, ValueError):
                     pass
+
+    def close(self) -> None:
+        """Flushes and drops the stream objects (the descriptors stay open: not theirs)."""
+        self.flush()
+        for name in ("out", "err", "out_bytes", "err_bytes"):
+            stream = self.__dict__.pop(name, None)
+            if stream is not None:
+                try:
+                    stream.close()
+                except (OSError, ValueError):
+                    pass

@@ -213,6 +213,8 @@ class Mux:
             job.cancel()
         code = await self._status_of(job, inv)
         relay.cancel()
+        # Nothing may stay buffered for descriptors whose numbers the next client reuses.
+        inv.close()
         with contextlib.suppress(OSError):
             await self._send(conn, {"t": "exit", "code": code})
 
