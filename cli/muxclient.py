@@ -79,11 +79,13 @@ def _open(folder: str) -> socket.socket | None:
         return sock
 
 
-def _hello(sock: socket.socket, argv: list[str]) -> dict | None:
+def _hello(sock: socket.socket, argv: list[str], reader: muxwire.Reader,
+           pending: list[dict]) -> dict | None:
+    """Sends argv and the stdio descriptors; the answer (what came after it stays pending)."""
     message = {"t": "hello", "version": build_id(), "argv": argv, "cwd": os.getcwd(),
                "env": muxwire.forwarded_env(os.environ)}
     socket.send_fds(sock, [muxwire.encode(message)], [0, 1, 2])
-    return _next(sock, muxwire.Reader(), [])
+    return _next(sock, reader, pending)
 
 
 def _next(sock: socket.socket, reader: muxwire.Reader, pending: list[dict]) -> dict | None:
@@ -113,12 +115,14 @@ def run_through_mux(argv: list[str]) -> int | None:
         for signum in RELAYED:
             signal.signal(signum, lambda *_: None)
         saved = _saved_terminal()  # before the multiplexer may make it raw
-        reply = _hello(sock, argv)
+        reader, pending = muxwire.Reader(), []
+        reply = _hello(sock, argv, reader, pending)
         if reply is not None and reply.get("t") == "refused" and reply.get("reason") == "version":
             # A multiplexer of another install: it has stepped aside; start ours.
             sock.close()
             sock = _open(folder)
-            reply = _hello(sock, argv) if sock is not None else None
+            reader, pending = muxwire.Reader(), []
+            reply = _hello(sock, argv, reader, pending) if sock is not None else None
         if reply is None or reply.get("t") != "accepted":
             return _restore_and_run_here()
     except muxwire.MuxUnsafe as exc:
@@ -126,7 +130,7 @@ def run_through_mux(argv: list[str]) -> int | None:
         return None
     except OSError:
         return _restore_and_run_here()
-    return _relay(sock, wakeup_r, reply, saved)
+    return _relay(sock, wakeup_r, reply, saved, reader, pending)
 
 
 def _restore_and_run_here() -> None:
@@ -147,9 +151,9 @@ def _saved_terminal() -> list | None:
         return None
 
 
-def _relay(sock: socket.socket, wakeup: int, accepted: dict, saved: list | None) -> int:
+def _relay(sock: socket.socket, wakeup: int, accepted: dict, saved: list | None,
+           reader: muxwire.Reader, pending: list[dict]) -> int:
     """Relays signals until the exit status; a vanished multiplexer ends us with 255."""
-    reader, pending = muxwire.Reader(), []
     while True:
         ready = select.select([sock, wakeup], [], [])[0] if not pending else [sock]
         if wakeup in ready:

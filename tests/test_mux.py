@@ -289,3 +289,14 @@ def test_fast_path_imports_nothing_heavy(mrune):
                 for line in result.stderr.decode().splitlines() if "import time:" in line}
     assert "socket" in imported
     assert not imported & {"grpc", "asyncio", "typer", "pydantic", "yaml", "click"}
+
+
+def test_usage_errors_and_help_through_the_mux(mrune):
+    """Parse-time endings (usage error, help) come back whole, every time (exit 2 / 0)."""
+    mrune("exec", "api", "true")
+    for _ in range(5):
+        bad = mrune("exec", "--timeout", "banana", "api", "true")
+        assert bad.returncode == 2 and b"invalid duration 'banana'" in bad.stderr
+    shown = mrune("exec", "--help")
+    assert shown.returncode == 0 and b"Usage: rune exec [OPTIONS] TARGET COMMAND..." in \
+        shown.stdout
