@@ -83,7 +83,7 @@ def run(ctx: BenchContext) -> list[dict]:
                           lambda: rows.latency(
                               COLD, SECTION,
                               "`rune exec api true`, no multiplexer yet (starts one)",
-                              _cold(runs, min(n, COLD_RUNS)), ref=NOMUX)))
+                              _cold(runs, max(3, min(n // 10, COLD_RUNS))), ref=NOMUX)))
         out.append(_docker(ctx, n, warmup))
         out.append(_ssh_master(ctx, n, warmup))
         produce = ["head", "-c", str(size), "/dev/zero"]

@@ -68,7 +68,7 @@ def audit_command(
     namespace: NamespaceOption = None,
     all_namespaces: AllNamespacesOption = False,
     user: Annotated[Optional[str], typer.Option(  # noqa: UP045
-        metavar="USER", help="only this user's events")] = None,
+        "--user", metavar="NAME", help="only this user's events")] = None,
     since: Annotated[Optional[str], typer.Option(  # noqa: UP045
         metavar="DURATION", help="only events this recent: 15m, 1h, 2d")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON event per line")] = False,

@@ -71,6 +71,10 @@ def test_every_option_has_help():
                for path, command in _commands(typer.main.get_command(build_app()))
                for p in command.params if isinstance(p, Option) and not (p.help or "").strip()]
     assert missing == []
+    shouting = [opt for _, command in _commands(typer.main.get_command(build_app()))
+                for p in command.params if isinstance(p, Option) for opt in p.opts
+                if opt.startswith("--") and opt != opt.lower()]
+    assert shouting == []
 
 
 def test_exec_help_reads_like_docker():
