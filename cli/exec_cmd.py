@@ -179,9 +179,13 @@ class ExecCommand:
                                                          self._running))]
                 try:
                     code, sig = await self._relay_output(loop, stream)
-                except (RuneError, asyncio.CancelledError):
+                except (RuneError, asyncio.CancelledError) as exc:
                     # A call cancelled here fails its pending read with CancelledError.
                     if self._ended is None:
+                        if isinstance(exc, asyncio.CancelledError):
+                            # This task was cancelled (the multiplexer's client went away):
+                            # end the call, so the apiserver ends the session at once.
+                            stream.cancel()
                         raise
                     raise self._ended from None
             # Said once the terminal is cooked again (a raw one would not start a new line).

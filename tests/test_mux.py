@@ -187,14 +187,17 @@ def test_killed_mux_ends_the_session_with_255(mrune, own_mux_dir):
 
 
 def test_client_killed_ends_its_session(mrune, own_mux_dir):
-    """kill -9 of the client: the multiplexer ends that session (the command is hung up)."""
-    proc = mrune.popen("exec", "api", "sh", "-c", "echo started; exec sleep 100",
+    """kill -9 of the client: the multiplexer ends that session and the command dies."""
+    marker = f"rune-mux-client-{os.getpid()}-{time.monotonic_ns()}"
+    proc = mrune.popen("exec", "api", "sh", "-c", "echo started; sleep 100; :", marker,
                        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     assert proc.stdout.readline() == b"started\n"
     assert "1 session(s)" in _status(mrune)
     proc.kill()
     proc.wait()
     _wait(lambda: "0 session(s)" in _status(mrune), "the session ending")
+    _wait(lambda: subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout == b"",
+          "the remote command ending")
 
 
 def test_signals_are_relayed_to_the_remote_command(mrune):
