@@ -13,8 +13,6 @@ from bench import report, runner
 from bench.context import ROOT, Sizes
 from bench.harness import bench_context
 
-runner.SECTIONS.append(("mux", "6. the CLI multiplexer", []))  # bench/mux.py
-
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
