@@ -28,7 +28,7 @@ from bench.keystroke_echo import ECHO, echo_times  # noqa: E402
 from bench.procs import drain, timed_run, timed_runs  # noqa: E402
 
 SECTION = "6. the CLI multiplexer"
-WARM, NOMUX, COLD = "mux.warm", "mux.nomux", "mux.cold"
+WARM, NOMUX, COLD = "mux.warm", "mux.nomux", "mux.cold"  # cold: compare with nomux by eye
 COLD_RUNS = 20
 
 
@@ -83,7 +83,7 @@ def run(ctx: BenchContext) -> list[dict]:
                           lambda: rows.latency(
                               COLD, SECTION,
                               "`rune exec api true`, no multiplexer yet (starts one)",
-                              _cold(runs, max(3, min(n // 10, COLD_RUNS))), ref=NOMUX)))
+                              _cold(runs, max(3, min(n // 10, COLD_RUNS))))))
         out.append(_docker(ctx, n, warmup))
         out.append(_ssh_master(ctx, n, warmup))
         produce = ["head", "-c", str(size), "/dev/zero"]

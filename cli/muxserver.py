@@ -23,6 +23,7 @@ from rune.cli import muxwire
 from rune.cli.version import build_id
 
 STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+RETIRE_AFTER = 10.0  # seconds a finished session's descriptors stay parked on /dev/null
 
 
 def _log(line: str) -> None:
@@ -38,6 +39,31 @@ async def _readable(sock: socket.socket) -> None:
         await ready
     finally:
         loop.remove_reader(sock)
+
+
+def _retire(fds: list[int]) -> None:
+    """Lets go of a client's descriptors without handing their numbers on too soon.
+
+    A write still under way on a worker thread (a session cut short) would otherwise
+    land on whatever the next client's descriptor gets the same number: each number
+    first points at /dev/null, and is closed a while later.
+    """
+    if not fds:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+    def close() -> None:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    asyncio.get_running_loop().call_later(RETIRE_AFTER, close)
 
 
 class Mux:
@@ -154,9 +180,7 @@ class Mux:
         except (OSError, ValueError) as exc:
             _log(f"connection dropped: {exc}")
         finally:
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            _retire(fds)
             conn.close()
 
     async def _first(self, conn: socket.socket) -> tuple[dict, list[int], muxwire.Reader]:
