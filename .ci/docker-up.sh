@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Bring up a local Docker Engine (Debian's docker.io) and the registry-free test image.
-# Idempotent: if an engine already answers, only the image is ensured.
+# Bring up a local Docker Engine (Debian's docker.io), the registry-free test image and the
+# images of the compose stack (scripts/build-compose-images.sh).
+# Idempotent: if an engine already answers, only the images are ensured.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -87,4 +88,10 @@ if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose \
             >>/tmp/docker-up-apt.log 2>&1
     } || die "apt-get install docker-compose failed, see /tmp/docker-up-apt.log"
+fi
+
+# The compose stack's images (tests/test_compose.py): a Debian base and a busybox demo made
+# here, and wheels for an image build that reaches no registry. Kept when already present.
+if [[ "${RUNE_COMPOSE_IMAGES:-1}" == "1" ]]; then
+    bash "$HERE/../scripts/build-compose-images.sh" --no-env
 fi

@@ -38,5 +38,7 @@ class AgentAudit:
             duration=round(time.monotonic() - session.started, 3),
             bytes_in=link.bytes_in, bytes_out=link.bytes_out, code="unavailable",
             reason=str(link.lost), stage="running")
-        self.publisher.submit(self.subjects.audit(request.namespace, schema.FAILED),
+        # Under the agent's own subject: no agent can speak as the apiserver (or another).
+        subject = self.subjects.agent_audit(request.namespace, self.agent_id, schema.FAILED)
+        self.publisher.submit(subject,
                               schema.encode(event), event["id"])

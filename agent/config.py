@@ -76,7 +76,8 @@ class AgentConfig(BaseModel):
     agent_id: str
     host: str = ""
     nats: NatsSettings = Field(default_factory=NatsSettings)
-    state_dir: str = "/tmp/rune-agent"
+    state_dir: str = Field(default="", description="default /var/lib/rune-agent as root, "
+                           "else $XDG_STATE_HOME/rune-agent (agent/statedir.py)")
     services: list[ProcessService] = Field(default_factory=list)
     docker: DockerSettings = Field(default_factory=DockerSettings)
     max_sessions: int = 256

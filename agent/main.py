@@ -11,6 +11,7 @@ import sys
 from rune.agent.config import load
 from rune.agent.server import Agent
 
+from rune.errors import RuneError
 from rune.runtime import configure_logging, run
 
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(args.log_level, args.log_format)
     try:
         run(serve(args.config))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuneError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 

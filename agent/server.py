@@ -27,9 +27,9 @@ from rune.errors import (
     Unavailable,
 )
 from rune.link import LinkSettings, SessionLink
-from rune.models import ExecOpen, ExecOpened, InstanceInfo
+from rune.models import ExecOpen, ExecOpened, InstanceInfo, first_problem
 from rune.natsconn import connect
-from rune.subjects import Subjects, check_token
+from rune.subjects import Subjects
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,9 @@ class Agent:
         self.audit: AgentAudit | None = None
 
     async def start(self) -> None:
+        # Refuse an unsafe state directory (or an unknown user) before joining the fleet.
+        self.supervisor = Supervisor(self.config)
+        self.supervisor.open_state()
         self.nc = await connect(self.config.nats.url, f"rune-agent {self.config.agent_id}",
                                 self.config.nats.nkey_seed_file, self._on_reconnect,
                                 self.subjects.agent_inbox(self.config.agent_id))
@@ -67,7 +70,7 @@ class Agent:
             serve(self.config.metrics_listen, self.metrics.registry)
         self.registry = Registry(self.nc, self.subjects)
         await self.registry.open()
-        self.supervisor = Supervisor(self.config, self.registry)
+        self.supervisor.attach(self.registry)
         self.runners["process"] = ProcessRunner(self.supervisor.context)
         if self.config.docker.enabled:
             from rune.agent.runners.docker import DockerRunner
@@ -121,12 +124,12 @@ class Agent:
         self._spawn(self._on_exec(msg))
 
     async def _on_exec(self, msg: object) -> None:
+        # Nothing in a request may raise past here: every way out answers (or logs).
         try:
             request = ExecOpen.model_validate(frames.unpack(msg.data))
-            check_token(request.session_id, "session id")
-        except (ValueError, frames.MalformedFrame) as exc:
+        except Exception as exc:  # ValidationError, MalformedFrame, anything a field raises
             await self._reply(msg, ExecOpened(ok=False, error=InvalidArgument(
-                f"malformed exec request: {exc}").to_wire()))
+                f"malformed exec request: {first_problem(exc)}").to_wire()))
             return
         received = time.monotonic()
         try:
@@ -156,6 +159,10 @@ class Agent:
         if len(self.sessions) >= self.config.max_sessions:
             raise ResourceExhausted(f"agent {self.config.agent_id} runs its maximum of "
                                     f"{self.config.max_sessions} sessions")
+        runner = self.runners.get(info.runner)
+        if runner is None:
+            raise NotRunning(f"instance {request.instance_id} needs the {info.runner} runner, "
+                             "which this agent does not run")
         agent_id = self.config.agent_id
         link = SessionLink(
             self.nc,
@@ -167,7 +174,6 @@ class Agent:
             peer="apiserver",
         )
         await link.open()
-        runner = self.runners[info.runner]
         try:
             execution = await runner.exec(info, request)
         except CommandUnavailable as exc:

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from rune.agent.runners.base import Execution, signal_name
 
-from rune import frames
+from rune import bounds, frames
 from rune.errors import DeadlineExceeded, RuneError
 from rune.link import SessionLink
 from rune.models import ExecOpen
@@ -127,12 +127,13 @@ class ExecSession:
             except RuneError as exc:
                 return exc
             if kind == frames.STDIN:
-                await self.execution.write_stdin(payload)
+                if isinstance(payload, (bytes, bytearray)):
+                    await self.execution.write_stdin(bytes(payload))
             elif kind == frames.STDIN_EOF:
                 await self.execution.close_stdin()
             elif kind == frames.RESIZE:
-                if isinstance(payload, list) and len(payload) == 2:
-                    self.execution.resize(int(payload[0]), int(payload[1]))
+                if _terminal_size(payload):
+                    self.execution.resize(payload[0], payload[1])
             elif kind == frames.SIGNAL:
                 if isinstance(payload, int) and 0 < payload < 65:
                     log.info("session %s: forwarding %s", self.id, signal_name(payload))
@@ -140,3 +141,9 @@ class ExecSession:
             elif kind == frames.CLOSE:
                 log.info("session %s: closed by peer: %s", self.id, payload)
                 return RuneError(f"closed by peer: {payload}")
+
+
+def _terminal_size(payload: object) -> bool:
+    """A resize is [width, height], each an int 0-65535; anything else is dropped."""
+    return (isinstance(payload, list) and len(payload) == 2
+            and all(type(v) is int and 0 <= v <= bounds.MAX_TERMINAL for v in payload))

@@ -8,9 +8,13 @@ import os
 import time
 from pathlib import Path
 
+from rune.agent.account import Account
 from rune.agent.config import AgentConfig, ProcessService
+from rune.agent.environment import instance_environment
 from rune.agent.registry import Registry
-from rune.agent.runners.process import InstanceContext, spawn_options, user_ids
+from rune.agent.runners.process import Child, InstanceContext, start_child
+from rune.agent.runners.spawn import ChildPlan
+from rune.agent.statedir import StateDir, default_state_dir
 
 from rune.models import INSTANCE_MARK, InstanceInfo
 
@@ -26,22 +30,21 @@ def instance_id(service: str, agent_id: str, index: int) -> str:
 
 class SupervisedInstance:
     def __init__(self, config: AgentConfig, service: ProcessService, index: int,
-                 registry: Registry) -> None:
+                 registry: Registry | None, account: Account) -> None:
         self.service = service
         self.registry = registry
         self.id = instance_id(service.name, config.agent_id, index)
-        self.workdir = service.workdir or str(Path(config.state_dir) / "instances" / self.id)
-        env = dict(os.environ)
-        env.update(service.env)
-        env.update(RUNE_NAMESPACE=service.namespace, RUNE_SERVICE=service.name,
-                   RUNE_INSTANCE=self.id, RUNE_AGENT=config.agent_id)
-        self.context = InstanceContext(env=env, workdir=self.workdir, user=service.user)
+        self.workdir = service.workdir or ""  # set by start() from the state directory
+        env = instance_environment(account, service.env, {
+            "RUNE_NAMESPACE": service.namespace, "RUNE_SERVICE": service.name,
+            "RUNE_INSTANCE": self.id, "RUNE_AGENT": config.agent_id})
+        self.context = InstanceContext(env=env, workdir=self.workdir, account=account)
         self.info = InstanceInfo(
             namespace=service.namespace, service=service.name, instance_id=self.id,
             state="starting", agent=config.agent_id, host=config.host, runner="process",
             labels=service.labels,
         )
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: Child | None = None
         self._task: asyncio.Task | None = None
         self._stopping = False
 
@@ -49,29 +52,30 @@ class SupervisedInstance:
         self.info = self.info.model_copy(update={"state": state, "updated": time.time()})
         await self.registry.publish(self.info)
 
-    def start(self) -> None:
-        Path(self.workdir).mkdir(parents=True, exist_ok=True)
-        self._ids = user_ids(self.service.user)
-        if self._ids and not self.service.workdir:
-            os.chown(self.workdir, *self._ids)  # the instance's own directory is its user's
+    def start(self, state: StateDir) -> None:
+        switch = self.context.account.switch
+        if self.service.workdir:
+            Path(self.workdir).mkdir(parents=True, exist_ok=True)
+        else:  # the instance's own directory is its user's
+            self.workdir = state.instance_dir(self.id, switch.uid if switch else None,
+                                              switch.gid if switch else None)
+            self.context.workdir = self.workdir
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
         backoff = 0.5
         while not self._stopping:
             started = time.monotonic()
+            plan = ChildPlan(argv=list(self.service.command), env=self.context.env,
+                             cwd=self.workdir, account=self.context.account.switch)
             try:
-                self.proc = await asyncio.create_subprocess_exec(
-                    *self.service.command, env=self.context.env,
-                    stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
-                    **spawn_options(self.workdir, self._ids),
-                )
-            except OSError as exc:
+                self.proc = await _start_detached(plan)
+            except Exception as exc:  # 126/127, a user it cannot become, no fds left …
                 log.error("instance %s cannot start: %s", self.id, exc)
                 self.proc = None
             if self.proc is not None:
                 await self._set_state("running")
-                code = await self.proc.wait()
+                code, _ = await self.proc.wait()
                 if self._stopping:
                     break
                 log.warning("instance %s exited with %s", self.id, code)
@@ -99,17 +103,50 @@ class SupervisedInstance:
         await self._set_state("stopped")
 
 
+async def _start_detached(plan: ChildPlan) -> Child:
+    """An instance's process: no stdin, output into the agent's own log streams."""
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        return await start_child(plan, (null, 1, 2))
+    finally:
+        os.close(null)
+
+
 class Supervisor:
-    def __init__(self, config: AgentConfig, registry: Registry) -> None:
+    def __init__(self, config: AgentConfig, registry: Registry | None = None) -> None:
+        self.config = config
         self.instances: dict[str, SupervisedInstance] = {}
+        self.state: StateDir | None = None
+        accounts: dict[str | None, Account] = {}
         for service in config.services:
+            if service.user not in accounts:
+                try:
+                    accounts[service.user] = Account.of(service.user)
+                except KeyError:
+                    raise ValueError(f"service {service.name}: no user {service.user!r} "
+                                     "on this host") from None
+            if os.geteuid() == 0 and accounts[service.user].uid == 0 and service.replicas:
+                log.warning("service %s runs as root (give it a user: to run it, and every "
+                            "exec into it, unprivileged)", service.name)
             for index in range(service.replicas):
-                inst = SupervisedInstance(config, service, index, registry)
+                inst = SupervisedInstance(config, service, index, registry,
+                                          accounts[service.user])
                 self.instances[inst.id] = inst
+        self._shared = any(a.switch is not None for a in accounts.values())
+
+    def attach(self, registry: Registry) -> None:
+        for inst in self.instances.values():
+            inst.registry = registry
+
+    def open_state(self) -> None:
+        """Opens (or refuses) the state directory; before anything is published."""
+        self.state = StateDir(self.config.state_dir or default_state_dir(), self._shared)
 
     def start(self) -> None:
+        if self.state is None:
+            self.open_state()
         for inst in self.instances.values():
-            inst.start()
+            inst.start(self.state)
 
     def context(self, instance_id: str) -> InstanceContext | None:
         inst = self.instances.get(instance_id)
@@ -121,3 +158,5 @@ class Supervisor:
 
     async def stop(self) -> None:
         await asyncio.gather(*(inst.stop() for inst in self.instances.values()))
+        if self.state is not None:
+            self.state.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,7 +21,8 @@ class Authenticator(Protocol):
 
 class Authorizer(Protocol):
     def authorize(self, identity: Identity, verb: str, namespace: str,
-                  argv: Sequence[str] | None = None) -> None:
+                  argv: Sequence[str] | None = None,
+                  env: Mapping[str, str] | None = None) -> None:
         """Raises PermissionDenied when `identity` may not do `verb` in `namespace`."""
         ...
 
@@ -37,7 +38,8 @@ class OpenAccess:
         return Identity(user="anonymous")
 
     def authorize(self, identity: Identity, verb: str, namespace: str,
-                  argv: Sequence[str] | None = None) -> None:
+                  argv: Sequence[str] | None = None,
+                  env: Mapping[str, str] | None = None) -> None:
         return None
 
     def allows(self, identity: Identity, verb: str, namespace: str) -> bool:

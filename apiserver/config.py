@@ -9,13 +9,27 @@ from pydantic import BaseModel, Field, field_validator
 from rune.apiserver.audit import AuditSettings
 from rune.apiserver.recording import RecordingSettings
 
-VERBS = ("exec", "exec-tty", "list", "audit", "admin")
+from rune import bounds
+
+VERBS = ("exec", "exec-tty", "list", "audit", "observe", "admin")
 
 
 class CommandRules(BaseModel):
     allowed_commands: list[str] = Field(default_factory=list,
                                         description="if set, only these may run")
     blocked_commands: list[str] = Field(default_factory=list)
+    allowed_env: list[str] | None = Field(
+        default=None, description="with allowed_commands: the only --env names allowed "
+        "(NAME or PREFIX*); unset: any but PATH, LD_*, GIT_*, PYTHON*, … (policy.py)")
+    command_dirs: list[str] | None = Field(
+        default=None, description="directories whose absolute paths an allowed bare name "
+        "may be given as (default /usr/local/sbin … /bin)")
+
+
+class AgentBinding(BaseModel):
+    """What an agent's credential may speak for: the namespaces of its instances."""
+
+    namespaces: list[str] = Field(default_factory=lambda: ["*"])
 
 
 class TokenEntry(BaseModel):
@@ -58,13 +72,18 @@ class AuthConfig(BaseModel):
 class LimitsConfig(BaseModel):
     max_sessions_per_user: int = Field(default=32, description="0 = no limit; off without auth")
     max_sessions_per_agent: int = Field(default=256, description="0 = no limit")
-    max_argv_bytes: int = 128 * 1024
-    max_argc: int = 4096
-    max_env_bytes: int = 64 * 1024
+    # ARG_MAX scale, as docker and kubectl accept; hard caps in rune/bounds.py
+    max_argv_bytes: int = Field(default=1024 * 1024, description="argv bytes in all (<= 1 MiB)")
+    max_argc: int = Field(default=32768, description="arguments (<= 32768)")
+    max_env_bytes: int = Field(default=64 * 1024, description="env bytes in all (<= 64 KiB)")
 
 
 class ApiServerConfig(BaseModel):
     listen: str = "127.0.0.1:8443"
+    apiserver_id: str = Field(default="", description="this apiserver among several; "
+                              "empty = a new random id at each start")
+    share_sessions: bool = Field(default=True, description="share live sessions and "
+                                 "session counts with the other apiservers on the broker")
     nats_url: str = "nats://127.0.0.1:4222"
     nats_nkey_seed_file: str | None = None
     prefix: str = "rune"
@@ -85,9 +104,18 @@ class ApiServerConfig(BaseModel):
     tls_key: str | None = None
     insecure: bool = Field(default=False, description="allow plaintext on non-loopback")
     auth: AuthConfig = Field(default_factory=AuthConfig)
+
+    @field_validator("apiserver_id")
+    @classmethod
+    def _apiserver_id(cls, value: str) -> str:
+        return bounds.name(value, "apiserver_id") if value else value
+
     exec: CommandRules = Field(default_factory=CommandRules,
                                description="command rules for everyone")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    agents: dict[str, AgentBinding] = Field(
+        default_factory=dict, description="per agent id: the namespaces whose instances it "
+        "may register (an agent not listed: any)")
 
 
 def load(path: str | Path | None) -> ApiServerConfig:

@@ -3,6 +3,12 @@
 Agents also beat on `rune.out.<agent>._alive`; an agent silent for `lost_after`
 of its beat intervals is lost, and its instances show (and resolve) as "lost"
 whatever the bucket last said, until it beats again.
+
+An agent's credential speaks only for itself: the broker lets it write only its own
+keys, and this directory believes an entry only within the namespaces the config binds
+that agent to (`agents: {h1: {namespaces: [default]}}`; unlisted agents: any); others are
+ignored and logged once. An instance id in a namespace claimed by two agents shows as
+"conflict" for both and resolves for neither, until one of the entries goes.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 
 from nats.aio.client import Client as NATS
 from pydantic import ValidationError
@@ -28,11 +35,17 @@ LIVENESS_TICK = 0.1
 
 
 class InstanceDirectory:
-    def __init__(self, nc: NATS, subjects: Subjects, lost_after: int = 3) -> None:
+    def __init__(self, nc: NATS, subjects: Subjects, lost_after: int = 3,
+                 agent_namespaces: Mapping[str, Sequence[str]] | None = None) -> None:
         self._nc = nc
         self._subjects = subjects
         self.lost_after = lost_after
+        # The believed entries, conflicts marked: what listing, resolving and fan-out see.
         self.instances: dict[str, InstanceInfo] = {}
+        self._claimed: dict[str, InstanceInfo] = {}  # believed entries as the agents wrote
+        self._claims: dict[tuple[str, str], set[str]] = {}  # (namespace, id) -> keys
+        self._bound = {agent: frozenset(ns) for agent, ns in (agent_namespaces or {}).items()}
+        self._ignored: set[str] = set()  # keys already logged as outside their agent's bind
         self.busy: Counter[str] = Counter()
         self._kv = None
         self._follower: asyncio.Task | None = None
@@ -101,7 +114,7 @@ class InstanceDirectory:
 
     def effective(self, info: InstanceInfo) -> InstanceInfo:
         """The entry as users see it: a lost agent's instances are lost, not running."""
-        if info.agent in self.lost_agents and info.state != "lost":
+        if info.agent in self.lost_agents and info.state not in ("lost", "conflict"):
             return info.model_copy(update={"state": "lost"})
         return info
 
@@ -128,7 +141,7 @@ class InstanceDirectory:
                 self.ready.set()
                 continue
             if entry.operation in ("DEL", "PURGE") or not entry.value:
-                self.instances.pop(entry.key, None)
+                self.forget(entry.key)
                 continue
             try:
                 info = InstanceInfo.model_validate_json(entry.value)
@@ -139,7 +152,49 @@ class InstanceDirectory:
                 log.warning("ignoring registry entry %s that claims agent %s", entry.key,
                             info.agent)
                 continue
-            self.instances[entry.key] = info
+            self.accept(info)
+
+    def bound_to(self, info: InstanceInfo) -> bool:
+        namespaces = self._bound.get(info.agent)
+        return namespaces is None or "*" in namespaces or info.namespace in namespaces
+
+    def accept(self, info: InstanceInfo) -> None:
+        """Takes one agent-written entry (already checked to be under its own key)."""
+        if not self.bound_to(info):
+            if info.key not in self._ignored:
+                self._ignored.add(info.key)
+                log.warning("ignoring registry entry %s: agent %s is not bound to namespace "
+                            "%s", info.key, info.agent, info.namespace)
+            self.forget(info.key)
+            return
+        self._claimed[info.key] = info
+        self._claims.setdefault((info.namespace, info.instance_id), set()).add(info.key)
+        self._settle(info.namespace, info.instance_id)
+
+    def forget(self, key: str) -> None:
+        gone = self._claimed.pop(key, None)
+        self.instances.pop(key, None)
+        if gone is not None:
+            keys = self._claims.get((gone.namespace, gone.instance_id), set())
+            keys.discard(key)
+            if not keys:
+                self._claims.pop((gone.namespace, gone.instance_id), None)
+            self._settle(gone.namespace, gone.instance_id)
+
+    def _settle(self, namespace: str, instance_id: str) -> None:
+        """Marks every claim of (namespace, instance id) "conflict" while agents disagree."""
+        claims = [self._claimed[k] for k in self._claims.get((namespace, instance_id), ())]
+        agents = {i.agent for i in claims}
+        for claim in claims:
+            if len(agents) > 1:
+                if claim.key not in self.instances or self.instances[claim.key].state != \
+                        "conflict":
+                    log.warning("instance %s in namespace %s is claimed by agents %s: "
+                                "refused until one claim goes", instance_id, namespace,
+                                ", ".join(sorted(agents)))
+                self.instances[claim.key] = claim.model_copy(update={"state": "conflict"})
+            else:
+                self.instances[claim.key] = claim
 
     def list(self, namespace: str | None = None) -> list[InstanceInfo]:
         items = [self.effective(i) for i in self.instances.values()
@@ -155,6 +210,10 @@ class InstanceDirectory:
             if info is None:
                 raise NotFound(f'instance not found: no instance "{target}" in namespace '
                                f'"{namespace}"')
+            if info.state == "conflict":
+                raise NotRunning(f'instance not running: "{target}" is claimed by more than '
+                                 f"one agent ({self._claimants(namespace, target)}); refused "
+                                 "until one claim goes")
             if info.state != "running":
                 why = f" (agent {info.agent} lost)" if info.agent in self.lost_agents else ""
                 raise NotRunning(f'instance not running: "{target}" is {info.state}{why}')
@@ -170,3 +229,7 @@ class InstanceDirectory:
             raise NotRunning(f'instance not running: service "{target}" has no running '
                              f'instance ({states})')
         return min(running, key=lambda i: (self.busy[i.key], i.instance_id))
+
+    def _claimants(self, namespace: str, instance_id: str) -> str:
+        return ", ".join(sorted({self._claimed[k].agent
+                                 for k in self._claims.get((namespace, instance_id), ())}))

@@ -1,23 +1,30 @@
-"""Fan-out exec: one request runs a command on many instances, one relayed session each.
+"""Fan-out exec: one request runs a command on many instances, one core session each.
 
-Each instance gets its own session and SessionLink (its own window, so one slow
-or dead instance never stalls the rest). Sessions open in parallel, at most
-`max_parallel` at a time; every frame goes back to the CLI tagged with its
-instance id through one bounded queue and one writer, so the apiserver holds no
-more than the sessions' windows. Each instance ends with exactly one result.
+The request is admitted once (apiserver/admission.py: bounds, RBAC, command policy;
+a refusal is audited as denied), then every selected instance is a member session
+lived through the session core like a single exec: limited, registered (so `sessions
+list/kill` see it), audited with the fan-out's id, timed out and killable on its own.
+Members open in parallel, at most `max_parallel` at a time, each with its own window
+so one slow or dead instance never stalls the rest; every frame goes back to the CLI
+tagged with its instance id through one bounded queue and one writer. Each instance
+ends with exactly one result.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+import uuid
+from dataclasses import dataclass
 
 import grpc
-from rune.apiserver.relay import SessionRecord
+from rune.apiserver.admission import SessionSpec, fanout_fields
 from rune.apiserver.service import ExecService
+from rune.apiserver.session import Session
 
-from rune import errors, frames
+from rune import frames
 from rune.errors import (
     DeadlineExceeded,
     Internal,
@@ -27,9 +34,10 @@ from rune.errors import (
     RuneError,
     Unavailable,
 )
-from rune.models import INSTANCE_MARK, ExecOpen, InstanceInfo
+from rune.models import INSTANCE_MARK, ExecOpened, InstanceInfo
 from rune.proto import exec_pb2 as pb
 from rune.proto import exec_pb2_grpc as pb_grpc
+from rune.rollout import NEVER_RAN, Amount, MemberStatus
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +85,9 @@ def select(instances: list[InstanceInfo], request: pb.FanoutRequest,
 
 class FanoutService(pb_grpc.FanoutServiceServicer):
     def __init__(self, exec_service: ExecService) -> None:
-        self.exec = exec_service
-        self.relay = exec_service.relay
-        self.config = exec_service.relay.config
+        self.core = exec_service.core
+        self.admission = exec_service.admission
+        self.config = exec_service.config
 
     async def StreamFanout(self, request: pb.FanoutRequest,  # noqa: N802 - gRPC's name
                            context: grpc.aio.ServicerContext) -> None:
@@ -90,36 +98,111 @@ class FanoutService(pb_grpc.FanoutServiceServicer):
 
     async def _fanout(self, request: pb.FanoutRequest,
                       context: grpc.aio.ServicerContext) -> None:
-        identity = self.exec.auth.authenticate(context.invocation_metadata() or ())
-        namespace = request.namespace or "default"
-        if not request.command:
-            raise InvalidArgument("no command given")
+        identity = self.admission.authenticate(context.invocation_metadata())
+        fanout_id = uuid.uuid4().hex
+        fields = fanout_fields(request)
         if not (request.all or request.instances or request.selector):
-            raise InvalidArgument("fan-out needs --all, --instances or --selector")
-        self.exec.authz.authorize(identity, "exec", namespace, list(request.command))
-        targets = select(list(self.exec.directory.instances.values()), request, namespace)
-        parallel = request.max_parallel or DEFAULT_MAX_PARALLEL
-        parallel = max(1, min(parallel, self.config.fanout_max_parallel))
-        log.info("fan-out start: user=%s %s/%s instances=%d parallel=%d argv0=%s",
-                 identity.user, namespace, request.target, len(targets), parallel,
-                 request.command[0])
-        run = FanoutRun(self, identity.user, request, targets, parallel)
+            error = InvalidArgument("fan-out needs --all, --instances or --selector")
+            self.admission.deny(identity, SessionSpec.model_construct(**fields), error,
+                                fanout_id)
+            raise error
+        spec = self.admission.admit(identity, fields, fanout_id=fanout_id)
+        try:
+            targets = select(self.core.directory.list(spec.namespace), request,
+                             spec.namespace)
+            rollout = Rollout.of(request, len(targets), self.config.fanout_max_parallel)
+        except RuneError as exc:
+            self.admission.deny(identity, spec, exc, fanout_id)
+            raise
+        log.info("fan-out %s start: user=%r %s/%s instances=%d %s", fanout_id,
+                 identity.user, spec.namespace, spec.target, len(targets), rollout)
+        run = FanoutRun(self, identity, spec, fanout_id, rollout, targets)
         await run.serve(context)
 
 
-class FanoutRun:
-    """One fan-out: the per-instance sessions, the shared writer, fail-fast."""
+@dataclass(frozen=True)
+class Rollout:
+    """How a fan-out's members are started: window, pacing, failure budget, canaries."""
 
-    def __init__(self, service: FanoutService, user: str, request: pb.FanoutRequest,
-                 targets: list[InstanceInfo], parallel: int) -> None:
+    window: int
+    batch_wait: float = 0.0
+    max_fail: int | None = None
+    canary: int = 0
+    job_timeout: float = 0.0
+    fail_fast: bool = False
+
+    @classmethod
+    def of(cls, request: pb.FanoutRequest, total: int, parallel_cap: int) -> Rollout:
+        batch = Amount.parse(request.batch, "--batch")
+        window = batch.of(total) if batch else (request.max_parallel or DEFAULT_MAX_PARALLEL)
+        max_fail = Amount.parse(request.max_fail, "--max-fail", zero_ok=True)
+        for value, what in ((request.batch_wait_seconds, "--batch-wait"),
+                            (request.job_timeout_seconds, "--job-timeout")):
+            if not math.isfinite(value) or value < 0:
+                raise InvalidArgument(f"{what} {value!r} must be a finite number of seconds "
+                                      ">= 0")
+        return cls(window=max(1, min(window, parallel_cap)),
+                   batch_wait=request.batch_wait_seconds,
+                   max_fail=max_fail.of(total) if max_fail else None,
+                   canary=min(request.canary, total), job_timeout=request.job_timeout_seconds,
+                   fail_fast=request.fail_fast)
+
+    def __str__(self) -> str:
+        return (f"window={self.window} batch_wait={self.batch_wait:g} "
+                f"max_fail={self.max_fail} canary={self.canary} "
+                f"job_timeout={self.job_timeout:g} fail_fast={self.fail_fast}")
+
+
+class FanoutMember:
+    """The fan-out member session kind: output tagged with the instance, no stdin."""
+
+    name = "fanout"
+
+    def __init__(self, run: FanoutRun, info: InstanceInfo, window: int) -> None:
+        self.run = run
+        self.info = info
+        self.window = window
+        self.session: Session | None = None
+
+    async def started(self, session: Session, opened: ExecOpened) -> None:
+        self.session = session
+        info = self.info
+        await self.run.emit(info, started=pb.Started(
+            session_id=session.record.id, instance_id=info.instance_id,
+            host=session.record.host, agent=info.agent, service=info.service,
+            runner=info.runner))
+
+    async def output(self, session: Session, kind: int, data: bytes) -> None:
+        if kind == frames.STDOUT:
+            await self.run.emit(self.info, stdout=data)
+        else:
+            await self.run.emit(self.info, stderr=data)
+
+    async def exited(self, session: Session, code: int, signal: int) -> None:
+        return None  # the result follows once the core has closed the session
+
+    async def feed(self, session: Session) -> None:
+        await session.close_stdin()  # fan-out forwards no stdin
+
+
+class FanoutRun:
+    """One fan-out: starts members as its Rollout says, one writer, one result per member."""
+
+    def __init__(self, service: FanoutService, identity: object, spec: SessionSpec,
+                 fanout_id: str, rollout: Rollout, targets: list[InstanceInfo]) -> None:
         self.service = service
-        self.user = user
-        self.request = request
+        self.identity = identity
+        self.spec = spec
+        self.fanout_id = fanout_id
+        self.rollout = rollout
         self.targets = targets
-        self.slots = asyncio.Semaphore(parallel)
-        self.out: asyncio.Queue[pb.FanoutResponse | None] = asyncio.Queue(maxsize=parallel)
+        self.out: asyncio.Queue[pb.FanoutResponse | None] = asyncio.Queue(
+            maxsize=rollout.window)
         self.reported: set[str] = set()
-        self.failed = asyncio.Event()
+        self.started: set[str] = set()
+        self.not_ok = 0  # members that ended other than "exited 0"
+        self.unstarted = len(targets)
+        self.running: set[asyncio.Task] = set()
 
     async def serve(self, context: grpc.aio.ServicerContext) -> None:
         writer = asyncio.create_task(self._write(context))
@@ -127,37 +210,90 @@ class FanoutRun:
             pb.Instance(namespace=i.namespace, service=i.service, instance_id=i.instance_id,
                         state=i.state, host=i.host, agent=i.agent, runner=i.runner,
                         labels=i.labels) for i in self.targets])))
-        tasks = {asyncio.create_task(self._one(i)): i for i in self.targets}
+        schedule = asyncio.create_task(self._schedule())
+        expired = False
         try:
-            pending = set(tasks)
-            stopper = asyncio.create_task(self.failed.wait()) if self.request.fail_fast \
-                else None
-            while pending:
-                waiting = pending | {writer} | ({stopper} if stopper else set())
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if writer in done:
-                    writer.result()  # the client is gone: raise, and the finally cleans up
-                    raise Unavailable("the client stream ended")
-                pending -= done
-                if stopper in done:
-                    stopper = None
-                    for task in pending:
-                        task.cancel()
-            if stopper:
-                stopper.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            timeout = self.rollout.job_timeout or None
+            done, _ = await asyncio.wait((schedule, writer), timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if writer in done:
+                writer.result()  # the client is gone: raise, and the finally cleans up
+                raise Unavailable("the client stream ended")
+            if schedule in done:
+                schedule.result()
+            else:  # the job's time ran out: stop the running members, start no more
+                expired = True
+                await self._stop(schedule)
+            limit = f"the job timed out after {self.rollout.job_timeout:g}s"
             for info in self.targets:
-                if info.instance_id not in self.reported:
-                    await self._result(info, "cancelled", code=0, duration=0.0,
+                if info.instance_id in self.reported:
+                    continue
+                if info.instance_id not in self.started:
+                    await self._result(info, MemberStatus.SKIPPED, 0, 0.0,
+                                       error=RuneError(f"not started: {limit}"))
+                elif expired:
+                    await self._result(info, MemberStatus.TIMED_OUT, 124, 0.0,
+                                       error=DeadlineExceeded(limit))
+                else:
+                    await self._result(info, MemberStatus.CANCELLED, 0, 0.0,
                                        error=RuneError("stopped by --fail-fast"))
             await self.out.put(None)
             await writer
         finally:
-            for task in tasks:
-                task.cancel()
-            # Closing the remote ends is shielded inside each task; wait for them briefly.
-            await asyncio.wait(tasks, timeout=5.0)
+            await self._stop(schedule)
             writer.cancel()
+
+    async def _stop(self, schedule: asyncio.Task) -> None:
+        """Cancels the scheduler and the running members; their sessions close themselves
+        (shielded), so wait for them briefly."""
+        schedule.cancel()
+        for task in self.running:
+            task.cancel()
+        await asyncio.wait({schedule, *self.running}, timeout=5.0)
+
+    async def _schedule(self) -> None:
+        """Canaries first; then a sliding window, until done or the failure budget is spent."""
+        members = list(self.targets)
+        canary = self.rollout.canary
+        if canary:
+            await self._start(members[:canary])
+            members = members[canary:]
+            if self.not_ok:
+                await self._skip(members, f"not started: {self.not_ok} of the {canary} "
+                                          "canaries did not succeed")
+                return
+        await self._start(members)
+
+    async def _start(self, members: list[InstanceInfo]) -> None:
+        for index, info in enumerate(members):
+            while len(self.running) >= self.rollout.window:
+                await asyncio.wait(self.running, return_when=asyncio.FIRST_COMPLETED)
+            why = self._stop_reason()
+            if why is not None:
+                status = MemberStatus.CANCELLED if self.rollout.fail_fast \
+                    else MemberStatus.SKIPPED
+                await self._skip(members[index:], why, status)
+                break
+            self.unstarted -= 1
+            task = asyncio.create_task(self._one(info))
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
+        while self.running:
+            await asyncio.wait(self.running)
+
+    def _stop_reason(self) -> str | None:
+        if self.rollout.fail_fast and self.not_ok:
+            return "stopped by --fail-fast"
+        budget = self.rollout.max_fail
+        if budget is not None and self.not_ok > budget:
+            return f"not started: {self.not_ok} members failed (--max-fail {budget})"
+        return None
+
+    async def _skip(self, members: list[InstanceInfo], why: str,
+                    status: MemberStatus = MemberStatus.SKIPPED) -> None:
+        for info in members:
+            self.unstarted -= 1
+            await self._result(info, status, 0, 0.0, error=RuneError(why))
 
     async def _write(self, context: grpc.aio.ServicerContext) -> None:
         while True:
@@ -166,93 +302,51 @@ class FanoutRun:
                 return
             await context.write(response)
 
-    async def _emit(self, info: InstanceInfo, **fields: object) -> None:
+    async def emit(self, info: InstanceInfo, **fields: object) -> None:
         await self.out.put(pb.FanoutResponse(instance_id=info.instance_id, **fields))
 
-    async def _result(self, info: InstanceInfo, status: str, code: int, duration: float,
-                      signal: int = 0, error: RuneError | None = None, host: str = "") -> None:
+    async def _result(self, info: InstanceInfo, status: MemberStatus, code: int,
+                      duration: float, signal: int = 0, error: RuneError | None = None,
+                      host: str = "") -> None:
         result = pb.FanoutResult(status=status, code=code, signal=signal,
                                  duration_seconds=duration, host=host or info.host)
         if error is not None:
             result.error.CopyFrom(pb.Error(code=error.code, message=error.message))
-        await self._emit(info, result=result)
+        await self.emit(info, result=result)
         self.reported.add(info.instance_id)
-        if status in ("unreachable", "failed") or code or signal:
-            self.failed.set()
+        if status not in NEVER_RAN and (status != MemberStatus.EXITED or code or signal):
+            self.not_ok += 1
+            if self.rollout.fail_fast:  # the first failure stops the running ones too
+                for task in self.running - {asyncio.current_task()}:
+                    task.cancel()
 
     async def _one(self, info: InstanceInfo) -> None:
-        async with self.slots:
-            if self.failed.is_set() and self.request.fail_fast:
-                return  # reported as cancelled by serve()
-            began = time.monotonic()
-            try:
-                await self._session(info, began)
-            except RuneError as exc:
-                status = "unreachable" if isinstance(exc, Unavailable) else "failed"
-                code = exc.exit_code
-                await self._result(info, status, code, time.monotonic() - began, error=exc)
-            except Exception as exc:  # a bug must still end this instance with a result
-                log.exception("fan-out session on %s failed", info.instance_id)
-                await self._result(info, "failed", 255, time.monotonic() - began,
-                                   error=Internal(f"internal error: {exc}"))
-
-    async def _session(self, info: InstanceInfo, began: float) -> None:
-        service = self.service
-        relay, config, request = service.relay, service.config, self.request
-        timeout = min(request.timeout_seconds or 300.0, config.max_timeout)
-        record = SessionRecord(id=relay.new_session_id(), user=self.user, instance=info,
-                               argv=list(request.command), tty=False)
-        opening = ExecOpen(
-            session_id=record.id, namespace=info.namespace, instance_id=info.instance_id,
-            argv=list(request.command), env=dict(request.env), workdir=request.workdir,
-            tty=False, timeout=timeout, user=self.user, window=config.fanout_window,
-            heartbeat=config.heartbeat, lost_after=config.lost_after)
-        link = relay.session_link(info, record.id, config.fanout_window)
-        await link.open()
-        sessions, busy = service.exec.sessions, service.exec.directory.busy
-        sessions[record.id] = record
-        busy[info.key] += 1
-        finished = False
+        began = time.monotonic()
+        self.started.add(info.instance_id)
+        member = FanoutMember(self, info, self.service.config.fanout_window)
         try:
-            opened = await relay.open_session(info, opening)
-            host = opened.host or info.host
-            await self._emit(info, started=pb.Started(
-                session_id=record.id, instance_id=info.instance_id, host=host,
-                agent=info.agent, service=info.service, runner=info.runner))
-            await link.send(frames.STDIN_EOF)  # fan-out forwards no stdin
-            try:
-                code, sig = await asyncio.wait_for(
-                    self._pump(info, link), timeout + config.heartbeat * 3)
-            except TimeoutError:
-                raise DeadlineExceeded(f"command timed out after {timeout:g}s") from None
-            record.exit_code, record.signal = code, sig
-            finished = True
-            await self._result(info, "exited", code, time.monotonic() - began, signal=sig,
-                               host=host)
-        finally:
-            record.bytes_in, record.bytes_out = link.bytes_out, link.bytes_in
-            busy[info.key] -= 1
-            sessions.pop(record.id, None)
-            if not finished:
-                await asyncio.shield(relay.close_remote(link))
-            await link.close()
-
-    async def _pump(self, info: InstanceInfo, link: object) -> tuple[int, int]:
-        """Forwards one session's output; returns its (code, signal)."""
-        while True:
-            try:
-                kind, payload = await link.recv()
-            except Unavailable as exc:
-                raise Unavailable(f"{exc}; the session ended") from None
-            if kind == frames.STDOUT:
-                await self._emit(info, stdout=payload)
-            elif kind == frames.STDERR:
-                await self._emit(info, stderr=payload)
-            elif kind == frames.EXIT:
-                await link.flush_ack()
-                if not isinstance(payload, dict):
-                    return 255, 0
-                return int(payload.get("code", 255)), int(payload.get("signal", 0))
-            elif kind == frames.ERROR:
-                await link.flush_ack()
-                raise errors.from_wire(payload)
+            record = await self.service.core.run(self.identity, self.spec, info, member,
+                                                 fanout_id=self.fanout_id)
+        except RuneError as exc:
+            took = time.monotonic() - began
+            if member.session is not None and member.session.record.kill_reason:
+                # Ended by an operator: reported like a command killed by SIGKILL.
+                await self._result(info, MemberStatus.KILLED, 137, took, error=exc,
+                                   host=member.session.record.host)
+            elif isinstance(exc, DeadlineExceeded):
+                await self._result(info, MemberStatus.TIMED_OUT, exc.exit_code, took, error=exc)
+            elif isinstance(exc, Unavailable):
+                await self._result(info, MemberStatus.UNREACHABLE, exc.exit_code, took,
+                                   error=exc)
+            else:
+                await self._result(info, MemberStatus.FAILED, exc.exit_code, took, error=exc)
+        except Exception as exc:  # a bug must still end this instance with a result
+            log.exception("fan-out session on %s failed", info.instance_id)
+            await self._result(info, MemberStatus.FAILED, 255, time.monotonic() - began,
+                               error=Internal(f"internal error: {exc}"))
+        else:
+            await self._result(info, MemberStatus.EXITED, record.exit_code or 0,
+                               time.monotonic() - began, signal=record.signal,
+                               host=record.host)
+        if self.rollout.batch_wait and self.unstarted > 0:
+            await asyncio.sleep(self.rollout.batch_wait)  # the slot stays taken meanwhile

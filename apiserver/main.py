@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
+import uuid
 from typing import Annotated, Optional
 
 import grpc
@@ -33,11 +34,13 @@ def build_access(config: ApiServerConfig) -> tuple[object, object]:
 
 
 async def serve(config: ApiServerConfig) -> None:
+    from rune.apiserver.admission import Admission
     from rune.apiserver.directory import InstanceDirectory
     from rune.apiserver.fanout import FanoutService
+    from rune.apiserver.limits import SessionLimits
     from rune.apiserver.oversight import start_oversight, stop_oversight
-    from rune.apiserver.relay import Relay
     from rune.apiserver.service import ExecService
+    from rune.apiserver.session import SessionCore
     from rune.apiserver.tls import check_plaintext_allowed, is_loopback, server_credentials
 
     from rune.natsconn import connect
@@ -54,14 +57,25 @@ async def serve(config: ApiServerConfig) -> None:
     subjects = Subjects(config.prefix)
     nc = await connect(config.nats_url, "rune-apiserver", config.nats_nkey_seed_file,
                        inbox_prefix=subjects.inbox("apiserver"))
-    directory = InstanceDirectory(nc, subjects, config.lost_after)
+    directory = InstanceDirectory(nc, subjects, config.lost_after,
+                                  {a: b.namespaces for a, b in config.agents.items()})
     await directory.start()
     limits = config.limits
     if not config.auth.enabled:  # everyone is "anonymous": a per-user cap would be global
         limits = limits.model_copy(update={"max_sessions_per_user": 0})
     oversight = await start_oversight(nc, subjects, config)
-    service = ExecService(directory, Relay(nc, subjects, config), authn, authz, limits,
-                          oversight)
+    core = SessionCore(nc, subjects, config, directory, SessionLimits(limits), oversight)
+    board = None
+    if config.share_sessions:
+        from rune.apiserver.peers import SessionBoard
+
+        board = SessionBoard(nc, subjects, config.apiserver_id or uuid.uuid4().hex[:12],
+                             core.kill)
+        await board.start()
+        core.board = board
+        core.limits.elsewhere = board.counts
+    admission = Admission(authn, authz, directory, limits, config.max_timeout, oversight)
+    service = ExecService(core, admission)
     # gRPC's own cap sits above ours, so an oversized message reaches our check and is
     # refused as INVALID_ARGUMENT with a clear message instead of a transport error.
     options = [
@@ -86,6 +100,8 @@ async def serve(config: ApiServerConfig) -> None:
     await stop.wait()
     await server.stop(grace=2)
     await directory.stop()
+    if board is not None:
+        await board.stop()
     await stop_oversight(oversight)
     await nc.drain()
 

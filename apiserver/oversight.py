@@ -1,6 +1,6 @@
 """Follows each session's life for operators: audit events, recording, metrics, log lines.
 
-The service and the relay call these hooks; none of them waits on the network,
+The session core calls these hooks; none of them waits on the network,
 so watching never slows a session down.
 """
 
@@ -16,23 +16,77 @@ from rune.apiserver.metrics import ApiMetrics
 from rune.apiserver.recording import Recordings
 
 from rune import audit as schema
+from rune.display import printable
 from rune.errors import RuneError
 
-log = logging.getLogger("apiserver.sessions")
+log = logging.getLogger("rune.apiserver.sessions")
 
 
-def request_fields(identity: Any, init: Any) -> dict[str, Any]:
+MAX_AUDIT_ARGV = 4096  # bytes of argv an event carries; the rest is cut (and marked)
+DENIALS_PER_SECOND = 5.0  # per user: past this, denials are counted, not each published
+DENIAL_BURST = 20
+
+
+def audit_argv(argv: Any) -> tuple[list[str], bool]:
+    """argv cut to MAX_AUDIT_ARGV bytes in all, so one request cannot flood the stream."""
+    kept, used = [], 0
+    for arg in argv:
+        room = MAX_AUDIT_ARGV - used
+        size = len(arg.encode("utf-8", "surrogateescape"))
+        if size > room:
+            if room > 0:
+                kept.append(arg.encode("utf-8", "surrogateescape")[:room].decode(
+                    "utf-8", "ignore"))
+            return kept, True
+        kept.append(arg)
+        used += size
+    return kept, False
+
+
+def request_fields(identity: Any, spec: Any) -> dict[str, Any]:
     """What the caller asked for; env keys only, never their values."""
-    return {"user": identity.user, "groups": list(identity.groups),
-            "namespace": init.namespace or "default", "target": init.target,
-            "argv": list(init.command), "tty": bool(init.tty), "workdir": init.workdir,
-            "env_keys": sorted(init.env)}
+    argv, cut = audit_argv(getattr(spec, "argv", None) or [])
+    fields = {"user": identity.user, "groups": list(identity.groups),
+              "namespace": getattr(spec, "namespace", "") or "default",
+              "target": str(getattr(spec, "target", ""))[:256], "argv": argv,
+              "tty": bool(getattr(spec, "tty", False)),
+              "workdir": str(getattr(spec, "workdir", ""))[:4096],
+              "env_keys": sorted(getattr(spec, "env", None) or {})[:256]}
+    if cut:
+        fields["argv_truncated"] = True
+    return fields
 
 
 def session_fields(record: Any) -> dict[str, Any]:
     i = record.instance
-    return {"session_id": record.id, "instance": i.instance_id, "service": i.service,
-            "agent": i.agent, "host": record.host or i.host, "runner": i.runner}
+    fields = {"session_id": record.id, "instance": i.instance_id, "service": i.service,
+              "agent": i.agent, "host": record.host or i.host, "runner": i.runner,
+              "kind": record.kind}
+    if record.fanout_id:
+        fields["fanout_id"] = record.fanout_id
+    return fields
+
+
+class DenialLimiter:
+    """A token bucket per user: a flood of refused requests costs the stream little."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self.suppressed: dict[str, int] = {}
+
+    def admit(self, user: str) -> int | None:
+        """None: suppress this one. Otherwise how many were suppressed before it."""
+        now = time.monotonic()
+        tokens, last = self._buckets.get(user, (float(DENIAL_BURST), now))
+        tokens = min(DENIAL_BURST, tokens + (now - last) * DENIALS_PER_SECOND)
+        if tokens < 1:
+            self._buckets[user] = (tokens, now)
+            self.suppressed[user] = self.suppressed.get(user, 0) + 1
+            return None
+        self._buckets[user] = (tokens - 1, now)
+        if len(self._buckets) > 10000:  # forget the quiet ones, so memory stays bounded
+            self._buckets = {u: b for u, b in self._buckets.items() if b[0] < DENIAL_BURST}
+        return self.suppressed.pop(user, 0)
 
 
 def _failure_reason(exc: BaseException | None, record: Any) -> tuple[str, str]:
@@ -48,11 +102,19 @@ def _failure_reason(exc: BaseException | None, record: Any) -> tuple[str, str]:
 
 
 def _log(event: dict[str, Any]) -> None:
-    keys = ("session_id", "user", "namespace", "target", "instance", "agent", "argv", "tty",
-            "exit_code", "signal", "duration", "bytes_in", "bytes_out", "code", "reason")
-    text = " ".join(f"{k}={event[k]!r}" if isinstance(event[k], str) and " " in event[k]
-                    else f"{k}={event[k]}" for k in keys if k in event)
+    keys = ("session_id", "fanout_id", "user", "namespace", "target", "instance", "agent",
+            "argv", "tty", "exit_code", "signal", "duration", "bytes_in", "bytes_out", "code",
+            "reason", "suppressed")
+    text = " ".join(f"{k}={_shown(event[k])}" for k in keys if k in event)
     log.info("%s %s", event["event"], text, extra={"fields": event})
+
+
+def _shown(value: Any) -> str:
+    """A log value that cannot forge a line: control characters escaped, spaces quoted."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    text = printable(str(value))
+    return f"'{text}'" if isinstance(value, str) and (" " in text or not text) else text
 
 
 class Oversight:
@@ -62,6 +124,7 @@ class Oversight:
         self.recordings = recordings
         self.metrics = metrics
         self._requests: dict[str, tuple[Any, Any, float]] = {}
+        self.denials = DenialLimiter()
 
     def _emit(self, event: dict[str, Any]) -> None:
         event["source"] = "apiserver"
@@ -69,41 +132,51 @@ class Oversight:
             self.auditor.emit(event)
         _log(event)
 
-    def denied(self, identity: Any, init: Any, exc: RuneError) -> None:
+    def denied(self, identity: Any, spec: Any, exc: RuneError, fanout_id: str = "") -> None:
         """The request was refused before any session existed (authz, target, arguments)."""
-        self._emit(schema.make_event(schema.DENIED, **request_fields(identity, init),
-                                     code=exc.code, reason=exc.message))
         if self.metrics:
             self.metrics.sessions.labels("denied").inc()
+        suppressed = self.denials.admit(identity.user)
+        if suppressed is None:
+            return
+        fields = request_fields(identity, spec)
+        if fanout_id:
+            fields["fanout_id"] = fanout_id
+        if suppressed:
+            fields["suppressed"] = suppressed  # denials of this user not published before
+        self._emit(schema.make_event(schema.DENIED, **fields, code=exc.code,
+                                     reason=exc.message[:1024]))
 
-    def opening(self, record: Any, identity: Any, init: Any, received: float) -> None:
-        self._requests[record.id] = (identity, init, received)
+    def opening(self, record: Any, identity: Any, spec: Any, received: float) -> None:
+        self._requests[record.id] = (identity, spec, received)
 
     def started(self, record: Any) -> None:
-        """The agent accepted: the command runs (called by the relay once `started` is sent)."""
-        identity, init, received = self._requests.get(record.id, (None, None, time.monotonic()))
+        """The agent accepted: the command runs (called by the core once `started` is sent)."""
+        identity, spec, received = self._requests.get(record.id, (None, None, time.monotonic()))
         record.opened = time.time()
         if identity is None:
             return
-        fields = {**request_fields(identity, init), **session_fields(record)}
+        fields = {**request_fields(identity, spec), **session_fields(record)}
         self._emit(schema.make_event(schema.STARTED, **fields))
         if self.metrics:
             self.metrics.active.inc()
             self.metrics.setup.observe(time.monotonic() - received)
-        if init.tty and self.recordings is not None:
+        if spec.interactive and self.recordings is not None:
             meta = {"session_id": record.id, "user": identity.user, "namespace":
-                    fields["namespace"], "instance": fields["instance"], "target": init.target,
+                    fields["namespace"], "instance": fields["instance"], "target": spec.target,
                     "argv": fields["argv"], "started": record.started}
-            record.tap = self.recordings.recorder(record.id, meta, init.width, init.height,
-                                                  init.term)
+            # Without a TTY the input is the session (what the shell was told): keep it.
+            record.tap = self.recordings.recorder(record.id, meta, spec.width, spec.height,
+                                                  spec.term, keystrokes=True if not spec.tty
+                                                  else None)
 
     def ended(self, record: Any, exc: BaseException | None) -> None:
         """The session is over: `ended` with an exit status, else `failed` with the reason."""
-        identity, init, _ = self._requests.pop(record.id, (None, None, 0.0))
+        identity, spec, _ = self._requests.pop(record.id, (None, None, 0.0))
         if identity is None:
             return
         duration = round(time.time() - record.started, 3)
-        fields = {**request_fields(identity, init), **session_fields(record),
+        fields = {**request_fields(identity, spec), **session_fields(record),
                   "duration": duration, "bytes_in": record.bytes_in,
                   "bytes_out": record.bytes_out}
         exited = record.exit_code is not None and not record.kill_reason

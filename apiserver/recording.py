@@ -128,10 +128,12 @@ class Recordings:
         await self.publisher.stop()
 
     def recorder(self, session_id: str, meta: dict[str, Any], width: int, height: int,
-                 term: str) -> Recorder | None:
+                 term: str, keystrokes: bool | None = None) -> Recorder | None:
+        """A recorder for one session; `keystrokes` None: as the settings say."""
         if not self.settings.enabled:
             return None
-        return Recorder(self, session_id, meta, width, height, term, self.settings.keystrokes)
+        return Recorder(self, session_id, meta, width, height, term,
+                        self.settings.keystrokes if keystrokes is None else keystrokes)
 
     def publish_data(self, session_id: str, data: bytes) -> None:
         self.publisher.submit(self.subjects.recording_data(session_id), data)

@@ -1,38 +1,86 @@
-"""The gRPC ExecService: authenticate, authorize, resolve, then hand over to the relay."""
+"""The gRPC ExecService: one exec is admitted, then lived through the session core."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from typing import Any
 
 import grpc
-from rune.apiserver.auth import Authenticator, Authorizer
-from rune.apiserver.config import LimitsConfig
-from rune.apiserver.directory import InstanceDirectory
-from rune.apiserver.limits import SessionLimits, check_init
+from rune.apiserver.admission import Admission, exec_fields
 from rune.apiserver.operator_rpc import OperatorRpcs
-from rune.apiserver.oversight import Oversight
-from rune.apiserver.relay import Relay, SessionRecord
+from rune.apiserver.session import Session, SessionCore
 
-from rune.errors import InvalidArgument, PermissionDenied, RuneError
+from rune import frames
+from rune.errors import InvalidArgument, RuneError
+from rune.models import ExecOpened
 from rune.proto import exec_pb2 as pb
 from rune.proto import exec_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 
+class ExecStream:
+    """The exec session kind: a CLI's bidi stream on one side of the core."""
+
+    name = "exec"
+
+    def __init__(self, context: grpc.aio.ServicerContext, window: int,
+                 max_message: int) -> None:
+        self.context = context
+        self.window = window
+        self.max_message = max_message
+
+    async def started(self, session: Session, opened: ExecOpened) -> None:
+        record, instance = session.record, session.record.instance
+        # Every status the server ends this stream with carries the session id: how
+        # the client tells the server's verdict from a broken connection.
+        self.context.set_trailing_metadata((("rune-session", record.id),))
+        await self.context.write(pb.ExecResponse(started=pb.Started(
+            session_id=record.id, instance_id=instance.instance_id, host=record.host,
+            agent=instance.agent, service=instance.service, runner=instance.runner)))
+
+    async def output(self, session: Session, kind: int, data: bytes) -> None:
+        await self.context.write(pb.ExecResponse(stdout=data) if kind == frames.STDOUT
+                                 else pb.ExecResponse(stderr=data))
+
+    async def exited(self, session: Session, code: int, signal: int) -> None:
+        await self.context.write(pb.ExecResponse(exit=pb.Exit(code=code, signal=signal)))
+
+    async def feed(self, session: Session) -> None:
+        while True:
+            request = await self.context.read()
+            if request is grpc.aio.EOF:
+                return
+            if request.ByteSize() > self.max_message:
+                raise InvalidArgument("message exceeds the maximum message size")
+            kind = request.WhichOneof("msg")
+            if kind == "stdin":
+                await session.stdin(request.stdin)
+            elif kind == "stdin_close":
+                await session.close_stdin()
+            elif kind == "resize":
+                session.resize(request.resize.width, request.resize.height)
+                # A read of an already-buffered message does not yield: a flood of resizes
+                # would otherwise hold the loop (and every other session's heartbeats).
+                await asyncio.sleep(0)
+            elif kind == "signal":
+                await session.signal(request.signal.number)
+            else:
+                raise InvalidArgument(f"unexpected {kind or 'empty'} message after init")
+
+
 class ExecService(OperatorRpcs, pb_grpc.ExecServiceServicer):
-    def __init__(self, directory: InstanceDirectory, relay: Relay, auth: Authenticator,
-                 authz: Authorizer, limits: LimitsConfig | None = None,
-                 oversight: Oversight | None = None) -> None:
-        self.limits = SessionLimits(limits or LimitsConfig())
-        self.directory = directory
-        self.relay = relay
-        self.auth = auth
-        self.authz = authz
-        self.sessions: dict[str, SessionRecord] = {}
-        self.oversight = oversight or Oversight()
-        relay.on_started = self.oversight.started
+    def __init__(self, core: SessionCore, admission: Admission) -> None:
+        self.core = core
+        self.admission = admission
+        self.config = core.config
+        self.directory = core.directory
+        self.oversight = core.oversight
+        self.sessions = core.sessions
+        self.auth = admission.auth
+        self.authz = admission.authz
 
     async def StreamExec(self, request_iterator: object,  # noqa: N802 - gRPC's name
                          context: grpc.aio.ServicerContext) -> None:
@@ -46,47 +94,15 @@ class ExecService(OperatorRpcs, pb_grpc.ExecServiceServicer):
         # its first message makes gRPC report an internal error instead of our status.
         first = await context.read()
         received = time.monotonic()
-        identity = self.auth.authenticate(context.invocation_metadata() or ())
+        identity = self.admission.authenticate(context.invocation_metadata())
         if first is grpc.aio.EOF or first.WhichOneof("msg") != "init":
             raise InvalidArgument("the first message of a stream must be init")
-        if first.ByteSize() > self.relay.config.max_message:
+        if first.ByteSize() > self.config.max_message:
             raise InvalidArgument("init message exceeds the maximum message size")
-        init = first.init
-        check_init(init, self.limits.limits)
-        namespace = init.namespace or "default"
-        try:
-            if not init.target:
-                raise InvalidArgument("no target given")
-            if not init.command:
-                raise InvalidArgument("no command given")
-            try:
-                self.authz.authorize(identity, "exec-tty" if init.tty else "exec", namespace,
-                                     list(init.command))
-            except PermissionDenied as exc:
-                log.warning("denied: user=%s namespace=%s target=%s argv0=%s: %s",
-                            identity.user, namespace, init.target, init.command[0], exc)
-                raise
-            instance = self.directory.resolve(namespace, init.target)
-            self.limits.acquire(identity.user, instance.agent)
-        except RuneError as exc:
-            self.oversight.denied(identity, init, exc)
-            raise
-        record = SessionRecord(id=self.relay.new_session_id(), user=identity.user,
-                               instance=instance, argv=list(init.command), tty=init.tty)
-        self.sessions[record.id] = record
-        self.directory.busy[instance.key] += 1
-        self.oversight.opening(record, identity, init, received)
-        outcome: BaseException | None = None
-        try:
-            await self.relay.run(context, init, instance, record)
-        except BaseException as exc:
-            outcome = exc
-            raise
-        finally:
-            self.limits.release(identity.user, instance.agent)
-            self.directory.busy[instance.key] -= 1
-            self.sessions.pop(record.id, None)
-            self.oversight.ended(record, outcome)
+        spec = self.admission.admit(identity, exec_fields(first.init))
+        instance = self.admission.resolve(identity, spec)
+        kind = ExecStream(context, self.config.window, self.config.max_message)
+        await self.core.run(identity, spec, instance, kind, received=received)
 
     async def ListInstances(self, request: pb.ListInstancesRequest,  # noqa: N802
                             context: grpc.aio.ServicerContext) -> pb.ListInstancesResponse:
@@ -97,7 +113,7 @@ class ExecService(OperatorRpcs, pb_grpc.ExecServiceServicer):
                 self.authz.authorize(identity, "list", namespace)
         except RuneError as exc:
             await context.abort(grpc.StatusCode[exc.grpc_status], exc.message)
-        visible = {}  # with -A, only the namespaces the caller may list
+        visible: dict[str, Any] = {}  # with -A, only the namespaces the caller may list
         return pb.ListInstancesResponse(instances=[
             pb.Instance(namespace=i.namespace, service=i.service, instance_id=i.instance_id,
                         state=i.state, host=i.host, agent=i.agent, runner=i.runner,

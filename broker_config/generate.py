@@ -1,7 +1,8 @@
 """Writes nats-server auth config and nkeys seeds: the apiserver, one user per agent, audit.
 
 Each component gets an nkeys user whose permissions follow DESIGN.md: an agent
-publishes only under `rune.out.<its id>`, its own registry keys and audit, and
+publishes only under `rune.out.<its id>`, its own registry keys and its own audit
+subjects (`rune.audit.<ns>.agent.<its id>.>`, never the apiserver's), and
 subscribes only to `rune.agent.<its id>` and `rune.in.<its id>`; replies to the
 apiserver's requests go through `allow_responses`. Every component has its own
 reply-inbox prefix (rune.subjects.Subjects.inbox) so nobody can read another's
@@ -31,17 +32,22 @@ def public_key(seed: bytes) -> str:
 
 def apiserver_permissions(s: Subjects) -> dict:
     return {
+        # Recordings are stored by the apiserver too (rune.rec.<session>.data/meta).
+        # Apiservers share their live sessions (a KV bucket) and forward kills to each other.
         "publish": {"allow": [s.agent_all("*"), f"{s.prefix}.in.>", s.audit_all(),
-                              "$JS.API.>", "$JS.ACK.>"]},
-        "subscribe": {"allow": [f"{s.prefix}.out.>", s.audit_all(),
+                              s.recording_all(), f"$KV.{s.sessions_bucket}.>",
+                              s.apiserver_all(), "$JS.API.>", "$JS.ACK.>"]},
+        "subscribe": {"allow": [f"{s.prefix}.out.>", s.audit_all(), s.apiserver_all(),
                                 f"{s.inbox('apiserver')}.>"]},
+        # Answer another apiserver's kill request on its reply subject, once each.
+        "allow_responses": True,
     }
 
 
 def agent_permissions(s: Subjects, agent: str) -> dict:
     bucket = s.instances_bucket
     return {
-        "publish": {"allow": [s.agent_out_all(agent), s.audit_all(),
+        "publish": {"allow": [s.agent_out_all(agent), s.agent_audit_all(agent),
                               f"$KV.{bucket}.{agent}.>",
                               f"$JS.API.STREAM.INFO.KV_{bucket}"]},
         "subscribe": {"allow": [s.agent_all(agent), s.agent_in_all(agent),
@@ -128,7 +134,7 @@ def generate(out_dir: str | Path, agents: Sequence[str], prefix: str = "rune",
         written.append(path)
         entries.append((name, public_key(seed), permissions))
     (out / "auth.conf").write_text(auth_conf(entries))
-    template = resources.files("broker_config").joinpath("nats-single.conf").read_text()
+    template = resources.files("rune.broker_config").joinpath("nats-single.conf").read_text()
     (out / "nats.conf").write_text(template)
     nodes = []
     for node in range(cluster):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rune.cli.devstack import DEMO_SERVICES, DEV_USER, Stack, StackError, stop_pid
+from rune.cli.devstack import DEV_USER, Stack, StackError, demo_account, demo_services, stop_pid
 
 dev_app = typer.Typer(add_completion=False, no_args_is_help=True,
                       help="Run the local development stack.")
@@ -25,6 +25,7 @@ def up(
     state_dir: Annotated[Path, typer.Option(help="where state and logs go")] = DEFAULT_STATE,
     nats_port: Annotated[int, typer.Option(help="nats-server client port")] = 4222,
     api_port: Annotated[int, typer.Option(help="rune-apiserver gRPC port")] = 8443,
+    dashboard_port: Annotated[int, typer.Option(help="rune-dashboard web port")] = 8480,
 ) -> None:
     """Start nats-server, rune-apiserver and one agent with demo services."""
     pids = state_dir / "pids.json"
@@ -39,20 +40,31 @@ def up(
         stack.start_nats()
         print(f"starting rune-apiserver on {stack.api_address} ...", flush=True)
         stack.start_apiserver()
-        print("starting rune-agent local with services api (2) and worker (1) ...", flush=True)
-        stack.start_agent("local", DEMO_SERVICES)
+        account = demo_account()
+        runs_as = f"as user {account}" if account else "as you (not root: no other user)"
+        print(f"starting rune-agent local with services api (2) and worker (1) {runs_as} ...",
+              flush=True)
+        stack.start_agent("local", demo_services(account))
+        print(f"starting rune-dashboard on http://127.0.0.1:{dashboard_port} ...", flush=True)
+        stack.start_dashboard(dashboard_port)
     except (StackError, OSError) as exc:
         stack.stop()
         sys.stderr.write(f"Error: {exc}\n")
         raise typer.Exit(255) from None
     stack.save_pids()
+    if account is None:
+        sys.stderr.write("warning: not running as root, so the demo instances run as you and "
+                         f"can read your files, {stack.state_dir / 'tokens'} included; "
+                         "run `rune dev up` as root for a restricted user that cannot\n")
     api_flag = "" if api_port == 8443 else f" --api-server {stack.api_address}"
     config_file = _point_cli_at(stack, api_port)
     dev_token = stack.token_files[DEV_USER]
     print(f"\nready. logs in {stack.logs}\n"
           f"your admin token: {stack.token_files[stack.admin]} (set in {config_file})\n"
           f"restricted user {DEV_USER!r} (exec and list in namespace default only, "
-          f"rm -rf and friends blocked): {dev_token}\n\ntry:\n  rune instances{api_flag}\n"
+          f"rm -rf and friends blocked): {dev_token}\n"
+          f"dashboard: http://127.0.0.1:{dashboard_port} (sign in with your admin token)\n"
+          f"\ntry:\n  rune instances{api_flag}\n"
           f"  rune exec{api_flag} api ls -la\n  rune exec{api_flag} api sh\n"
           f"  rune exec{api_flag} --token-file {dev_token} -n prod api ls   # denied\n")
     if detach:

@@ -7,8 +7,10 @@ condition (a port that answers, an RPC that succeeds, instances that run).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -27,6 +29,41 @@ DEMO_SERVICES = [
     {"name": "worker", "namespace": "default", "replicas": 1,
      "command": ["sh", "-c", "exec sleep 2147483647"]},
 ]
+
+
+# The OS account the demo instances run as when the stack runs as root: never the
+# developer's (or root's) own, so an exec cannot read the stack's tokens or nkeys seeds.
+DEMO_ACCOUNT = "rune-demo"
+# As root, agents whose instances run as another user keep their state here (root-owned
+# parents, so nothing can be planted on the way), reachable by those users; the stack's
+# own state directory stays 0700.
+SHARED_AGENT_STATE = Path("/var/lib/rune-dev")
+
+
+def demo_account() -> str | None:
+    """The demo instances' user: rune-demo (created as a system user if missing) when
+    running as root, or None (instances run as you) otherwise."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(DEMO_ACCOUNT)
+        return DEMO_ACCOUNT
+    except KeyError:
+        pass
+    useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+    made = subprocess.run([useradd, "--system", "--no-create-home", "--home-dir",
+                           "/nonexistent", "--shell", "/usr/sbin/nologin", DEMO_ACCOUNT],
+                          capture_output=True, text=True)
+    try:
+        pwd.getpwnam(DEMO_ACCOUNT)
+        return DEMO_ACCOUNT
+    except KeyError:
+        raise StackError(f"cannot create the system user {DEMO_ACCOUNT} for the demo "
+                         f"instances: {made.stderr.strip() or made.returncode}") from None
+
+
+def demo_services(user: str | None) -> list[dict]:
+    return [{**s, "user": user} if user else dict(s) for s in DEMO_SERVICES]
 
 
 # The restricted user `rune dev up` makes, so RBAC can be tried at once.
@@ -104,6 +141,8 @@ class Stack:
     def __init__(self, state_dir: str | Path, nats_port: int = 4222, api_port: int = 8443,
                  nats_conf: str | None = None) -> None:
         self.state_dir = Path(state_dir).resolve()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)  # tokens, seeds, configs and logs: ours alone
         self.broker_dir: Path | None = None  # set by secure(): nkeys for every component
         self.auth: dict = {"enabled": False}
         self.token_files: dict[str, Path] = {}
@@ -194,12 +233,37 @@ class Stack:
                    log=self.logs / "apiserver.log")
         return proc
 
+    def agent_state_dir(self, agent_id: str, services: list[dict]) -> Path:
+        """Inside the private state directory, unless (as root) an instance runs as another
+        user, who must reach its own directory: then under SHARED_AGENT_STATE."""
+        if os.geteuid() != 0 or not any(s.get("user") for s in services):
+            return self.state_dir / "agents" / agent_id
+        SHARED_AGENT_STATE.mkdir(mode=0o711, exist_ok=True)
+        if SHARED_AGENT_STATE.is_symlink() or SHARED_AGENT_STATE.stat().st_uid != 0:
+            raise StackError(f"{SHARED_AGENT_STATE} is not a directory owned by root")
+        os.chmod(SHARED_AGENT_STATE, 0o711)
+        tag = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:12]
+        return SHARED_AGENT_STATE / f"{tag}-{agent_id}"
+
+    def start_dashboard(self, port: int) -> subprocess.Popen:
+        """The ops dashboard on 127.0.0.1:`port`, talking to this stack's apiserver."""
+        if port_open(port):
+            raise StackError(f"port {port} is already in use")
+        argv = [sys.executable, "-m", "rune.dashboard.main", "--listen", f"127.0.0.1:{port}",
+                "--api-server", self.api_address]
+        if self.ca_file:
+            argv += ["--ca-file", self.ca_file]
+        proc = self._spawn("dashboard", argv)
+        wait_until(lambda: port_open(port), "rune-dashboard", proc=proc,
+                   log=self.logs / "dashboard.log")
+        return proc
+
     def write_agent_config(self, agent_id: str, services: list[dict],
                            extra: dict | None = None) -> Path:
         config = {
             "agent_id": agent_id, "host": f"{socket.gethostname()}-{agent_id}",
             "nats": {"url": self.nats_url, "nkey_seed_file": self.nkey(f"agent-{agent_id}")},
-            "state_dir": str(self.state_dir / "agents" / agent_id), "services": services,
+            "state_dir": str(self.agent_state_dir(agent_id, services)), "services": services,
             **(extra or {}),
         }
         path = self.state_dir / f"agent-{agent_id}.yaml"

@@ -5,54 +5,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
 import struct
 import sys
 import termios
 import tty
 
-# Full-screen or line-editing programs: interactive whatever their arguments.
-SCREEN_PROGRAMS = frozenset({
-    "vim", "vi", "nvim", "nano", "emacs", "top", "htop", "less", "more", "watch",
-})
-# Shells and interpreters: interactive when started without a script or a -c/-e command.
-SHELLS = frozenset({"bash", "sh", "zsh", "fish", "tcsh", "csh", "dash", "ash", "ksh"})
-INTERPRETERS = frozenset({"python", "python2", "python3", "ipython", "node", "irb", "ruby",
-                          "lua", "perl", "php", "R", "ghci", "erl", "iex"})
-# Database clients take options with values; only a command flag makes them non-interactive.
-CLIENTS = frozenset({"psql", "mysql", "mariadb", "redis-cli", "sqlite3", "mongosh"})
-COMMAND_FLAGS = frozenset({"-c", "-e", "-m", "--command", "--eval", "--execute", "-E"})
-_VERSIONED = re.compile(r"^(python|perl|ruby|lua|php)[0-9.]*$")
-
-
-def _base(name: str) -> str:
-    name = os.path.basename(name)
-    match = _VERSIONED.match(name)
-    return match.group(1) if match else name
-
-
-def wants_tty(command: list[str]) -> tuple[bool, str]:
-    """Whether COMMAND is interactive by nature, and why (for --verbose)."""
-    name, args = _base(command[0]), command[1:]
-    shown = os.path.basename(command[0])
-    if name in SCREEN_PROGRAMS:
-        return True, f"{shown} is an interactive program"
-    flagged = next((a for a in args if a in COMMAND_FLAGS), None)
-    if name in CLIENTS:
-        if flagged:
-            return False, f"{shown} {flagged} runs one command"
-        return True, f"{shown} is an interactive client"
-    if name in SHELLS or name in INTERPRETERS:
-        kind = "shell" if name in SHELLS else "interpreter"
-        if "-i" in args:
-            return True, f"{shown} -i is interactive"
-        if flagged:
-            return False, f"{shown} {flagged} runs one command"
-        script = next((a for a in args if not a.startswith("-")), None)
-        if script is not None:
-            return False, f"{shown} runs the script {script}"
-        return True, f"{shown} is an interactive {kind} (no script given)"
-    return False, f"{shown} is not an interactive program"
+# The one list of interactive programs, shared with the apiserver (rune/interactive.py).
+from rune.interactive import wants_tty
 
 
 def decide_tty(command: list[str], force: bool | None, stdin_tty: bool | None = None,

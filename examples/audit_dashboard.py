@@ -4,11 +4,16 @@
     python examples/audit_dashboard.py --nkey-seed /etc/rune/audit-reader.nk   # secured broker
     python examples/audit_dashboard.py --history 1h    # first what the stream kept, then live
 
-Without credentials it connects anonymously, which is what the local dev stack
-(`rune dev up`) accepts. On a secured broker use the audit reader's nkey seed
-(`--nkey-seed`) or a `.creds` file (`--creds`): that user may only read
-`rune.audit.>` and the audit stream. The events are the JSON documented in the
-README ("Audit events"); this file depends on nothing from Rune itself.
+No broker of Rune accepts anonymous clients, the local dev stack included: give
+the audit reader's nkey seed (`--nkey-seed`) or a `.creds` file (`--creds`). That
+user may only read `rune.audit.>` and the audit stream. `rune dev up` writes its
+seed to `<state dir>/broker/audit-reader.nk` (by default
+`~/.local/state/rune/dev/broker/audit-reader.nk`). Without either flag it tries an
+anonymous connection, which only a broker you run without authentication accepts.
+
+For live sessions, observing, killing, search and playback in a browser, use
+`rune-dashboard` instead (README, "Ops dashboard"). The events are the JSON
+documented in the README ("Audit events"); this file depends on nothing from Rune.
 """
 
 from __future__ import annotations
@@ -58,11 +63,14 @@ async def main() -> None:
         options["nkeys_seed"] = args.nkey_seed
     if args.creds:
         options["user_credentials"] = args.creds
-    nc = await nats.connect(args.server, name="audit-dashboard", **options)
+    # The audit reader may receive replies only under its own inbox prefix (--history).
+    nc = await nats.connect(args.server, name="audit-dashboard",
+                            inbox_prefix=f"_INBOX_{args.prefix}.audit", **options)
     subject = f"{args.prefix}.audit.>"
     if args.history:  # the JetStream stream keeps events; an ordered consumer replays them
         sub = await nc.jetstream().subscribe(
-            subject, ordered_consumer=True, deliver_policy=DeliverPolicy.BY_START_TIME,
+            subject, stream=f"{args.prefix.upper()}_AUDIT", ordered_consumer=True,
+            deliver_policy=DeliverPolicy.BY_START_TIME,
             config=ConsumerConfig(opt_start_time=since(args.history)))
     else:  # live only: a plain subscription, nothing stored on the server for us
         sub = await nc.subscribe(subject)

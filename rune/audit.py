@@ -7,6 +7,11 @@ Every event is one JSON object with ``version`` (this schema's number), ``event`
 The publisher keeps a bounded buffer drained by its own task: a session only
 appends to it. When the broker or the stream is unreachable, events wait there
 and are retried; past the bound the oldest are dropped, counted and logged.
+One message never holds up the rest: a permanent failure (a subject or payload the
+broker cannot take, a 4xx from JetStream) drops that message at once with a counted
+reason; a head message that failed POISON_ATTEMPTS times while the next one is stored
+(a permissions violation shows only as a timeout) is dropped the same way. When the
+next one fails too, it is an outage: everything waits, in order.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nats.aio.client import Client as NATS
+from nats.errors import BadSubjectError, MaxPayloadError
+from nats.js.errors import APIError
 
 from rune.ratelog import RateLimitedLog
 
@@ -33,8 +40,12 @@ STARTED = "session.started"
 ENDED = "session.ended"
 DENIED = "session.denied"
 FAILED = "session.failed"
-EVENTS = (STARTED, ENDED, DENIED, FAILED)
+# Operators acting on a live session: watching it read-only, ending it with a reason.
+OBSERVED = "session.observed"
+KILLED = "session.killed"
+EVENTS = (STARTED, ENDED, DENIED, FAILED, OBSERVED, KILLED)
 MAX_RETRY_DELAY = 5.0
+POISON_ATTEMPTS = 3
 
 
 def iso_time(ts: float) -> str:
@@ -76,6 +87,8 @@ class BufferedPublisher:
         self.published = 0
         self.dropped = 0
         self.failures = 0
+        self.rejected: dict[str, int] = {}  # reason -> messages dropped as undeliverable
+        self._attempts: dict[str, int] = {}  # id -> failed publishes of that message
 
     @property
     def buffered(self) -> int:
@@ -123,13 +136,19 @@ class BufferedPublisher:
                 continue
             subject, data, msg_id = self._buffer[0]
             try:
-                if not await self._try_ensure():
-                    raise ConnectionError("stream not set up")
-                # The id lets JetStream drop a duplicate when an ack was lost and we retry.
-                await self.nc.jetstream().publish(subject, data, timeout=self.ack_timeout,
-                                                  headers={"Nats-Msg-Id": msg_id})
+                await self._publish(subject, data, msg_id)
             except Exception as exc:
                 self.failures += 1
+                reason = _permanent(exc)
+                if reason is None:
+                    failures = self._attempts.get(msg_id, 0) + 1
+                    self._attempts[msg_id] = failures
+                    if failures >= POISON_ATTEMPTS and await self._next_gets_through(msg_id):
+                        reason = ("refused by the broker while the next message was stored "
+                                  "(a permissions violation?)")
+                if reason is not None:
+                    self._reject(subject, msg_id, reason)
+                    continue
                 loss_log.warning(f"{self.what}-retry", "%s: publish failed (%s: %s); %d "
                                  "buffered, retrying", self.what, type(exc).__name__, exc,
                                  len(self._buffer))
@@ -139,9 +158,51 @@ class BufferedPublisher:
                 delay = min(delay * 2, MAX_RETRY_DELAY)
                 continue
             delay = 0.05
-            if self._buffer and self._buffer[0][2] == msg_id:
-                self._buffered_bytes -= len(self._buffer.popleft()[1])
-            self.published += 1
+            self._stored(msg_id)
+
+    async def _publish(self, subject: str, data: bytes, msg_id: str) -> None:
+        if not await self._try_ensure():
+            raise ConnectionError("stream not set up")
+        # The id lets JetStream drop a duplicate when an ack was lost and we retry.
+        await self.nc.jetstream().publish(subject, data, timeout=self.ack_timeout,
+                                          headers={"Nats-Msg-Id": msg_id})
+
+    def _remove(self, msg_id: str) -> bool:
+        """Takes one message out of the buffer; False when submit() dropped it meanwhile."""
+        self._attempts.pop(msg_id, None)
+        for entry in self._buffer:
+            if entry[2] == msg_id:
+                self._buffer.remove(entry)
+                self._buffered_bytes -= len(entry[1])
+                return True
+        return False
+
+    def _stored(self, msg_id: str) -> None:
+        self._remove(msg_id)
+        self.published += 1
+
+    async def _next_gets_through(self, stuck_id: str) -> bool:
+        """Publishes the message after a stuck head once: stored means the broker is fine
+        and the head is what it refuses; a failure means an outage (order is kept)."""
+        if len(self._buffer) < 2 or self._buffer[0][2] != stuck_id:
+            return False
+        subject, data, msg_id = self._buffer[1]
+        try:
+            await self._publish(subject, data, msg_id)
+        except Exception:
+            return False
+        self._stored(msg_id)
+        return True
+
+    def _reject(self, subject: str, msg_id: str, reason: str) -> None:
+        """Drops one message for good, counted by reason and logged (rate-limited)."""
+        if not self._remove(msg_id):
+            return
+        self.dropped += 1
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        loss_log.warning(f"{self.what}-reject", "%s: dropped a message to %r that cannot be "
+                         "stored: %s; %d dropped so far", self.what, subject[:200], reason,
+                         self.dropped)
 
     async def flush(self, timeout: float) -> bool:
         """Waits (bounded) until everything queued so far is stored; True when it was."""
@@ -161,3 +222,14 @@ class BufferedPublisher:
             log.error("%s: %d messages could not be stored before shutdown and are lost",
                       self.what, len(self._buffer))
             self._buffer.clear()
+
+
+def _permanent(exc: Exception) -> str | None:
+    """Why retrying `exc` can never succeed, or None for a failure worth retrying."""
+    if isinstance(exc, BadSubjectError):
+        return "invalid subject"
+    if isinstance(exc, MaxPayloadError):
+        return "larger than the broker's max_payload"
+    if isinstance(exc, APIError) and exc.code is not None and 400 <= exc.code < 500:
+        return f"JetStream refused it ({exc.code} {exc.description})"
+    return None

@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
-InstanceState = Literal["starting", "running", "exited", "restarting", "stopped", "lost"]
+from rune import bounds
+
+
+def _named(check: object) -> AfterValidator:
+    """A bounds check given the field's name, for the message."""
+    return AfterValidator(lambda value, info: check(value, info.field_name.replace("_", " ")))
+
+
+# Request fields with their bounds (rune/bounds.py), shared by every request model.
+Name = Annotated[str, _named(bounds.name)]
+Argv = Annotated[list[str], AfterValidator(bounds.argv)]
+Env = Annotated[dict[str, str], AfterValidator(bounds.env)]
+Workdir = Annotated[str, AfterValidator(bounds.workdir)]
+TerminalSize = Annotated[int, _named(bounds.terminal_size)]
+Seconds = Annotated[float, _named(bounds.timeout)]
+
+# "lost" and "conflict" are never written by an agent: the apiserver's directory shows them
+# (an agent gone silent; an instance id that two agents claim).
+InstanceState = Literal["starting", "running", "exited", "restarting", "stopped", "lost",
+                        "conflict"]
 INSTANCE_MARK = "-instance-"
 
 
@@ -34,20 +53,35 @@ class InstanceInfo(BaseModel):
 class ExecOpen(BaseModel):
     """The apiserver's request to an agent to open a session (rune.agent.<id>.exec)."""
 
-    session_id: str
-    namespace: str
-    instance_id: str
-    argv: list[str] = Field(min_length=1)
-    env: dict[str, str] = Field(default_factory=dict)
-    workdir: str = ""
+    # The agent trusts no caller: the same bounds as the apiserver's, checked again here.
+    session_id: Name
+    namespace: Name
+    instance_id: Name
+    argv: Argv
+    env: Env = Field(default_factory=dict)
+    workdir: Workdir = ""
     tty: bool = False
-    width: int = 80
-    height: int = 24
-    timeout: float = 300.0
+    width: TerminalSize = 80
+    height: TerminalSize = 24
+    timeout: Seconds = 300.0
     user: str = ""  # the rune user who asked (for audit), not an OS account
     window: int = 4 * 1024 * 1024
-    heartbeat: float = 2.0
-    lost_after: int = 3
+    heartbeat: Seconds = 2.0
+    lost_after: int = Field(default=3, ge=1, le=1000)
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: int) -> int:
+        if not 1024 <= value <= 256 * 1024 * 1024:
+            raise ValueError(f"window {value} is out of range 1 KiB-256 MiB")
+        return value
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        if len(value) > 256:
+            raise ValueError("user name is longer than 256 characters")
+        return value
 
 
 class ExecOpened(BaseModel):
@@ -57,3 +91,14 @@ class ExecOpened(BaseModel):
     host: str = ""
     pid: int = 0
     error: dict | None = None
+
+
+def first_problem(exc: ValueError) -> str:
+    """One line naming the field a request failed on, from a pydantic ValidationError."""
+    errors_of = getattr(exc, "errors", None)
+    if not callable(errors_of):
+        return str(exc)
+    problem = errors_of()[0]
+    field = ".".join(str(p) for p in problem.get("loc", ())) or "request"
+    message = str(problem.get("msg", "invalid")).removeprefix("Value error, ")
+    return f"{field}: {message}"

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+from rune import bounds
 
 
 def check_token(value: str, what: str) -> str:
-    """Ids that become subject tokens must not contain wildcards, dots or spaces."""
-    if not _TOKEN.match(value or ""):
-        raise ValueError(f"{what} {value!r} must match [A-Za-z0-9_-]+")
-    return value
+    """Ids that become subject tokens: no wildcards, dots, spaces or newlines, in full."""
+    return bounds.name(value, what)
 
 
 @dataclass(frozen=True)
@@ -53,10 +50,18 @@ class Subjects:
         if not (subject.startswith(head) and subject.endswith(tail)):
             return None
         agent = subject[len(head):-len(tail)]
-        return agent if _TOKEN.match(agent) else None
+        return agent if bounds.NAME.fullmatch(agent) else None
 
     def audit(self, namespace: str, event: str) -> str:
         return f"{self.prefix}.audit.{namespace}.{event}"
+
+    def agent_audit(self, namespace: str, agent: str, event: str) -> str:
+        """What an agent reports: `<prefix>.audit.<ns>.agent.<agent>.<event>`, apart from
+        the apiserver's `<prefix>.audit.<ns>.session.*`, and fenced per agent by the broker."""
+        return f"{self.prefix}.audit.{namespace}.agent.{agent}.{event}"
+
+    def agent_audit_all(self, agent: str) -> str:
+        return f"{self.prefix}.audit.*.agent.{agent}.>"
 
     def audit_all(self) -> str:
         return f"{self.prefix}.audit.>"
@@ -86,6 +91,17 @@ class Subjects:
     @property
     def instances_bucket(self) -> str:
         return f"{self.prefix}_instances"
+
+    @property
+    def sessions_bucket(self) -> str:
+        """Every apiserver's live sessions and leases (apiserver/peers.py)."""
+        return f"{self.prefix}_sessions"
+
+    def apiserver_kill(self, apiserver: str) -> str:
+        return f"{self.prefix}.apiserver.{apiserver}.kill"
+
+    def apiserver_all(self) -> str:
+        return f"{self.prefix}.apiserver.>"
 
     @property
     def audit_stream(self) -> str:

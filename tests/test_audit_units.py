@@ -143,12 +143,12 @@ def test_session_log_lines_are_structured_json():
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("apiserver.sessions")
+    logger = logging.getLogger("rune.apiserver.sessions")
     logger.addHandler(handler)
     old_level = logger.level
     logger.setLevel(logging.INFO)
     try:
-        init = SimpleNamespace(namespace="prod", target="db", command=["psql"], tty=False,
+        init = SimpleNamespace(namespace="prod", target="db", argv=["psql"], tty=False,
                                workdir="", env={"PGPASSWORD": "pw"})
         Oversight().denied(Identity("ann", ("ops",)), init, NotFound("no such db"))
     finally:
@@ -170,7 +170,7 @@ def test_oversight_event_sequences_per_outcome():
     from rune.apiserver.auth import Identity
     from rune.apiserver.metrics import ApiMetrics
     from rune.apiserver.oversight import Oversight
-    from rune.apiserver.relay import SessionRecord
+    from rune.apiserver.session import SessionRecord
 
     from rune.errors import Unavailable
     from rune.models import InstanceInfo
@@ -184,7 +184,7 @@ def test_oversight_event_sequences_per_outcome():
 
     instance = InstanceInfo(namespace="default", service="api", instance_id="api-instance-x-0",
                             state="running", agent="x", host="hx", runner="process")
-    init = SimpleNamespace(namespace="", target="api", command=["true"], tty=False,
+    init = SimpleNamespace(namespace="", target="api", argv=["true"], tty=False, interactive=False,
                            workdir="", env={}, width=0, height=0, term="")
     collect, metrics = Collect(), ApiMetrics()
     oversight = Oversight(collect, None, metrics)
@@ -218,3 +218,47 @@ def test_buffer_is_bounded_in_bytes_too():
     assert publisher.buffered == 3
     assert publisher.dropped == 7
     assert [data[0] for _, data, _ in publisher._buffer] == [7, 8, 9]
+
+
+async def test_a_bad_subject_is_dropped_and_the_rest_flows(nats_url):
+    """A message nats cannot send (a subject with a newline) is dropped with its reason at
+    once; the messages behind it are stored."""
+    subjects = Subjects("bad")
+    nc = await nats.connect(nats_url)
+    await nc.jetstream().add_stream(StreamConfig(name="BAD_AUDIT",
+                                                 subjects=[subjects.audit_all()]))
+    publisher = BufferedPublisher(nc, "test audit", ack_timeout=0.5)
+    await publisher.start()
+    try:
+        publisher.submit("bad.audit.default\n.session.denied", b"poison")
+        publisher.submit(subjects.audit("default", schema.ENDED), b"after")
+        assert await publisher.flush(5)
+        assert publisher.published == 1 and publisher.rejected == {"invalid subject": 1}
+        sub = await nc.jetstream().pull_subscribe(subjects.audit_all(), stream="BAD_AUDIT")
+        assert [m.data for m in await sub.fetch(10, timeout=2)] == [b"after"]
+    finally:
+        await publisher.stop()
+        await nc.close()
+
+
+async def test_a_message_the_broker_never_stores_does_not_hold_up_the_rest(nats_url):
+    """A head message that keeps failing while the next one is stored (no stream takes its
+    subject, as with a permissions violation) is dropped; everything else is stored."""
+    subjects = Subjects("stuck")
+    nc = await nats.connect(nats_url)
+    await nc.jetstream().add_stream(StreamConfig(name="STUCK_AUDIT",
+                                                 subjects=[subjects.audit_all()]))
+    publisher = BufferedPublisher(nc, "test audit", ack_timeout=0.3)
+    await publisher.start()
+    try:
+        publisher.submit("stuck.elsewhere.x", b"never stored")
+        for i in range(3):
+            publisher.submit(subjects.audit("default", schema.ENDED), f"{i}".encode())
+        assert await publisher.flush(15)
+        assert publisher.published == 3 and publisher.dropped == 1
+        assert len(publisher.rejected) == 1
+        sub = await nc.jetstream().pull_subscribe(subjects.audit_all(), stream="STUCK_AUDIT")
+        assert sorted(m.data for m in await sub.fetch(10, timeout=2)) == [b"0", b"1", b"2"]
+    finally:
+        await publisher.stop()
+        await nc.close()

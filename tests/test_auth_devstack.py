@@ -27,10 +27,11 @@ def dev_up(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("devup")
     env = {**os.environ, "RUNE_CONFIG": str(tmp / "config.yaml")}
     env.pop("RUNE_TOKEN_FILE", None)
-    nats_port, api_port = free_port(), free_port()
+    nats_port, api_port, dashboard_port = free_port(), free_port(), free_port()
     state = tmp / "state"
     up = _rune(env, "dev", "up", "--detach", "--state-dir", str(state), "--nats-port",
-               str(nats_port), "--api-port", str(api_port))
+               str(nats_port), "--api-port", str(api_port), "--dashboard-port",
+               str(dashboard_port))
     try:
         assert up.returncode == 0, up.stderr + up.stdout
         yield env, up.stdout, state, nats_port
@@ -75,3 +76,14 @@ def test_dev_broker_refuses_anonymous_clients(dev_up):
 
     with pytest.raises(Exception, match="(?i)authorization"):
         asyncio.run(anonymous())
+
+
+def test_dashboard_is_started_and_printed(dev_up):
+    """`rune dev up` starts the dashboard and prints its address; unsigned, it shows sign-in."""
+    import re
+    import urllib.request
+
+    _, out, _, _ = dev_up
+    url = re.search(r"dashboard: (http://127\.0\.0\.1:\d+)", out).group(1)
+    with urllib.request.urlopen(url + "/") as page:  # redirected to the sign-in page
+        assert page.url.endswith("/login") and b'name="token"' in page.read()

@@ -253,7 +253,7 @@ INIT = pb.ExecRequest(init=pb.ExecInit(target="api", command=["cat"]))
     ([pb.ExecRequest(init=pb.ExecInit(target="api", command=["pwd"], workdir="tmp"))],
      "absolute"),
     ([pb.ExecRequest(init=pb.ExecInit(target="api", command=["true"],
-                                      env={"A": "x" * 100_000}))], "environment too large"),
+                                      env={"A": "x" * 100_000}))], "env is too large"),
 ])
 async def test_bad_streams_are_invalid_arguments(secure, requests, message):
     """Malformed streams get INVALID_ARGUMENT, and the server keeps serving."""

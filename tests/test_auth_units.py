@@ -10,9 +10,10 @@ import sys
 
 import pytest
 import yaml
+from rune.apiserver.admission import decode, exec_fields
 from rune.apiserver.auth import Identity
 from rune.apiserver.config import AuthConfig, CommandRules, LimitsConfig
-from rune.apiserver.limits import SessionLimits, check_init
+from rune.apiserver.limits import SessionLimits
 from rune.apiserver.policy import CommandPolicy, Pattern
 from rune.apiserver.rbac import RoleAuthorizer
 from rune.apiserver.tls import is_loopback
@@ -90,10 +91,10 @@ def test_blocked_pattern_is_not_a_substring_match(argv):
 
 def test_pattern_words_and_long_flags():
     """Positional words match as a leading sequence; long flags may carry =values."""
-    assert Pattern.parse("git push").matches(["git", "push", "origin"])
-    assert not Pattern.parse("git push").matches(["git", "pull"])
-    assert Pattern.parse("git push --force").matches(["git", "push", "--force=yes", "o"])
-    assert not Pattern.parse("git push --force").matches(["git", "push", "o"])
+    assert Pattern.parse("git push").blocks(["git", "push", "origin"])
+    assert not Pattern.parse("git push").blocks(["git", "pull"])
+    assert Pattern.parse("git push --force").blocks(["git", "push", "--force=yes", "o"])
+    assert not Pattern.parse("git push --force").blocks(["git", "push", "o"])
 
 
 def test_allowlist_refuses_everything_else():
@@ -169,18 +170,36 @@ def test_unknown_role_in_binding_is_a_config_error():
 
 
 @pytest.mark.parametrize("init, message", [
-    (pb.ExecInit(command=["echo", "a\0b"]), "NUL"),
-    (pb.ExecInit(command=["env"], env={"A": "x\0y"}), "NUL"),
-    (pb.ExecInit(command=["env"], env={"A=B": "x"}), "bad environment"),
-    (pb.ExecInit(command=["pwd"], workdir="tmp"), "absolute"),
-    (pb.ExecInit(command=["echo", "x" * 200_000]), "argv too large"),
-    (pb.ExecInit(command=["echo"] * 5000), "too many arguments"),
-    (pb.ExecInit(command=["env"], env={"A": "x" * 70_000}), "environment too large"),
+    (pb.ExecInit(target="api", command=["echo", "a\0b"]), "argv.*NUL"),
+    (pb.ExecInit(target="api", command=["env"], env={"A": "x\0y"}), "env.*NUL"),
+    (pb.ExecInit(target="api", command=["env"], env={"A=B": "x"}), "env name"),
+    (pb.ExecInit(target="api", command=["pwd"], workdir="tmp"), "workdir.*absolute"),
+    (pb.ExecInit(target="api", command=["echo", "x" * 200_000]), "argument 1 is too large"),
+    (pb.ExecInit(target="api", command=["echo", *["x" * 1000] * 1100]), "command is too large"),
+    (pb.ExecInit(target="api", command=["echo"] * 40000), "too many arguments"),
+    (pb.ExecInit(target="api", command=["env"], env={"A": "x" * 70_000}), "env is too large"),
+    (pb.ExecInit(target="api", namespace="default\n", command=["true"]), "namespace"),
+    (pb.ExecInit(target="api\n", command=["true"]), "target"),
+    (pb.ExecInit(target="a.b", command=["true"]), "target"),
+    (pb.ExecInit(target="api", command=[]), "command is empty"),
+    (pb.ExecInit(target="api", command=["true"], tty=True, width=70000), "width"),
+    (pb.ExecInit(target="api", command=["true"], tty=True, height=2**32 - 1), "height"),
+    (pb.ExecInit(target="api", command=["true"], timeout_seconds=float("nan")), "timeout"),
+    (pb.ExecInit(target="api", command=["true"], timeout_seconds=float("inf")), "timeout"),
+    (pb.ExecInit(target="api", command=["true"], timeout_seconds=-1), "timeout"),
+    (pb.ExecInit(target="api", command=["true"], term="xterm\x1b[2J"), "TERM"),
 ])
-def test_init_checks(init, message):
-    """Oversized argv/env, NUL bytes and a relative workdir are invalid arguments."""
+def test_request_bounds(init, message):
+    """Every field out of its bounds is an invalid argument naming the field."""
     with pytest.raises(InvalidArgument, match=message):
-        check_init(init, LimitsConfig())
+        decode(exec_fields(init), LimitsConfig(), 3600)
+
+
+def test_request_bounds_accept_docker_scale_argv():
+    """A 2001-argument, 200 KB command (fine under docker and kubectl) is accepted."""
+    init = pb.ExecInit(target="api", command=["echo", *["y" * 99] * 2000])
+    spec = decode(exec_fields(init), LimitsConfig(), 3600)
+    assert len(spec.argv) == 2001
 
 
 def test_session_limits_per_user_and_agent():

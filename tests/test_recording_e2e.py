@@ -76,14 +76,16 @@ def test_list_shows_an_active_session_and_kill_ends_it(rune, stack):
         assert killed.returncode == 0, killed.stderr
         assert proc.wait(timeout=20) == 255
         stderr = proc.stderr.read().decode()
-        assert "killed by anonymous: maintenance" in stderr
+        assert "Error: session ended by anonymous: maintenance" in stderr
     finally:
         if proc.poll() is None:
             proc.kill()
     events = wait_events(stack, {"session_id": sid}, "session.failed")
-    assert [e["event"] for e in events] == ["session.started", "session.failed"]
-    assert events[1]["code"] == "killed"
-    assert events[1]["reason"] == "killed by anonymous: maintenance"
+    assert [e["event"] for e in events] == ["session.started", "session.killed",
+                                            "session.failed"]
+    assert events[1]["reason"] == "maintenance" and events[1]["session_user"] == "anonymous"
+    assert events[2]["code"] == "killed"
+    assert events[2]["reason"] == "ended by anonymous: maintenance"
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and _alive(marker):
         time.sleep(0.1)

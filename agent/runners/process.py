@@ -1,23 +1,28 @@
-"""Process runner: exec beside a supervised process, with pipes or under a PTY (ptyprocess)."""
+"""Process runner: exec beside a supervised process, with pipes or under a PTY.
+
+Both kinds are started by rune.agent.runners.spawn (privileges first, then the
+directory, then argv[0]) and read and written as non-blocking descriptors on the loop.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import os
-import pwd
 import signal
 import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ptyprocess import PtyProcess
-from rune.agent.runners.base import (
-    CommandUnavailable,
-    resolve_executable,
-    status_from_returncode,
-    wait_status_to_exit,
+from rune.agent.account import Account
+from rune.agent.environment import exec_environment
+from rune.agent.runners.base import wait_status_to_exit
+from rune.agent.runners.spawn import (
+    ChildPlan,
+    fork_child,
+    raise_report,
+    read_report,
+    set_winsize,
 )
 
 from rune.errors import NotFound
@@ -30,7 +35,7 @@ class InstanceContext:
 
     env: dict[str, str]
     workdir: str
-    user: str | None = None
+    account: Account
 
 
 def _killpg(pgid: int, signum: int) -> None:
@@ -40,148 +45,81 @@ def _killpg(pgid: int, signum: int) -> None:
         pass
 
 
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_PR_SET_PDEATHSIG = 1
+class Child:
+    """A forked child, reaped through a pidfd on the loop: wait() gives (code, signal)."""
 
-
-def _die_with(parent: int) -> None:
-    """In the child: be killed when the agent dies, even by SIGKILL (no orphans)."""
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the agent died before prctl took effect
-        os._exit(255)
-
-
-def user_ids(user: str | None) -> tuple[int, int] | None:
-    """(uid, gid) to switch to for `user`, or None when no switch is needed."""
-    if not user:
-        return None
-    entry = pwd.getpwnam(user)
-    if entry.pw_uid == os.getuid():
-        return None
-    return entry.pw_uid, entry.pw_gid
-
-
-def child_setup(cwd: str | None, ids: tuple[int, int] | None,
-                die_with: int | None = None) -> Callable[[], None]:
-    """The pre-exec step: enter `cwd` while still privileged, drop to `ids`, and tie the
-    child's life to process `die_with` (after setuid, which would clear that)."""
-
-    def step() -> None:
-        if cwd:
-            os.chdir(cwd)
-        if ids:
-            os.setgroups([])
-            os.setgid(ids[1])
-            os.setuid(ids[0])
-        if die_with:
-            _die_with(die_with)
-
-    return step
-
-
-def spawn_options(cwd: str, ids: tuple[int, int] | None, die_with: int | None = None) -> dict:
-    """Keyword arguments for create_subprocess_exec that work on asyncio and uvloop alike
-    (uvloop has no user=/group=, and changes directory only after a pre-exec step)."""
-    if ids is None and die_with is None:
-        return {"cwd": cwd}
-    return {"preexec_fn": child_setup(cwd, ids, die_with)}
-
-
-class PipeExecution:
-    """Separate stdin, stdout and stderr pipes; the command leads its own process group."""
-
-    tty = False
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.pid = proc.pid
-        self.read_stdout = proc.stdout.read
-        self.read_stderr = proc.stderr.read
-
-    async def write_stdin(self, data: bytes) -> None:
-        try:
-            self.proc.stdin.write(data)
-            await self.proc.stdin.drain()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the command closed its stdin; what it did not read is gone, as with ssh
-
-    async def close_stdin(self) -> None:
-        try:
-            self.proc.stdin.close()
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def resize(self, width: int, height: int) -> None:
-        pass
-
-    def signal(self, signum: int) -> None:
-        _killpg(self.pid, signum)
-
-    async def wait(self) -> tuple[int, int]:
-        return status_from_returncode(await self.proc.wait())
-
-    async def terminate(self, grace: float) -> None:
-        # SIGHUP, as when an ssh connection drops: the command's session is gone.
-        await _terminate_group(self.pid, signal.SIGHUP, grace, self.proc.wait)
-
-    async def kill(self) -> None:
-        _killpg(self.pid, signal.SIGKILL)
-
-    def close(self) -> None:
-        _killpg(self.pid, signal.SIGKILL)
-        for stream in (self.proc.stdin,):
-            if stream and not stream.is_closing():
-                stream.close()
-
-
-class PtyExecution:
-    """A command under a pseudo-terminal, read and written without blocking the loop."""
-
-    tty = True
-
-    def __init__(self, ptyproc: PtyProcess) -> None:
-        self._ptyproc = ptyproc
-        self.pid = ptyproc.pid
-        self.fd = ptyproc.fd
-        os.set_blocking(self.fd, False)
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
         self._loop = asyncio.get_running_loop()
         self._exit: asyncio.Future[tuple[int, int]] = self._loop.create_future()
-        self._pidfd = os.pidfd_open(self.pid)
+        self.returncode: int | None = None
+        self._pidfd = os.pidfd_open(pid)
         self._loop.add_reader(self._pidfd, self._reap)
-        self._eof = False
-        self._line_open = False  # input since the last end of line (a pending partial line)
 
     def _reap(self) -> None:
         self._loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
         _, status = os.waitpid(self.pid, 0)
-        # ptyprocess must not wait for (or signal) a child that we already reaped.
-        self._ptyproc.terminated = True
+        self.returncode = os.waitstatus_to_exitcode(status)
         if not self._exit.done():
             self._exit.set_result(wait_status_to_exit(status))
 
-    async def _wait_fd(self, add: Callable, remove: Callable) -> None:
+    async def wait(self) -> tuple[int, int]:
+        return await asyncio.shield(self._exit)
+
+
+async def start_child(plan: ChildPlan, stdio: tuple[int, int, int],
+                      terminal: int | None = None) -> Child:
+    """Forks the child and waits for its exec; raises what the child reported instead."""
+    pid, report_fd = fork_child(plan, stdio, terminal)
+    child = Child(pid)
+    report = await read_report(report_fd)
+    if report is not None:
+        await child.wait()
+        raise_report(report)
+    return child
+
+
+class _Fd:
+    """One non-blocking descriptor read and written on the loop.
+
+    close() unregisters it from the loop before closing it: a descriptor number is reused
+    by the next pipe at once, and a stale registration would steal that pipe's events."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        os.set_blocking(fd, False)
+        self._loop = asyncio.get_running_loop()
+        self.closed = False
+        self._waiters: set[asyncio.Future] = set()
+
+    async def _wait(self, add: Callable, remove: Callable) -> None:
         fut = self._loop.create_future()
         add(self.fd, lambda: fut.done() or fut.set_result(None))
+        self._waiters.add(fut)
         try:
             await fut
         finally:
-            remove(self.fd)
+            self._waiters.discard(fut)
+            if not self.closed:
+                remove(self.fd)
 
-    async def read_stdout(self, n: int) -> bytes:
-        while not self._eof:
+    async def read(self, n: int) -> bytes:
+        """Up to n bytes, b'' at EOF (EIO on a terminal whose every holder is gone)."""
+        while not self.closed:
             try:
-                return self._drain(os.read(self.fd, n), n)
+                return self._more(os.read(self.fd, n), n)
             except BlockingIOError:
-                await self._wait_fd(self._loop.add_reader, self._loop.remove_reader)
+                await self._wait(self._loop.add_reader, self._loop.remove_reader)
             except OSError as exc:
-                if exc.errno != errno.EIO:  # EIO: every holder of the terminal is gone
+                if exc.errno != errno.EIO:
                     raise
-                self._eof = True
+                return b""
         return b""
 
-    def _drain(self, first: bytes, n: int) -> bytes:
-        """Adds whatever else is ready: a PTY hands out ~4 KiB per read, frames want more."""
+    def _more(self, first: bytes, n: int) -> bytes:
+        """Adds whatever else is ready: one read gives a pipe's or PTY's chunk, frames
+        want more."""
         if len(first) >= n or not first:
             return first
         chunks = [first]
@@ -197,20 +135,90 @@ class PtyExecution:
             size += len(more)
         return b"".join(chunks)
 
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and not self.closed:
+            try:
+                view = view[os.write(self.fd, view):]
+            except BlockingIOError:
+                await self._wait(self._loop.add_writer, self._loop.remove_writer)
+            except OSError:
+                return  # the command closed its side; what it did not read is gone
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._loop.remove_reader(self.fd)
+        self._loop.remove_writer(self.fd)
+        for fut in self._waiters:  # a pending read or write ends: EOF
+            if not fut.done():
+                fut.set_result(None)
+        os.close(self.fd)
+
+
+class PipeExecution:
+    """Separate stdin, stdout and stderr pipes; the command leads its own process group."""
+
+    tty = False
+
+    def __init__(self, child: Child, stdin: _Fd, stdout: _Fd, stderr: _Fd) -> None:
+        self.child = child
+        self.pid = child.pid
+        self._stdin, self._stdout, self._stderr = stdin, stdout, stderr
+        self.read_stdout = stdout.read
+        self.read_stderr = stderr.read
+
+    async def write_stdin(self, data: bytes) -> None:
+        await self._stdin.write(data)
+
+    async def close_stdin(self) -> None:
+        self._stdin.close()
+
+    def resize(self, width: int, height: int) -> None:
+        pass
+
+    def signal(self, signum: int) -> None:
+        _killpg(self.pid, signum)
+
+    async def wait(self) -> tuple[int, int]:
+        return await self.child.wait()
+
+    async def terminate(self, grace: float) -> None:
+        # SIGHUP, as when an ssh connection drops: the command's session is gone.
+        await _terminate_group(self.pid, signal.SIGHUP, grace, self.child.wait)
+
+    async def kill(self) -> None:
+        _killpg(self.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        _killpg(self.pid, signal.SIGKILL)
+        for end in (self._stdin, self._stdout, self._stderr):
+            end.close()
+
+
+class PtyExecution:
+    """A command under a pseudo-terminal, read and written without blocking the loop."""
+
+    tty = True
+
+    def __init__(self, child: Child, master: int) -> None:
+        self.child = child
+        self.pid = child.pid
+        self.fd = master
+        self._master = _Fd(master)
+        self._line_open = False  # input since the last end of line (a pending partial line)
+
+    async def read_stdout(self, n: int) -> bytes:
+        return await self._master.read(n)
+
     async def read_stderr(self, n: int) -> bytes:
         return b""  # a terminal has one output stream
 
     async def write_stdin(self, data: bytes) -> None:
         if data:
             self._line_open = data[-1:] not in (b"\n", b"\r")
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[os.write(self.fd, view):]
-            except BlockingIOError:
-                await self._wait_fd(self._loop.add_writer, self._loop.remove_writer)
-            except OSError:
-                return
+        await self._master.write(data)
 
     async def close_stdin(self) -> None:
         # VEOF, as Ctrl+D: at the start of a line it is end of file; after a partial line
@@ -219,6 +227,8 @@ class PtyExecution:
         await self.write_stdin(eof * 2 if self._line_open else eof)
 
     def _veof(self) -> bytes:
+        if self._master.closed:
+            return b"\x04"
         try:
             char = termios.tcgetattr(self.fd)[6][termios.VEOF]
         except (OSError, termios.error):
@@ -227,19 +237,24 @@ class PtyExecution:
 
     def resize(self, width: int, height: int) -> None:
         # TIOCSWINSZ; the kernel signals SIGWINCH to the terminal's foreground group.
+        if self._master.closed:  # its number may belong to another session's terminal now
+            return
         try:
-            self._ptyproc.setwinsize(height, width)
+            set_winsize(self.fd, width, height)
         except OSError:
             pass
 
     def signal(self, signum: int) -> None:
+        if self._master.closed:
+            _killpg(self.pid, signum)
+            return
         try:
             _killpg(os.tcgetpgrp(self.fd), signum)
         except OSError:
             _killpg(self.pid, signum)
 
     async def wait(self) -> tuple[int, int]:
-        return await asyncio.shield(self._exit)
+        return await self.child.wait()
 
     async def terminate(self, grace: float) -> None:
         await _terminate_group(self.pid, signal.SIGHUP, grace, self.wait)
@@ -249,11 +264,7 @@ class PtyExecution:
 
     def close(self) -> None:
         _killpg(self.pid, signal.SIGKILL)
-        self._ptyproc.closed = True  # its __del__ would otherwise wait for the child
-        try:
-            self._ptyproc.fileobj.close()
-        except OSError:
-            pass
+        self._master.close()
 
 
 async def _terminate_group(pgid: int, first: int, grace: float, wait: Callable) -> None:
@@ -276,26 +287,45 @@ class ProcessRunner:
         context = self._contexts(instance.instance_id)
         if context is None:
             raise NotFound(f"instance {instance.instance_id} is not supervised by this agent")
-        env = {**context.env, **request.env}
+        plan = ChildPlan(argv=list(request.argv),
+                         env=exec_environment(context.env, request.env, request.tty),
+                         cwd=request.workdir or context.workdir,
+                         account=context.account.switch, die_with=os.getpid())
         if request.tty:
-            env.setdefault("TERM", "xterm-256color")
-        cwd = request.workdir or context.workdir
-        if not os.path.isdir(cwd):
-            raise CommandUnavailable(126, f"workdir {cwd}: no such directory")
-        path = resolve_executable(request.argv[0], env, cwd)
-        ids = user_ids(context.user)
-        agent_pid = os.getpid()
-        if request.tty:
-            ptyproc = PtyProcess.spawn(
-                [path, *request.argv[1:]], cwd=cwd, env=env,
-                dimensions=(request.height or 24, request.width or 80),
-                preexec_fn=child_setup(None, ids, agent_pid),  # ptyprocess enters cwd first
-            )
-            return PtyExecution(ptyproc)
-        proc = await asyncio.create_subprocess_exec(
-            *request.argv, executable=path,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=env, start_new_session=True,
-            limit=1024 * 1024, **spawn_options(cwd, ids, agent_pid),
-        )
-        return PipeExecution(proc)
+            return await _start_pty(plan, request.width or 80, request.height or 24)
+        return await _start_pipes(plan)
+
+
+async def _start_pty(plan: ChildPlan, width: int, height: int) -> PtyExecution:
+    master, slave = os.openpty()
+    try:
+        set_winsize(slave, width, height)
+        if plan.account is not None:  # the terminal is its user's, as sshd does
+            os.fchown(slave, plan.account.uid, -1)
+            os.fchmod(slave, 0o620)
+        child = await start_child(plan, (slave, slave, slave), terminal=slave)
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    return PtyExecution(child, master)
+
+
+async def _start_pipes(plan: ChildPlan) -> PipeExecution:
+    ends: list[int] = []
+    try:
+        stdin_r, stdin_w = os.pipe()
+        ends += [stdin_r, stdin_w]
+        stdout_r, stdout_w = os.pipe()
+        ends += [stdout_r, stdout_w]
+        stderr_r, stderr_w = os.pipe()
+        ends += [stderr_r, stderr_w]
+        child = await start_child(plan, (stdin_r, stdout_w, stderr_w))
+    except BaseException:
+        for fd in ends:
+            os.close(fd)
+        raise
+    for fd in (stdin_r, stdout_w, stderr_w):
+        os.close(fd)
+    return PipeExecution(child, _Fd(stdin_w), _Fd(stdout_r), _Fd(stderr_r))

@@ -64,6 +64,21 @@ class ExecServiceStub:
                 request_serializer=rune_dot_proto_dot_exec__pb2.KillSessionRequest.SerializeToString,
                 response_deserializer=rune_dot_proto_dot_exec__pb2.KillSessionResponse.FromString,
                 _registered_method=True)
+        self.SearchAudit = channel.unary_unary(
+                '/rune.v1.ExecService/SearchAudit',
+                request_serializer=rune_dot_proto_dot_exec__pb2.AuditSearchRequest.SerializeToString,
+                response_deserializer=rune_dot_proto_dot_exec__pb2.AuditSearchResponse.FromString,
+                _registered_method=True)
+        self.FollowAudit = channel.unary_stream(
+                '/rune.v1.ExecService/FollowAudit',
+                request_serializer=rune_dot_proto_dot_exec__pb2.AuditSearchRequest.SerializeToString,
+                response_deserializer=rune_dot_proto_dot_exec__pb2.AuditEvent.FromString,
+                _registered_method=True)
+        self.ObserveSession = channel.unary_stream(
+                '/rune.v1.ExecService/ObserveSession',
+                request_serializer=rune_dot_proto_dot_exec__pb2.ObserveRequest.SerializeToString,
+                response_deserializer=rune_dot_proto_dot_exec__pb2.ObserveChunk.FromString,
+                _registered_method=True)
 
 
 class ExecServiceServicer:
@@ -107,6 +122,26 @@ class ExecServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchAudit(self, request, context):
+        """Dashboards: audit search with filters and a cursor (verb "audit"), the same filters
+        followed live, and a live session's output, read-only (verb "observe").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FollowAudit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ObserveSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +174,21 @@ def add_ExecServiceServicer_to_server(servicer, server):
                     servicer.KillSession,
                     request_deserializer=rune_dot_proto_dot_exec__pb2.KillSessionRequest.FromString,
                     response_serializer=rune_dot_proto_dot_exec__pb2.KillSessionResponse.SerializeToString,
+            ),
+            'SearchAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchAudit,
+                    request_deserializer=rune_dot_proto_dot_exec__pb2.AuditSearchRequest.FromString,
+                    response_serializer=rune_dot_proto_dot_exec__pb2.AuditSearchResponse.SerializeToString,
+            ),
+            'FollowAudit': grpc.unary_stream_rpc_method_handler(
+                    servicer.FollowAudit,
+                    request_deserializer=rune_dot_proto_dot_exec__pb2.AuditSearchRequest.FromString,
+                    response_serializer=rune_dot_proto_dot_exec__pb2.AuditEvent.SerializeToString,
+            ),
+            'ObserveSession': grpc.unary_stream_rpc_method_handler(
+                    servicer.ObserveSession,
+                    request_deserializer=rune_dot_proto_dot_exec__pb2.ObserveRequest.FromString,
+                    response_serializer=rune_dot_proto_dot_exec__pb2.ObserveChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -303,6 +353,87 @@ class ExecService:
             '/rune.v1.ExecService/KillSession',
             rune_dot_proto_dot_exec__pb2.KillSessionRequest.SerializeToString,
             rune_dot_proto_dot_exec__pb2.KillSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rune.v1.ExecService/SearchAudit',
+            rune_dot_proto_dot_exec__pb2.AuditSearchRequest.SerializeToString,
+            rune_dot_proto_dot_exec__pb2.AuditSearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FollowAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rune.v1.ExecService/FollowAudit',
+            rune_dot_proto_dot_exec__pb2.AuditSearchRequest.SerializeToString,
+            rune_dot_proto_dot_exec__pb2.AuditEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ObserveSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rune.v1.ExecService/ObserveSession',
+            rune_dot_proto_dot_exec__pb2.ObserveRequest.SerializeToString,
+            rune_dot_proto_dot_exec__pb2.ObserveChunk.FromString,
             options,
             channel_credentials,
             insecure,

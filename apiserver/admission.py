@@ -1,0 +1,138 @@
+"""Admission: every session request is decoded into one typed model and checked the same way.
+
+    request ─▶ SessionSpec (bounds on every field; INVALID_ARGUMENT naming the field)
+            ─▶ authenticate ─▶ authorize (verb, namespace, command policy)
+            ─▶ resolve (the directory's effective view: lost instances excluded)
+
+Every refusal on the way is audited as `session.denied`. What follows (limits,
+registration, audit of the session's life) is the session core's (apiserver/session.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from rune.apiserver.config import LimitsConfig
+from rune.apiserver.rbac import needs_tty_verb
+
+from rune import bounds
+from rune.errors import InvalidArgument, PermissionDenied, RuneError
+from rune.models import Argv, Env, Name, Seconds, TerminalSize, Workdir, first_problem
+from rune.proto import exec_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 300.0
+
+
+class SessionSpec(BaseModel):
+    """What a client asks to run, for any session kind, within the documented bounds."""
+
+    model_config = ConfigDict(frozen=True)
+
+    namespace: Name
+    target: str
+    argv: Argv
+    env: Env = Field(default_factory=dict)
+    workdir: Workdir = ""
+    tty: bool = False
+    width: TerminalSize = 0
+    height: TerminalSize = 0
+    timeout: Seconds = DEFAULT_TIMEOUT
+    term: str = ""
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, value: str) -> str:
+        # "*" names every service of the namespace (fan-out); resolution refuses it for one.
+        return value if value == "*" else bounds.name(value, "target")
+
+    @field_validator("term")
+    @classmethod
+    def _term(cls, value: str) -> str:
+        return bounds.term(value)
+
+    @property
+    def interactive(self) -> bool:
+        """A TTY, or an interactive shell or interpreter without one: needs exec-tty and
+        is recorded."""
+        return self.tty or needs_tty_verb(self.argv)
+
+
+def _raw(fields: dict[str, Any]) -> SessionSpec:
+    """The request as sent, unchecked: what a denial's audit event tells about it."""
+    return SessionSpec.model_construct(**fields)
+
+
+def decode(fields: dict[str, Any], limits: LimitsConfig, max_timeout: float) -> SessionSpec:
+    """A checked SessionSpec, or InvalidArgument naming the field (raw spec attached)."""
+    try:
+        spec = SessionSpec.model_validate(fields)
+        bounds.argv(spec.argv, limits.max_argc, limits.max_argv_bytes)
+        bounds.env(spec.env, limits.max_env_bytes)
+    except (ValidationError, bounds.OutOfBounds) as exc:
+        error = InvalidArgument(f"invalid request: {first_problem(exc)}")
+        error.spec = _raw(fields)
+        raise error from None
+    return spec.model_copy(update={"timeout": min(spec.timeout, max_timeout)})
+
+
+def exec_fields(init: pb.ExecInit) -> dict[str, Any]:
+    return {"namespace": init.namespace or "default", "target": init.target,
+            "argv": list(init.command), "env": dict(init.env), "workdir": init.workdir,
+            "tty": init.tty, "width": init.width, "height": init.height,
+            "timeout": init.timeout_seconds or DEFAULT_TIMEOUT, "term": init.term}
+
+
+def fanout_fields(request: pb.FanoutRequest) -> dict[str, Any]:
+    return {"namespace": request.namespace or "default", "target": request.target,
+            "argv": list(request.command), "env": dict(request.env),
+            "workdir": request.workdir, "tty": False,
+            "timeout": request.timeout_seconds or DEFAULT_TIMEOUT}
+
+
+class Admission:
+    """Authentication, authorization and resolution for every session kind, audited."""
+
+    def __init__(self, auth: Any, authz: Any, directory: Any, limits: LimitsConfig,
+                 max_timeout: float, oversight: Any) -> None:
+        self.auth = auth
+        self.authz = authz
+        self.directory = directory
+        self.limits = limits
+        self.max_timeout = max_timeout
+        self.oversight = oversight
+
+    def authenticate(self, metadata: Any) -> Any:
+        return self.auth.authenticate(metadata or ())
+
+    def admit(self, identity: Any, fields: dict[str, Any], fanout_id: str = "") -> SessionSpec:
+        """The checked, authorized spec; every refusal is audited as denied, then raised."""
+        spec = _raw(fields)
+        try:
+            spec = decode(fields, self.limits, self.max_timeout)
+            # An interactive shell without a TTY is as interactive as one with: same verb.
+            verb = "exec-tty" if spec.interactive else "exec"
+            try:
+                self.authz.authorize(identity, verb, spec.namespace, spec.argv, env=spec.env)
+            except PermissionDenied as exc:
+                log.warning("denied: user=%r namespace=%s target=%s argv0=%r: %s",
+                            identity.user, spec.namespace, spec.target, spec.argv[0], exc)
+                raise
+        except RuneError as exc:
+            self.deny(identity, getattr(exc, "spec", spec), exc, fanout_id)
+            raise
+        return spec
+
+    def resolve(self, identity: Any, spec: SessionSpec) -> Any:
+        try:
+            return self.directory.resolve(spec.namespace, spec.target)
+        except RuneError as exc:
+            self.deny(identity, spec, exc)
+            raise
+
+    def deny(self, identity: Any, spec: SessionSpec, exc: RuneError,
+             fanout_id: str = "") -> None:
+        self.oversight.denied(identity, spec, exc, fanout_id=fanout_id)

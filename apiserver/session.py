@@ -1,0 +1,399 @@
+"""The one session core: every session kind is limited, registered, opened, relayed, ended here.
+
+    admitted (SessionSpec + instance, see apiserver/admission.py)
+      ─▶ acquire limits (per user, per agent)      refused: audited denied
+      ─▶ register (sessions list / kill find it)
+      ─▶ open the link, then the session on the agent (the one place an ExecOpen is built)
+      ─▶ kind.started ─▶ audit started, record TTY / interactive output
+      ─▶ relay: agent output ─▶ kind.output; kind.feed ─▶ input and bounded control frames
+         until exit, error, kill, idle timeout or the session timeout
+      ─▶ on every way out: close the remote end, release, audit ended/failed, unregister
+
+A session kind supplies only what differs (SessionKind): what it does once started, where
+output goes, what feeds input. The core owns everything a control depends on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from rune.apiserver import observe
+from rune.apiserver.admission import SessionSpec
+from rune.apiserver.config import ApiServerConfig
+from rune.apiserver.directory import InstanceDirectory
+from rune.apiserver.limits import SessionLimits
+
+from rune import bounds, errors, frames
+from rune.errors import DeadlineExceeded, IdleTimeout, InvalidArgument, RuneError, Unavailable
+from rune.link import LinkSettings, SessionLink
+from rune.models import ExecOpen, ExecOpened, InstanceInfo
+from rune.subjects import Subjects
+
+log = logging.getLogger(__name__)
+
+APISERVER_ACCEPTS = frozenset((frames.STDOUT, frames.STDERR, frames.EXIT, frames.ERROR))
+# Control frames ride outside the data window: cap their rate so a flood neither grows
+# memory here and on the agent nor starves data. Resizes coalesce to the latest size.
+RESIZE_INTERVAL = 0.05
+SIGNALS_PER_SECOND = 20.0
+SIGNAL_BURST = 20
+FEED_GRACE = 2.0
+
+
+@dataclass
+class SessionRecord:
+    """What the apiserver knows of a live session (for listing, limits, kill and audit)."""
+
+    id: str
+    user: str
+    instance: InstanceInfo
+    argv: list[str]
+    tty: bool
+    kind: str = "exec"
+    fanout_id: str = ""
+    started: float = field(default_factory=time.time)
+    exit_code: int | None = None
+    signal: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    host: str = ""
+    opened: float = 0.0
+    tap: Any = None
+    kill: asyncio.Event = field(default_factory=asyncio.Event)
+    kill_reason: str = ""
+    retransmits: int = 0
+    stalls: int = 0
+    lost: bool = False
+    last_io: float = field(default_factory=time.monotonic)
+    writing: bool = False  # output is on its way to a (maybe slow) client: not idle
+
+
+class SessionKind(Protocol):
+    """What one kind of session (an exec, a fan-out member, …) does differently."""
+
+    name: str
+    window: int
+
+    async def started(self, session: Session, opened: ExecOpened) -> None:
+        """The agent runs the command: tell the client."""
+
+    async def output(self, session: Session, kind: int, data: bytes) -> None:
+        """One stdout or stderr chunk from the agent."""
+
+    async def exited(self, session: Session, code: int, signal: int) -> None:
+        """The command's exit, after its last output."""
+
+    async def feed(self, session: Session) -> None:
+        """Client input until the client half-closes; raises to end the session."""
+
+
+class Session:
+    """One live session's link and its relay, driven by SessionCore.run()."""
+
+    def __init__(self, core: SessionCore, record: SessionRecord, spec: SessionSpec,
+                 kind: SessionKind) -> None:
+        self.core = core
+        self.record = record
+        self.spec = spec
+        self.kind = kind
+        instance = record.instance
+        config = core.config
+        self.link = SessionLink(
+            core.nc,
+            send_subject=core.subjects.session_in(instance.agent, record.id),
+            recv_subject=core.subjects.session_out(instance.agent, record.id),
+            accepts=APISERVER_ACCEPTS,
+            settings=LinkSettings(window=kind.window, heartbeat=config.heartbeat,
+                                  lost_after=config.lost_after),
+            peer=f"agent {instance.agent}",
+            probe=lambda: core.agent_gone(instance.agent),
+        )
+        self._size: tuple[int, int] | None = None
+        self._resizer: asyncio.Task | None = None
+        self._last_resize = 0.0
+        self._signal_tokens = float(SIGNAL_BURST)
+        self._signal_refill = time.monotonic()
+        self._stdin_closed = False
+
+    # --- input, called by a kind's feed ------------------------------------------------
+
+    async def stdin(self, data: bytes) -> None:
+        if self._stdin_closed:
+            raise InvalidArgument("stdin after stdin_close")
+        await self._flush_resize()
+        self.record.last_io = time.monotonic()
+        if self.record.tap is not None:
+            self.record.tap.input(data)
+        # Frames stay under the codec's data limit whatever size the client sent.
+        for i in range(0, len(data), frames.MAX_DATA):
+            chunk = data[i:i + frames.MAX_DATA]
+            await self.link.send(frames.STDIN, chunk, len(chunk))
+
+    async def close_stdin(self) -> None:
+        if not self._stdin_closed:  # once is all it means; repeats send nothing
+            self._stdin_closed = True
+            await self._flush_resize()
+            await self.link.send(frames.STDIN_EOF)
+
+    def resize(self, width: int, height: int) -> None:
+        """Coalesced: a burst of resizes sends at most one frame per RESIZE_INTERVAL."""
+        self._size = (bounds.terminal_size(width, "width"),
+                      bounds.terminal_size(height, "height"))
+        if self._resizer is None or self._resizer.done():
+            self._resizer = asyncio.create_task(self._send_resizes())
+
+    async def _send_resizes(self) -> None:
+        while self._size is not None:
+            wait = self._last_resize + RESIZE_INTERVAL - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            await self._flush_resize()
+
+    async def _flush_resize(self) -> None:
+        """Sends the pending size now: input that follows a resize never overtakes it."""
+        if self._size is None:
+            return
+        (width, height), self._size = self._size, None
+        self._last_resize = time.monotonic()
+        if self.record.tap is not None:
+            self.record.tap.resize(width, height)
+        await self.link.send(frames.RESIZE, [width, height])
+
+    async def signal(self, number: int) -> None:
+        """Rate-limited: past the burst, the client's stream waits (nothing piles up)."""
+        bounds.signal(number)
+        await self._flush_resize()
+        while True:
+            now = time.monotonic()
+            self._signal_tokens = min(SIGNAL_BURST, self._signal_tokens
+                                      + (now - self._signal_refill) * SIGNALS_PER_SECOND)
+            self._signal_refill = now
+            if self._signal_tokens >= 1:
+                break
+            await asyncio.sleep((1 - self._signal_tokens) / SIGNALS_PER_SECOND)
+        self._signal_tokens -= 1
+        await self.link.send(frames.SIGNAL, number)
+
+    # --- the relay ---------------------------------------------------------------------
+
+    async def live(self) -> None:
+        record, core = self.record, self.core
+        await self.link.open()
+        finished = False
+        tasks: list[asyncio.Future] = []
+        try:
+            opened = await core.open_on_agent(record.instance, self._open_request())
+            record.host = opened.host or record.instance.host
+            record.last_io = time.monotonic()
+            await self.kind.started(self, opened)
+            core.oversight.started(record)
+            relay = asyncio.create_task(self._relay_output())
+            feed = asyncio.create_task(self.kind.feed(self))
+            killed = asyncio.ensure_future(record.kill.wait())
+            idle = asyncio.create_task(self._idle_watch())
+            tasks = [relay, feed, killed, idle]
+            # The agent enforces the timeout; this backstop covers an agent that never says.
+            deadline = time.monotonic() + self.spec.timeout + core.config.heartbeat * 3
+            watching = {relay, feed, killed, idle}
+            while True:
+                done, _ = await asyncio.wait(watching, timeout=deadline - time.monotonic(),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    raise DeadlineExceeded(f"command timed out after {self.spec.timeout:g}s")
+                if killed in done:
+                    raise Unavailable(f"session {record.kill_reason}")
+                if idle in done:
+                    raise idle.exception()
+                if feed in done:
+                    if feed.exception() is not None:
+                        raise feed.exception()
+                    watching.discard(feed)  # the client half-closed; output goes on
+                if relay in done:
+                    relay.result()
+                    finished = True
+                    break
+            if not feed.done():
+                # The client half-closes once it has the exit; wait for that rather than
+                # cancel a pending read, which fails the whole RPC inside grpc.
+                await asyncio.wait((feed,), timeout=FEED_GRACE)
+        finally:
+            for task in tasks:
+                task.add_done_callback(_retrieve)
+                if task is not tasks[1]:  # the feed's pending read ends with the RPC
+                    task.cancel()
+            if self._resizer is not None:
+                self._resizer.cancel()
+            link = self.link
+            record.bytes_in, record.bytes_out = link.bytes_out, link.bytes_in
+            record.retransmits, record.stalls = link.sender.retransmits, link.sender.stalls
+            record.lost = link.lost is not None
+            if not finished:
+                await asyncio.shield(self._close_remote())
+            await link.close()
+
+    def _open_request(self) -> ExecOpen:
+        spec, record, config = self.spec, self.record, self.core.config
+        env = dict(spec.env)
+        if spec.tty and spec.term:
+            env.setdefault("TERM", spec.term)
+        return ExecOpen(
+            session_id=record.id, namespace=record.instance.namespace,
+            instance_id=record.instance.instance_id, argv=list(spec.argv), env=env,
+            workdir=spec.workdir, tty=spec.tty, width=spec.width or 80,
+            height=spec.height or 24, timeout=spec.timeout, window=self.kind.window,
+            user=record.user, heartbeat=config.heartbeat, lost_after=config.lost_after)
+
+    async def _relay_output(self) -> None:
+        record, link = self.record, self.link
+        while True:
+            try:
+                kind, payload = await link.recv()
+            except Unavailable as exc:
+                raise Unavailable(f"{exc}; the session ended") from None
+            if kind in (frames.STDOUT, frames.STDERR):
+                # Dashboard hook: live byte count and read-only observers (observe.py).
+                observe.tap_output(record, payload)
+                if record.tap is not None:  # without a TTY, a shell's prompt is on stderr
+                    record.tap.output(payload)
+                record.writing = True
+                try:
+                    await self.kind.output(self, kind, payload)
+                finally:
+                    record.writing = False
+                    record.last_io = time.monotonic()
+            elif kind == frames.EXIT:
+                code = int(payload.get("code", 255)) if isinstance(payload, dict) else 255
+                sig = int(payload.get("signal", 0)) if isinstance(payload, dict) else 0
+                record.exit_code, record.signal = code, sig
+                await link.flush_ack()
+                await self.kind.exited(self, code, sig)
+                return
+            elif kind == frames.ERROR:
+                await link.flush_ack()
+                raise errors.from_wire(payload)
+
+    async def _idle_watch(self) -> None:
+        """Raises IdleTimeout once no byte moved either way for the server's idle timeout."""
+        limit = self.core.config.idle_timeout
+        if limit <= 0:
+            await asyncio.Event().wait()  # off: never fires
+        record = self.record
+        while True:
+            quiet = 0.0 if record.writing else time.monotonic() - record.last_io
+            if quiet >= limit:
+                log.info("session %s: idle for %.1fs; ending it", record.id, quiet)
+                raise IdleTimeout(f"session idle: no input or output for {limit:g}s (the "
+                                  "server's idle timeout); the remote command was stopped")
+            await asyncio.sleep(min(limit - quiet, 1.0) + 0.01)
+
+    async def _close_remote(self) -> None:
+        try:
+            await self.link.send(frames.CLOSE, "client gone")
+            await self.link.flush_ack()
+        except Exception:
+            pass
+
+
+class SessionCore:
+    """Owns the live sessions of this apiserver and runs each one through the same steps."""
+
+    def __init__(self, nc: NATS, subjects: Subjects, config: ApiServerConfig,
+                 directory: InstanceDirectory, limits: SessionLimits, oversight: Any) -> None:
+        self.nc = nc
+        self.subjects = subjects
+        self.config = config
+        self.directory = directory
+        self.limits = limits
+        self.oversight = oversight
+        self.sessions: dict[str, SessionRecord] = {}
+        self.board: Any = None  # apiserver/peers.py SessionBoard, when sessions are shared
+
+    async def run(self, identity: Any, spec: SessionSpec, instance: InstanceInfo,
+                  kind: SessionKind, fanout_id: str = "",
+                  received: float | None = None) -> SessionRecord:
+        """Lives one session to its end; returns its record (exit code filled when it exited).
+        Raises the RuneError that ended it otherwise; every step is released on the way."""
+        try:
+            self.limits.acquire(identity.user, instance.agent)
+        except RuneError as exc:
+            self.oversight.denied(identity, spec, exc, fanout_id=fanout_id)
+            raise
+        record = SessionRecord(id=uuid.uuid4().hex, user=identity.user, instance=instance,
+                               argv=list(spec.argv), tty=spec.tty, kind=kind.name,
+                               fanout_id=fanout_id)
+        self.sessions[record.id] = record
+        if self.board is not None:
+            self.board.added(record)
+        self.directory.busy[instance.key] += 1
+        self.oversight.opening(record, identity, spec,
+                               received if received is not None else time.monotonic())
+        outcome: BaseException | None = None
+        try:
+            await Session(self, record, spec, kind).live()
+        except BaseException as exc:
+            outcome = exc
+            raise
+        finally:
+            self.limits.release(identity.user, instance.agent)
+            self.directory.busy[instance.key] -= 1
+            self.sessions.pop(record.id, None)
+            if self.board is not None:
+                self.board.removed(record)
+            self.oversight.ended(record, outcome)
+        return record
+
+    async def open_on_agent(self, instance: InstanceInfo, request: ExecOpen) -> ExecOpened:
+        """Asks the owning agent to start the session; Unavailable when it does not answer."""
+        try:
+            reply = await self.nc.request(
+                self.subjects.agent_exec(instance.agent), frames.pack(request.model_dump()),
+                timeout=self.config.open_timeout)
+        except (NoRespondersError, NatsTimeout):
+            raise Unavailable(f"agent {instance.agent} is not reachable") from None
+        except Exception as exc:
+            raise Unavailable(f"broker unavailable: {exc}") from None
+        try:
+            opened = ExecOpened.model_validate(frames.unpack(reply.data))
+        except ValueError as exc:
+            raise Unavailable(f"agent {instance.agent} answered nonsense: {exc}") from None
+        if not opened.ok:
+            raise errors.from_wire(opened.error)
+        return opened
+
+    async def agent_gone(self, agent: str) -> bool:
+        """True only when the broker says nobody serves the agent's subjects any more."""
+        try:
+            await self.nc.request(self.subjects.agent_ping(agent), b"",
+                                  timeout=self.config.heartbeat)
+        except NoRespondersError:
+            return True
+        except Exception:
+            return False
+        return False
+
+    def find(self, session_id: str) -> SessionRecord | None:
+        return self.sessions.get(session_id)
+
+    def kill(self, session_id: str, reason: str) -> bool:
+        """Ends one live session of this apiserver; `reason` is told to its user."""
+        record = self.sessions.get(session_id)
+        if record is None:
+            return False
+        record.kill_reason = reason
+        record.kill.set()
+        return True
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    """A read left pending when the RPC ends fails with 'RPC already finished': expected."""
+    if not task.cancelled():
+        task.exception()
+

@@ -1,0 +1,1 @@
+"""rune-dashboard: the operators' web dashboard (live sessions, observe, kill, search, playback)."""

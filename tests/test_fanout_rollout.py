@@ -1,0 +1,132 @@
+"""Fan-out rollout controls end to end: batches, failure budget, canaries, job timeout."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from conftest import start_stack
+
+from rune.proto import exec_pb2 as pb
+from rune.proto import exec_pb2_grpc as pb_grpc
+
+FLEET = 100
+SLEEPER = ["sleep", "2147483647"]
+# Instances -10 … -14 fail at once; every other member takes a moment to succeed.
+FIVE_FAIL = ["sh", "-c", 'case "$RUNE_INSTANCE" in *-1[0-4]) exit 3;; esac; sleep 0.5']
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    stack = start_stack(tmp_path_factory.mktemp("rollout"), agents={
+        "a1": [{"name": "fleet", "replicas": FLEET // 2, "command": SLEEPER}],
+        "a2": [{"name": "fleet", "replicas": FLEET // 2, "command": SLEEPER}]})
+    yield stack
+    stack.stop()
+
+
+def run(stack, **fields) -> tuple[list[pb.FanoutResponse], list[tuple[float, pb.FanoutResponse]]]:
+    """The whole response stream of one fan-out, and each response's arrival time."""
+    fields.setdefault("target", "fleet")
+    fields.setdefault("all", True)
+    with grpc.insecure_channel(stack.api_address) as channel:
+        timed = [(time.monotonic(), r) for r in
+                 pb_grpc.FanoutServiceStub(channel).StreamFanout(pb.FanoutRequest(**fields),
+                                                                 timeout=120)]
+    return [r for _, r in timed], timed
+
+
+def results(responses: list[pb.FanoutResponse]) -> dict[str, pb.FanoutResult]:
+    found = {r.instance_id: r.result for r in responses if r.WhichOneof("msg") == "result"}
+    assert len([r for r in responses if r.WhichOneof("msg") == "result"]) == len(found)
+    return found
+
+
+def statuses(found: dict[str, pb.FanoutResult]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for result in found.values():
+        key = f"{result.status}:{result.code}" if result.status == "exited" else result.status
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_batch_and_failure_budget_skip_the_rest(fleet):
+    """--batch 10% --max-fail 2 over 100 where 5 fail: at most 2 + a batch of failures
+    start, the rest are skipped, every member has exactly one result."""
+    responses, _ = run(fleet, command=FIVE_FAIL, batch="10%", max_fail="2")
+    found = results(responses)
+    assert len(found) == FLEET
+    counts = statuses(found)
+    started = [r for r in responses if r.WhichOneof("msg") == "started"]
+    assert counts.get("exited:3", 0) <= 2 + 10
+    assert counts.get("skipped", 0) >= FLEET - 2 * 10
+    assert len(started) == FLEET - counts["skipped"]
+    skipped = next(r for r in found.values() if r.status == "skipped")
+    assert "--max-fail 2" in skipped.error.message
+    assert sum(counts.values()) == FLEET
+
+
+def test_a_failed_canary_stops_the_run(fleet):
+    """--canary 3 whose canaries include a failure: only the canaries start."""
+    plan = run(fleet, command=["true"], batch="5")[0][0].plan
+    order = [i.instance_id for i in plan.instances]
+    failing = order[1]
+    command = ["sh", "-c", f'test "$RUNE_INSTANCE" != {failing}']
+    responses, _ = run(fleet, command=command, canary=3, batch="5")
+    found = results(responses)
+    counts = statuses(found)
+    assert counts == {"exited:0": 2, "exited:1": 1, "skipped": FLEET - 3}
+    assert "canaries did not succeed" in found[order[3]].error.message
+
+
+def test_canaries_that_succeed_let_the_rest_run(fleet):
+    """--canary 2 that succeed: every member runs."""
+    found = results(run(fleet, command=["true"], canary=2, batch="20")[0])
+    assert statuses(found) == {"exited:0": FLEET}
+
+
+def test_job_timeout_stops_running_and_skips_the_rest(fleet):
+    """--job-timeout ends the running members as timed out and skips the unstarted."""
+    responses, _ = run(fleet, command=["sleep", "30"], batch="4", job_timeout_seconds=1.0,
+                       timeout_seconds=60)
+    found = results(responses)
+    counts = statuses(found)
+    assert counts == {"timed_out": 4, "skipped": FLEET - 4}
+    timed_out = next(r for r in found.values() if r.status == "timed_out")
+    assert timed_out.code == 124 and "job timed out" in timed_out.error.message
+
+
+def test_member_timeout_is_its_own(fleet):
+    """A member's --timeout is distinct from the job's: it ends as timed_out, 124."""
+    found = results(run(fleet, command=["sleep", "30"], instances=["fleet-instance-a1-0"],
+                        timeout_seconds=0.5)[0])
+    assert [(r.status, r.code) for r in found.values()] == [("timed_out", 124)]
+
+
+def test_batch_wait_paces_the_members(fleet):
+    """--batch 1 --batch-wait 0.3: each member starts at least 0.3 s after the previous
+    one ended."""
+    wanted = ["fleet-instance-a1-0", "fleet-instance-a1-1", "fleet-instance-a1-2"]
+    _, timed = run(fleet, command=["true"], instances=wanted, batch="1",
+                   batch_wait_seconds=0.3)
+    events = [(t, r.WhichOneof("msg")) for t, r in timed if r.WhichOneof("msg")
+              in ("started", "result")]
+    kinds = [k for _, k in events]
+    assert kinds == ["started", "result"] * 3
+    for (ended, _), (began, _) in zip(events[1::2], events[2::2], strict=False):
+        assert began - ended >= 0.3
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"batch": "0"}, "--batch"), ({"batch": "150%"}, "--batch"), ({"batch": "ten"}, "--batch"),
+    ({"max_fail": "-1"}, "--max-fail"), ({"batch_wait_seconds": float("nan")}, "--batch-wait"),
+    ({"job_timeout_seconds": -1.0}, "--job-timeout"),
+])
+def test_bad_rollout_terms_are_invalid_arguments(fleet, fields, message):
+    """Out-of-range rollout terms are refused before any member starts."""
+    with pytest.raises(grpc.RpcError) as info:
+        run(fleet, command=["true"], **fields)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in info.value.details()
+    assert statuses(results(run(fleet, command=["true"], batch="50")[0])) == {"exited:0": FLEET}
