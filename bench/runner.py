@@ -23,6 +23,7 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
     ("concurrency", "5. idle sessions held open", []),
     ("docker_vs_rune", "extra: rune into Docker containers vs docker exec",
      ["rune exec into a container vs docker exec"]),
+    ("mux", "6. the CLI multiplexer", []),
 ]
 
 

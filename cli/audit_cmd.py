@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Annotated, Optional
 
 import typer
+from rune.cli.common import (
+    AllNamespacesOption,
+    ApiServerOption,
+    CaFileOption,
+    Connection,
+    ContextOption,
+    Job,
+    NamespaceOption,
+    TokenFileOption,
+    connect,
+    current,
+    namespace_of,
+)
+from rune.cli.invocation import Invocation
 
 COLUMNS = ("TIME", "EVENT", "USER", "NAMESPACE", "INSTANCE", "RESULT", "COMMAND")
 FOLLOW_WIDTHS = (19, 7, 12, 10, 24, 24)
@@ -52,57 +65,45 @@ def render(rows: list[tuple[str, ...]], widths: tuple[int, ...] | None = None) -
 def audit_command(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new events")]
     = False,
-    namespace: Annotated[Optional[str], typer.Option("--namespace", "-n")] = None,  # noqa: UP045
-    all_namespaces: Annotated[bool, typer.Option("--all-namespaces", "-A")] = False,
-    user: Annotated[Optional[str], typer.Option(help="only this user's events")] = None,  # noqa: UP045
-    since: Annotated[Optional[str], typer.Option(help="e.g. 15m, 1h, 2d")] = None,  # noqa: UP045
+    namespace: NamespaceOption = None,
+    all_namespaces: AllNamespacesOption = False,
+    user: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--user", metavar="NAME", help="only this user's events")] = None,
+    since: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        metavar="DURATION", help="only events this recent: 15m, 1h, 2d")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON event per line")] = False,
-    api_server: Annotated[Optional[str], typer.Option(help="host:port")] = None,  # noqa: UP045
-    token_file: Annotated[Optional[str], typer.Option()] = None,  # noqa: UP045
-    ca_file: Annotated[Optional[str], typer.Option()] = None,  # noqa: UP045
-) -> None:
+    api_server: ApiServerOption = None,
+    token_file: TokenFileOption = None,
+    ca_file: CaFileOption = None,
+    context: ContextOption = None,
+) -> Job:
     """Show audit events (session started, ended, denied, failed); needs the verb `audit`."""
     try:
         since_seconds = parse_since(since) if since else 0.0
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--since") from None
-    from rune.cli.main import _client, _run
-    from rune.cli.settings import load_user_config
+    connection = Connection(api_server, token_file, ca_file, context)
+    chosen = namespace_of(current(), namespace, connection)
 
-    config = load_user_config()
-
-    async def show() -> int:
-        import grpc
-
+    async def show(inv: Invocation) -> int:
         from rune.proto import exec_pb2 as pb
 
-        async with _client(api_server, token_file, ca_file) as client:
-            request = pb.AuditRequest(
-                namespace=namespace or config.namespace or "default",
-                all_namespaces=all_namespaces, user=user or "", since_seconds=since_seconds,
-                follow=follow)
-            call = client.stub.StreamAudit(request, metadata=client.metadata)
-            rows = [COLUMNS]
+        out = inv.out
+        request = pb.AuditRequest(namespace=chosen, all_namespaces=all_namespaces,
+                                  user=user or "", since_seconds=since_seconds, follow=follow)
+        rows = [COLUMNS]
+        async with connect(inv, connection) as client:
             if follow and not as_json:
-                print(render(rows, FOLLOW_WIDTHS)[0], flush=True)
-            try:
-                async for item in call:
-                    if as_json:
-                        sys.stdout.write(item.json + "\n")
-                        sys.stdout.flush()
-                    elif follow:
-                        print(render([row(json.loads(item.json))], FOLLOW_WIDTHS)[0],
-                              flush=True)
-                    else:
-                        rows.append(row(json.loads(item.json)))
-            except grpc.aio.AioRpcError as exc:
-                raise client.translate(exc) from None
+                out.write(render(rows, FOLLOW_WIDTHS)[0] + "\n")
+            async for item in client.stream_audit(request):
+                if as_json:
+                    out.write(item.json + "\n")
+                elif follow:
+                    out.write(render([row(json.loads(item.json))], FOLLOW_WIDTHS)[0] + "\n")
+                else:
+                    rows.append(row(json.loads(item.json)))
         if not as_json and not follow:
-            print("\n".join(render(rows)))
+            out.write("\n".join(render(rows)) + "\n")
         return 0
 
-    raise typer.Exit(_run(show()))
-
-
-def register(app: typer.Typer) -> None:
-    app.command("audit")(audit_command)
+    return Job(show)

@@ -7,6 +7,7 @@ Every failure surfaces as a RuneError from rune.errors.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from rune.proto import exec_pb2 as pb
 from rune.proto import exec_pb2_grpc as pb_grpc
 
 MAX_MESSAGE = 4 * 1024 * 1024
+UNARY_TIMEOUT = 30
+CONNECT_HINT = "is the apiserver running? `rune dev up` starts a local one"
 _CONNECT_FAILURES = ("failed to connect", "connection refused", "dns resolution failed",
                      "name resolution", "connect failed", "unavailable")
 
@@ -47,24 +50,28 @@ class ExecResult:
 
 
 class ApiClient:
+    """A connection to one apiserver: a method per RPC, every failure through `translate`.
+
+    `channels` lends a channel kept warm by its owner (the multiplexer); without it the
+    client makes its own and closes it with the client.
+    """
+
     def __init__(self, address: str, token: str | None = None, ca_file: str | None = None,
-                 tls: bool = False) -> None:
+                 tls: bool = False, channels: ChannelPool | None = None) -> None:
         address, tls = _scheme(address, tls)
         self.address = address
         self.tls = bool(tls or ca_file)
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE),
-                   ("grpc.max_send_message_length", MAX_MESSAGE)]
-        if self.tls:
-            roots = open(ca_file, "rb").read() if ca_file else None
-            credentials = grpc.ssl_channel_credentials(root_certificates=roots)
-            self.channel = grpc.aio.secure_channel(address, credentials, options=options)
-        else:
-            self.channel = grpc.aio.insecure_channel(address, options=options)
+        roots = _read_roots(ca_file) if self.tls and ca_file else None
+        self._owned = channels is None
+        pool = channels if channels is not None else ChannelPool()
+        self.channel = pool.channel(address, self.tls, roots, token)
         self.stub = pb_grpc.ExecServiceStub(self.channel)
+        self.fanout_stub = pb_grpc.FanoutServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     async def close(self) -> None:
-        await self.channel.close()
+        if self._owned:
+            await self.channel.close()
 
     async def __aenter__(self) -> ApiClient:
         return self
@@ -86,21 +93,111 @@ class ApiClient:
                                f"does not match (check --ca-file) ({details})")
         if exc.code() == grpc.StatusCode.UNAVAILABLE and _is_transport_failure(details):
             return Unavailable(f"failed to create API client: failed to connect to API server "
-                               f"at {self.address} ({details})")
+                               f"at {self.address} ({details}); {CONNECT_HINT}")
         return from_status(exc.code().name, details)
+
+    async def _unary(self, method: object, request: object) -> object:
+        try:
+            return await method(request, metadata=self.metadata, timeout=UNARY_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            raise self.translate(exc) from None
+
+    async def _streamed(self, method: object, request: object) -> AsyncIterator[object]:
+        call = method(request, metadata=self.metadata)
+        try:
+            while True:
+                try:
+                    item = await call.read()
+                except grpc.aio.AioRpcError as exc:
+                    raise self.translate(exc) from None
+                if item is grpc.aio.EOF:
+                    return
+                yield item
+        finally:
+            call.cancel()
 
     async def list_instances(self, namespace: str = "default",
                              all_namespaces: bool = False) -> list[pb.Instance]:
-        try:
-            reply = await self.stub.ListInstances(
-                pb.ListInstancesRequest(namespace=namespace, all_namespaces=all_namespaces),
-                metadata=self.metadata, timeout=30)
-        except grpc.aio.AioRpcError as exc:
-            raise self.translate(exc) from None
+        reply = await self._unary(self.stub.ListInstances, pb.ListInstancesRequest(
+            namespace=namespace, all_namespaces=all_namespaces))
         return list(reply.instances)
+
+    async def list_sessions(self, namespace: str = "default",
+                            all_namespaces: bool = False) -> list[pb.SessionInfo]:
+        reply = await self._unary(self.stub.ListSessions, pb.ListSessionsRequest(
+            namespace=namespace, all_namespaces=all_namespaces))
+        return list(reply.sessions)
+
+    async def kill_session(self, session_id: str, reason: str = "") -> None:
+        await self._unary(self.stub.KillSession,
+                          pb.KillSessionRequest(session_id=session_id, reason=reason))
+
+    def replay_session(self, session_id: str) -> AsyncIterator[pb.CastChunk]:
+        return self._streamed(self.stub.ReplaySession, pb.ReplayRequest(session_id=session_id))
+
+    def stream_audit(self, request: pb.AuditRequest) -> AsyncIterator[pb.AuditEvent]:
+        return self._streamed(self.stub.StreamAudit, request)
+
+    def stream_fanout(self, request: pb.FanoutRequest) -> AsyncIterator[pb.FanoutResponse]:
+        return self._streamed(self.fanout_stub.StreamFanout, request)
 
     def exec_stream(self) -> ExecStream:
         return ExecStream(self)
+
+
+class ChannelPool:
+    """Makes gRPC channels; a keeping pool (the multiplexer's) hands out warm ones.
+
+    A kept channel is keyed by (address, TLS, CA bundle digest, token digest), so a
+    changed CA or token never rides on a channel made for another.
+    """
+
+    def __init__(self, keep: bool = False) -> None:
+        self.keep = keep
+        self._channels: dict[tuple, grpc.aio.Channel] = {}
+
+    def channel(self, address: str, tls: bool, roots: bytes | None,
+                token: str | None) -> grpc.aio.Channel:
+        key = (address, tls, _digest(roots), _digest(token.encode() if token else None))
+        kept = self._channels.get(key)
+        if kept is not None:
+            state = kept.get_state(try_to_connect=False)
+            if state not in (grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                             grpc.ChannelConnectivity.SHUTDOWN):
+                return kept
+            # A failed channel would refuse at once during its back-off: start afresh.
+            self._channels.pop(key)
+            asyncio.get_running_loop().create_task(kept.close())
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE),
+                   ("grpc.max_send_message_length", MAX_MESSAGE)]
+        if tls:
+            credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+            made = grpc.aio.secure_channel(address, credentials, options=options)
+        else:
+            made = grpc.aio.insecure_channel(address, options=options)
+        if self.keep:
+            self._channels[key] = made
+        return made
+
+    def __len__(self) -> int:
+        return len(self._channels)
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close()
+
+
+def _digest(data: bytes | None) -> str:
+    return hashlib.sha256(data).hexdigest() if data is not None else ""
+
+
+def _read_roots(ca_file: str) -> bytes:
+    try:
+        with open(ca_file, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise OSError(f"cannot read CA file {ca_file}: {exc.strerror}") from None
 
 
 def _scheme(address: str, tls: bool) -> tuple[str, bool]:

@@ -14,6 +14,19 @@ import re
 from typing import Annotated, Optional
 
 import typer
+from rune.cli.common import (
+    ApiServerOption,
+    CaFileOption,
+    Connection,
+    ContextOption,
+    Job,
+    NamespaceOption,
+    TokenFileOption,
+    connect,
+    current,
+    namespace_of,
+)
+from rune.cli.invocation import Invocation
 
 CHOWN = re.compile(r"[0-9]{1,10}:[0-9]{1,10}")
 
@@ -61,63 +74,62 @@ def plan_from_args(args: list[str], namespace: str, recursive: bool, follow: boo
                     absolute(dest), recursive, follow, preserve, "", timeout, fanout)
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("cp", context_settings={"help_option_names": ["-h", "--help"]})
-    def cp_command(
-        paths: Annotated[list[str], typer.Argument(help="SRC... DEST; one side TARGET:PATH",
-                                                   metavar="SRC... DEST")],
-        namespace: Annotated[Optional[str], typer.Option("--namespace", "-n")] = None,  # noqa: UP045
-        recursive: Annotated[bool, typer.Option("--recursive", "-r", "-R",
-                                                help="copy directories")] = False,
-        follow: Annotated[bool, typer.Option("--dereference", "-L",
-                                             help="follow symlinks (default: copy links "
-                                             "as links)")] = False,
-        preserve: Annotated[bool, typer.Option("--preserve", "-p",
-                                               help="keep times too (modes are always "
-                                               "kept)")] = False,
-        chown: Annotated[str, typer.Option(help="uid:gid of what is written (where "
-                                           "policy allows)")] = "",
-        progress: Annotated[Optional[bool], typer.Option(  # noqa: UP045
-            "--progress/--no-progress", help="bytes, rate, ETA (auto on a terminal)")] = None,
-        timeout: Annotated[str, typer.Option(help="e.g. 30s, 5m, 1h")] = "1h",
-        all_: Annotated[bool, typer.Option("--all", help="every running instance of "
-                                           "TARGET")] = False,
-        api_server: Annotated[Optional[str], typer.Option(help="host:port")] = None,  # noqa: UP045
-        token_file: Annotated[Optional[str], typer.Option()] = None,  # noqa: UP045
-        ca_file: Annotated[Optional[str], typer.Option(help="CA bundle for TLS")] = None,  # noqa: UP045
-    ) -> None:
-        """Copy files to or from instances: rune cp ./conf.yaml api:/srv/app/"""
-        from rune.cli.main import _client, _exit_now, _run, user_config
-        from rune.cli.parsing import parse_duration
+def cp_command(
+    paths: Annotated[list[str], typer.Argument(help="SRC... DEST; one side TARGET:PATH",
+                                               metavar="SRC... DEST")],
+    namespace: NamespaceOption = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", "-R",
+                                            help="copy directories")] = False,
+    follow: Annotated[bool, typer.Option("--dereference", "-L",
+                                         help="follow symlinks (default: copy links "
+                                         "as links)")] = False,
+    preserve: Annotated[bool, typer.Option("--preserve", "-p",
+                                           help="keep times too (modes are always "
+                                           "kept)")] = False,
+    chown: Annotated[str, typer.Option(help="uid:gid of what is written (where "
+                                       "policy allows)")] = "",
+    progress: Annotated[Optional[bool], typer.Option(  # noqa: UP045
+        "--progress/--no-progress", help="bytes, rate, ETA (auto on a terminal)")] = None,
+    timeout: Annotated[str, typer.Option(help="e.g. 30s, 5m, 1h")] = "1h",
+    all_: Annotated[bool, typer.Option("--all", help="every running instance of "
+                                       "TARGET")] = False,
+    api_server: ApiServerOption = None,
+    token_file: TokenFileOption = None,
+    ca_file: CaFileOption = None,
+    context: ContextOption = None,
+) -> Job:
+    """Copy files to or from instances: rune cp ./conf.yaml api:/srv/app/"""
+    from rune.cli.parsing import parse_duration
 
-        try:
-            timeout_seconds = parse_duration(timeout)
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--timeout") from None
-        if chown and not CHOWN.fullmatch(chown):
-            raise typer.BadParameter("must be numeric uid:gid", param_hint="--chown")
-        config = user_config()
-        plan = plan_from_args(paths, namespace or config.namespace or "default", recursive,
-                              follow, preserve, chown, timeout_seconds, all_)
+    try:
+        timeout_seconds = parse_duration(timeout)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--timeout") from None
+    if chown and not CHOWN.fullmatch(chown):
+        raise typer.BadParameter("must be numeric uid:gid", param_hint="--chown")
+    connection = Connection(api_server, token_file, ca_file, context)
+    plan = plan_from_args(paths, namespace_of(current(), namespace, connection), recursive,
+                          follow, preserve, chown, timeout_seconds, all_)
 
-        async def copy() -> int:
-            from rune.cli.cp_progress import CopyProgress, wanted
-            from rune.cli.cp_stream import CopyCall, exit_code, stderr_report
-            from rune.cli.fanout_output import summary
+    async def copy(inv: Invocation) -> int:
+        from rune.cli.cp_progress import CopyProgress, wanted
+        from rune.cli.cp_stream import CopyCall, exit_code, stderr_report
+        from rune.cli.fanout_output import summary
 
-            bar = CopyProgress(wanted(progress) and plan.dest != "-",
-                               "upload" if plan.upload else "download")
-            async with _client(api_server, token_file, ca_file) as client:
-                call = CopyCall(client, plan, stderr_report, bar)
-                try:
-                    results = await call.run()
-                finally:
-                    bar.close()
-                    call.close()
-            if plan.fanout:
-                os.write(2, summary(results).encode())
-            elif results and results[0].status != "exited":
-                stderr_report(results[0].error)
-            return exit_code(results, call.local_failures)
+        bar = CopyProgress(wanted(progress) and plan.dest != "-",
+                           "upload" if plan.upload else "download")
+        async with connect(inv, connection) as client:
+            call = CopyCall(client, plan, stderr_report, bar)
+            try:
+                results = await call.run()
+            finally:
+                bar.close()
+                call.close()
+        if plan.fanout:
+            os.write(2, summary(results).encode())
+        elif results and results[0].status != "exited":
+            stderr_report(results[0].error)
+        return exit_code(results, call.local_failures)
 
-        _exit_now(_run(copy(), "failed to copy"))
+    # Not through the multiplexer (rune.cli.entry): it reads and writes local files here.
+    return Job(copy, error_prefix="failed to copy")

@@ -23,9 +23,9 @@ DEFAULT_STATE = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" 
 def up(
     detach: Annotated[bool, typer.Option("--detach", "-d", help="return once ready")] = False,
     state_dir: Annotated[Path, typer.Option(help="where state and logs go")] = DEFAULT_STATE,
-    nats_port: int = 4222,
-    api_port: int = 8443,
-    dashboard_port: int = 8480,
+    nats_port: Annotated[int, typer.Option(help="nats-server client port")] = 4222,
+    api_port: Annotated[int, typer.Option(help="rune-apiserver gRPC port")] = 8443,
+    dashboard_port: Annotated[int, typer.Option(help="rune-dashboard web port")] = 8480,
 ) -> None:
     """Start nats-server, rune-apiserver and one agent with demo services."""
     pids = state_dir / "pids.json"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import BinaryIO, TextIO
 
-import grpc
 from rune.cli.client import ApiClient
+from rune.cli.common import Connection, Job, checked_flags, connect, current, fail, namespace_of
 from rune.cli.fanout_output import (
     InstanceResult,
     JsonWriter,
@@ -19,10 +19,10 @@ from rune.cli.fanout_output import (
     overall_exit,
     summary,
 )
+from rune.cli.invocation import Invocation
 
 from rune.errors import Unavailable
 from rune.proto import exec_pb2 as pb
-from rune.proto import exec_pb2_grpc as pb_grpc
 
 
 @dataclass
@@ -67,28 +67,11 @@ def parse_instances(items: list[str]) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-async def responses(client: ApiClient,
-                    request: pb.FanoutRequest) -> AsyncIterator[pb.FanoutResponse]:
-    """The fan-out stream's responses; failures surface as RuneErrors."""
-    stub = pb_grpc.FanoutServiceStub(client.channel)
-    call = stub.StreamFanout(request, metadata=client.metadata)
-    try:
-        while True:
-            try:
-                response = await call.read()
-            except grpc.aio.AioRpcError as exc:
-                raise client.translate(exc) from None
-            if response is grpc.aio.EOF:
-                return
-            yield response
-    finally:
-        call.cancel()
-
-
 class FanoutCommand:
     def __init__(self, client: ApiClient, options: FanoutOptions, json_output: bool = False,
                  prefix: bool = True, out: BinaryIO | None = None, err: BinaryIO | None = None,
-                 err_text: TextIO | None = None) -> None:
+                 err_text: TextIO | None = None, env: Mapping[str, str] | None = None) -> None:
+        self.env = os.environ if env is None else env
         self.client = client
         self.options = options
         self.json_output = json_output
@@ -99,14 +82,14 @@ class FanoutCommand:
         self.results: dict[str, InstanceResult] = {}
 
     def _colour(self, stream: BinaryIO) -> bool:
-        return not os.environ.get("NO_COLOR") and _isatty(stream)
+        return not self.env.get("NO_COLOR") and _isatty(stream)
 
     async def run(self) -> int:
         writer = None
         progress = Progress(self.err_text, 0, enabled=False)
         ticker: asyncio.Task | None = None
         try:
-            async for response in responses(self.client, self.options.request()):
+            async for response in self.client.stream_fanout(self.options.request()):
                 kind = response.WhichOneof("msg")
                 instance = response.instance_id
                 if kind == "plan":
@@ -178,14 +161,11 @@ def _isatty(stream: object) -> bool:
         return False
 
 
-def fanout_exec(target: str, command: list[str], *, namespace: str | None, workdir: str,
-                env: list[str], tty: bool | None, timeout: str, api_server: str | None,
-                token_file: str | None, ca_file: str | None, all_: bool, instances: list[str],
-                selector: list[str], max_parallel: int, fail_fast: bool, prefix: bool,
-                json_output: bool) -> int:
-    """Checks the fan-out flags (usage errors exit 2), then runs it; returns the exit status."""
-    from rune.cli.main import _client, _run, checked_flags, fail, user_config
-
+def fanout_job(target: str, command: list[str], connection: Connection, *,
+               namespace: str | None, workdir: str, env: list[str], tty: bool | None,
+               timeout: str, all_: bool, instances: list[str], selector: list[str],
+               max_parallel: int, fail_fast: bool, prefix: bool, json_output: bool) -> Job:
+    """Checks the fan-out flags (usage errors exit 2) and gives the fan-out to run."""
     if tty:
         raise fail("a TTY cannot be used with fan-out (--all, --instances, --selector): "
                    "run without -t/--tty", 2)
@@ -195,17 +175,18 @@ def fanout_exec(target: str, command: list[str], *, namespace: str | None, workd
     except ValueError as exc:
         raise fail(str(exc), 2) from None
     if not (all_ or selected or labels):
-        raise fail("--json, --no-prefix and --fail-fast need --all, --instances or "
+        raise fail("--json, --prefix/--no-prefix and --fail-fast need --all, --instances or "
                    "--selector", 2)
     timeout_seconds, env_map = checked_flags(timeout, env, workdir)
-    config = user_config()
+    inv = current()
     options = FanoutOptions(
-        target=target, command=command, namespace=namespace or config.namespace or "default",
+        target=target, command=command, namespace=namespace_of(inv, namespace, connection),
         all=all_, instances=selected, selector=labels, env=env_map, workdir=workdir,
         timeout=timeout_seconds, max_parallel=max_parallel, fail_fast=fail_fast)
 
-    async def fanout() -> int:
-        async with _client(api_server, token_file, ca_file) as client:
-            return await FanoutCommand(client, options, json_output, prefix).run()
+    async def fanout(inv: Invocation) -> int:
+        async with connect(inv, connection) as client:
+            return await FanoutCommand(client, options, json_output, prefix, inv.out_bytes,
+                                       inv.err_bytes, inv.err, inv.env).run()
 
-    return _run(fanout(), "failed to initialize exec session")
+    return Job(fanout, "failed to initialize exec session")

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-import sys
 import time
 from typing import Annotated, Optional
 
 import typer
 from rune.cli.audit_cmd import render
-
-sessions_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                           help="List, replay and kill sessions (verbs audit / admin).")
-ApiServer = Annotated[Optional[str], typer.Option(help="host:port")]  # noqa: UP045
-TokenFile = Annotated[Optional[str], typer.Option()]  # noqa: UP045
-CaFile = Annotated[Optional[str], typer.Option()]  # noqa: UP045
+from rune.cli.common import (
+    AllNamespacesOption,
+    ApiServerOption,
+    CaFileOption,
+    Connection,
+    ContextOption,
+    Job,
+    NamespaceOption,
+    TokenFileOption,
+    connect,
+    current,
+    namespace_of,
+)
+from rune.cli.invocation import Invocation
 
 
 def _duration(seconds: float) -> str:
@@ -27,47 +35,32 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-async def _call(client: object, coro: object) -> object:
-    import grpc
-
-    try:
-        return await coro
-    except grpc.aio.AioRpcError as exc:
-        raise client.translate(exc) from None
-
-
-@sessions_app.command("list")
 def list_command(
-    namespace: Annotated[Optional[str], typer.Option("--namespace", "-n")] = None,  # noqa: UP045
-    all_namespaces: Annotated[bool, typer.Option("--all-namespaces", "-A")] = False,
-    api_server: ApiServer = None, token_file: TokenFile = None, ca_file: CaFile = None,
-) -> None:
+    namespace: NamespaceOption = None,
+    all_namespaces: AllNamespacesOption = False,
+    api_server: ApiServerOption = None, token_file: TokenFileOption = None,
+    ca_file: CaFileOption = None, context: ContextOption = None,
+) -> Job:
     """Active sessions and recorded (finished TTY) sessions, oldest first."""
-    from rune.cli.main import _client, _run
-    from rune.cli.settings import load_user_config
+    connection = Connection(api_server, token_file, ca_file, context)
+    chosen = namespace_of(current(), namespace, connection)
 
-    from rune.proto import exec_pb2 as pb
-
-    config = load_user_config()
-
-    async def listing() -> int:
-        async with _client(api_server, token_file, ca_file) as client:
-            reply = await _call(client, client.stub.ListSessions(pb.ListSessionsRequest(
-                namespace=namespace or config.namespace or "default",
-                all_namespaces=all_namespaces), metadata=client.metadata, timeout=30))
+    async def listing(inv: Invocation) -> int:
+        async with connect(inv, connection) as client:
+            sessions = await client.list_sessions(chosen, all_namespaces)
         rows = [("SESSION", "STATE", "USER", "NAMESPACE", "INSTANCE", "STARTED", "DURATION",
                  "RESULT", "COMMAND")]
-        for s in reply.sessions:
+        for s in sessions:
             result = "-" if s.state == "active" else (
                 f"signal {s.signal}" if s.signal else f"exit {s.exit_code}" if s.exited
                 else "failed")
             rows.append((s.session_id, s.state, s.user, s.namespace, s.instance_id,
                          time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.started)),
                          _duration(s.duration), result, " ".join(s.command)))
-        print("\n".join(render(rows)))
+        inv.out.write("\n".join(render(rows)) + "\n")
         return 0
 
-    raise typer.Exit(_run(listing()))
+    return Job(listing)
 
 
 def cast_events(text: str) -> tuple[dict, list[tuple[float, str, str]]]:
@@ -100,62 +93,56 @@ def play(events: list[tuple[float, str, str]], speed: float, idle_limit: float |
                 view = view[os.write(out, view):]
 
 
-@sessions_app.command("replay")
 def replay_command(
-    session_id: Annotated[str, typer.Argument(help="session id (see `rune sessions list`)")],
-    speed: Annotated[float, typer.Option(help="playback speed factor")] = 1.0,
+    session_id: Annotated[str, typer.Argument(
+        metavar="SESSION", help="session id (see `rune sessions list`)", show_default=False)],
+    speed: Annotated[float, typer.Option(metavar="FACTOR", help="playback speed factor")]
+    = 1.0,
     idle_limit: Annotated[Optional[float], typer.Option(  # noqa: UP045
-        help="cap on any pause, in seconds")] = None,
+        metavar="SECONDS", help="cap on any pause, in seconds")] = None,
     cast: Annotated[bool, typer.Option("--cast", help="print the asciicast v2 file instead")]
     = False,
-    api_server: ApiServer = None, token_file: TokenFile = None, ca_file: CaFile = None,
-) -> None:
+    api_server: ApiServerOption = None, token_file: TokenFileOption = None,
+    ca_file: CaFileOption = None, context: ContextOption = None,
+) -> Job:
     """Replay a recorded TTY session in real time (or --speed N times faster)."""
     if speed <= 0:
         raise typer.BadParameter("must be positive", param_hint="--speed")
-    from rune.cli.main import _client, _run
+    connection = Connection(api_server, token_file, ca_file, context)
 
-    from rune.proto import exec_pb2 as pb
-
-    async def fetch() -> int:
-        import grpc
-
+    async def fetch(inv: Invocation) -> int:
         data = bytearray()
-        async with _client(api_server, token_file, ca_file) as client:
-            call = client.stub.ReplaySession(pb.ReplayRequest(session_id=session_id),
-                                             metadata=client.metadata)
-            try:
-                async for chunk in call:
-                    data += chunk.data
-            except grpc.aio.AioRpcError as exc:
-                raise client.translate(exc) from None
+        async with connect(inv, connection) as client:
+            async for chunk in client.replay_session(session_id):
+                data += chunk.data
         if cast:
-            sys.stdout.buffer.write(bytes(data))
-            sys.stdout.flush()
+            inv.out_bytes.write(bytes(data))
+            inv.out_bytes.flush()
             return 0
         _header, events = cast_events(data.decode())
-        play(events, speed, idle_limit)
+        # Paced writes sleep: off the event loop, which the multiplexer shares.
+        await asyncio.get_running_loop().run_in_executor(
+            None, play, events, speed, idle_limit, inv.stdout)
         return 0
 
-    raise typer.Exit(_run(fetch()))
+    return Job(fetch)
 
 
-@sessions_app.command("kill")
 def kill_command(
-    session_id: Annotated[str, typer.Argument(help="id of an active session")],
-    reason: Annotated[str, typer.Option(help="told to the session's user")] = "",
-    api_server: ApiServer = None, token_file: TokenFile = None, ca_file: CaFile = None,
-) -> None:
+    session_id: Annotated[str, typer.Argument(
+        metavar="SESSION", help="id of an active session", show_default=False)],
+    reason: Annotated[str, typer.Option(metavar="TEXT", help="told to the session's user")]
+    = "",
+    api_server: ApiServerOption = None, token_file: TokenFileOption = None,
+    ca_file: CaFileOption = None, context: ContextOption = None,
+) -> Job:
     """End an active session and kill its command (verb `admin`)."""
-    from rune.cli.main import _client, _run
+    connection = Connection(api_server, token_file, ca_file, context)
 
-    from rune.proto import exec_pb2 as pb
-
-    async def kill() -> int:
-        async with _client(api_server, token_file, ca_file) as client:
-            await _call(client, client.stub.KillSession(pb.KillSessionRequest(
-                session_id=session_id, reason=reason), metadata=client.metadata, timeout=30))
-        print(f"session {session_id} killed")
+    async def kill(inv: Invocation) -> int:
+        async with connect(inv, connection) as client:
+            await client.kill_session(session_id, reason)
+        inv.out.write(f"session {session_id} killed\n")
         return 0
 
-    raise typer.Exit(_run(kill()))
+    return Job(kill)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +20,65 @@ from rune.cli.devstack import Stack, free_port, wait_until
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# RUNE_MUX=on runs every CLI through the multiplexer (scripts/test does it for the CLI-heavy
+# files); the default runs each CLI in its own process. Each test gets a multiplexer
+# socket directory of its own (short: a Unix socket path has ~100 bytes), so no test shares
+# a multiplexer with the user or with another test, and none outlives its test.
+MUX_MODE = "on" if os.environ.get("RUNE_MUX", "off").lower() in ("on", "auto", "1") else "off"
+_mux = {"dir": tempfile.mkdtemp(prefix="rmux-")}
+# Children not started through Rune follow the same mode and never reach the user's.
+os.environ["RUNE_MUX"] = MUX_MODE
+os.environ["RUNE_MUX_DIR"] = _mux["dir"]
+
+
+def mux_pid(folder: str) -> int | None:
+    try:
+        return int(Path(folder, "mux.pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")
+
+
+def stop_mux(folder: str) -> None:
+    """Stops the multiplexer serving FOLDER, if any, and waits until it is gone."""
+    pid = mux_pid(folder)
+    if pid is None:
+        return
+    for signum, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and not _gone(pid):
+            time.sleep(0.02)
+        if _gone(pid):
+            return
+
+
+@pytest.fixture(autouse=True)
+def own_mux_dir():
+    """A multiplexer socket directory for this test alone; its multiplexer ends with it."""
+    folder = tempfile.mkdtemp(prefix="rmux-")
+    _mux["dir"] = folder
+    yield folder
+    stop_mux(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    folder = os.environ.get("RUNE_MUX_DIR")
+    if folder and Path(folder).name.startswith("rmux-"):
+        stop_mux(folder)
+        shutil.rmtree(folder, ignore_errors=True)
 
 BASE_SERVICES = [
     {"name": "api", "namespace": "default", "replicas": 2,
@@ -56,10 +118,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
 class Rune:
     """Runs the real `rune` CLI against a stack, as a user would."""
 
-    def __init__(self, stack: Stack, env: dict | None = None) -> None:
+    def __init__(self, stack: Stack, env: dict | None = None, mux: str | None = None) -> None:
         self.stack = stack
-        self.env = {**os.environ, "RUNE_CONFIG": str(stack.state_dir / "no-config.yaml"),
-                    **(env or {})}
+        self.mux = mux or MUX_MODE
+        self.base_env = {**os.environ, "RUNE_CONFIG": str(stack.state_dir / "no-config.yaml"),
+                         **(env or {})}
+
+    @property
+    def env(self) -> dict:
+        """The CLI's environment, with the running test's multiplexer directory."""
+        return {**self.base_env, "RUNE_MUX": self.mux, "RUNE_MUX_DIR": _mux["dir"]}
 
     def argv(self, *args: str) -> list[str]:
         if args and args[0] in ("exec", "instances"):
