@@ -281,7 +281,8 @@ class ExecCommand:
 
 EXEC_VALUED_OPTIONS = {"--namespace", "-n", "--workdir", "--env", "-e", "--timeout",
                        "--api-server", "--token-file", "--ca-file", "--context", "--instances",
-                       "--selector", "-l", "--max-parallel"}
+                       "--selector", "-l", "--max-parallel", "--batch", "--batch-wait",
+                       "--max-fail", "--canary", "--job-timeout"}
 NOT_A_TERMINAL = ("Unable to use a TTY - input is not a terminal or the right kind of file; "
                   "the remote command gets a TTY, the local terminal is left as it is\n")
 
@@ -325,18 +326,38 @@ def exec_command(
         "--prefix/--no-prefix", help="fan-out: start each line with its instance id "
         "(default: on)", show_default=False)] = None,
     json_output: Annotated[bool, typer.Option("--json", help="fan-out: JSON records, one "
-                                              "per line")] = False,
+                                              "per line, the target set first")] = False,
+    group: Annotated[bool, typer.Option("--group", help="fan-out: identical outputs once, "
+                                        "with the instances that produced them")] = False,
+    batch: Annotated[str, typer.Option(metavar="N|N%", help="fan-out: at most N members "
+                                       "at a time (a sliding window)")] = "",
+    batch_wait: Annotated[str, typer.Option(metavar="DURATION", help="fan-out: a freed "
+                                            "slot waits this long before the next member")]
+    = "",
+    max_fail: Annotated[str, typer.Option(metavar="N|N%", help="fan-out: start no more "
+                                          "members once more than N failed (rest: skipped)")]
+    = "",
+    canary: Annotated[int, typer.Option(metavar="N", min=0, help="fan-out: run N members "
+                                        "first; the rest only if all of them succeed")] = 0,
+    job_timeout: Annotated[str, typer.Option(metavar="DURATION", help="fan-out: time limit "
+                                             "of the whole run (--timeout is each member's)")]
+    = "",
 ) -> Job:
     """Run COMMAND inside an instance of TARGET. Rune's options go before COMMAND."""
     connection = Connection(api_server, token_file, ca_file, context)
-    if all_ or instances or selector or json_output or prefix is not None or fail_fast:
+    from rune.cli.fanout_cmd import RolloutFlags
+
+    rollout = RolloutFlags(batch, batch_wait, max_fail, canary, job_timeout)
+    if (all_ or instances or selector or json_output or prefix is not None or fail_fast
+            or group or rollout.given):
         from rune.cli.fanout_cmd import fanout_job
 
         return fanout_job(
             target, command, connection, namespace=namespace, workdir=workdir, env=env or [],
             tty=tty, timeout=timeout, all_=all_, instances=instances or [],
             selector=selector or [], max_parallel=max_parallel, fail_fast=fail_fast,
-            prefix=prefix is not False, json_output=json_output)
+            prefix=prefix is not False, json_output=json_output, rollout=rollout,
+            group=group)
     timeout_seconds, env_map = checked_flags(timeout, env or [], workdir)
     inv = current()
 

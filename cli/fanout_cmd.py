@@ -12,6 +12,7 @@ from typing import BinaryIO, TextIO
 from rune.cli.client import ApiClient
 from rune.cli.common import Connection, Job, checked_flags, connect, current, fail, namespace_of
 from rune.cli.fanout_output import (
+    GroupWriter,
     InstanceResult,
     JsonWriter,
     LineWriter,
@@ -20,9 +21,11 @@ from rune.cli.fanout_output import (
     summary,
 )
 from rune.cli.invocation import Invocation
+from rune.cli.parsing import parse_duration
 
-from rune.errors import Unavailable
+from rune.errors import RuneError, Unavailable
 from rune.proto import exec_pb2 as pb
+from rune.rollout import NEVER_RAN, Amount
 
 
 @dataclass
@@ -38,13 +41,54 @@ class FanoutOptions:
     timeout: float = 300.0
     max_parallel: int = 64
     fail_fast: bool = False
+    batch: str = ""
+    batch_wait: float = 0.0
+    max_fail: str = ""
+    canary: int = 0
+    job_timeout: float = 0.0
 
     def request(self) -> pb.FanoutRequest:
         return pb.FanoutRequest(
             namespace=self.namespace, target=self.target, all=self.all,
             instances=self.instances, selector=self.selector, command=self.command,
             env=self.env, workdir=self.workdir, timeout_seconds=self.timeout,
-            max_parallel=self.max_parallel, fail_fast=self.fail_fast)
+            max_parallel=self.max_parallel, fail_fast=self.fail_fast, batch=self.batch,
+            batch_wait_seconds=self.batch_wait, max_fail=self.max_fail, canary=self.canary,
+            job_timeout_seconds=self.job_timeout)
+
+
+@dataclass
+class RolloutFlags:
+    """--batch, --batch-wait, --max-fail, --canary, --job-timeout as given."""
+
+    batch: str = ""
+    batch_wait: str = ""
+    max_fail: str = ""
+    canary: int = 0
+    job_timeout: str = ""
+
+    @property
+    def given(self) -> bool:
+        return bool(self.batch or self.batch_wait or self.max_fail or self.canary
+                    or self.job_timeout)
+
+    def checked(self) -> dict[str, object]:
+        """The request's rollout terms; a bad flag is a usage error (exit 2)."""
+        terms: dict[str, object] = {"canary": self.canary}
+        for flag, text, zero_ok in (("--batch", self.batch, False),
+                                    ("--max-fail", self.max_fail, True)):
+            try:
+                Amount.parse(text, flag, zero_ok=zero_ok)
+            except RuneError as exc:
+                raise fail(exc.message, 2) from None
+            terms[flag[2:].replace("-", "_")] = text.strip()
+        for flag, text in (("--batch-wait", self.batch_wait), ("--job-timeout",
+                                                               self.job_timeout)):
+            try:
+                terms[flag[2:].replace("-", "_")] = parse_duration(text) if text else 0.0
+            except ValueError as exc:
+                raise fail(f"{flag}: {exc}", 2) from None
+        return terms
 
 
 def parse_selector(items: list[str]) -> dict[str, str]:
@@ -70,8 +114,10 @@ def parse_instances(items: list[str]) -> list[str]:
 class FanoutCommand:
     def __init__(self, client: ApiClient, options: FanoutOptions, json_output: bool = False,
                  prefix: bool = True, out: BinaryIO | None = None, err: BinaryIO | None = None,
-                 err_text: TextIO | None = None, env: Mapping[str, str] | None = None) -> None:
+                 err_text: TextIO | None = None, env: Mapping[str, str] | None = None,
+                 group: bool = False) -> None:
         self.env = os.environ if env is None else env
+        self.group = group
         self.client = client
         self.options = options
         self.json_output = json_output
@@ -117,6 +163,8 @@ class FanoutCommand:
                 writer.end(r.instance_id)
                 r.error = "the API server ended the stream without a result"
                 writer.result(r)
+        if isinstance(writer, GroupWriter):
+            writer.close()
         self.err_text.write(summary(results))
         self.err_text.flush()
         return overall_exit(results)
@@ -128,7 +176,12 @@ class FanoutCommand:
         ids = list(self.results)
         progress = Progress(self.err_text, len(ids), enabled=_isatty(self.err_text))
         if self.json_output:
-            return JsonWriter(self.out, {i.instance_id: i.host for i in plan.instances}), progress
+            writer = JsonWriter(self.out, {i.instance_id: i.host for i in plan.instances})
+            writer.targets([{"instance": i.instance_id, "service": i.service, "agent": i.agent,
+                             "host": i.host} for i in plan.instances])
+            return writer, progress
+        if self.group:
+            return GroupWriter(self.out), progress
         return LineWriter(ids, self.out, self.err, prefix=self.prefix,
                           colour_out=self._colour(self.out), colour_err=self._colour(self.err),
                           before_write=progress.clear), progress
@@ -143,8 +196,8 @@ class FanoutCommand:
         writer.end(result.instance_id)
         writer.result(result)
         progress.done += 1
-        if result.status != "exited" or result.exit_status:
-            progress.failed += result.status != "cancelled"
+        if not result.ok:
+            progress.failed += result.status not in NEVER_RAN
         progress.refresh()
 
 
@@ -164,7 +217,8 @@ def _isatty(stream: object) -> bool:
 def fanout_job(target: str, command: list[str], connection: Connection, *,
                namespace: str | None, workdir: str, env: list[str], tty: bool | None,
                timeout: str, all_: bool, instances: list[str], selector: list[str],
-               max_parallel: int, fail_fast: bool, prefix: bool, json_output: bool) -> Job:
+               max_parallel: int, fail_fast: bool, prefix: bool, json_output: bool,
+               rollout: RolloutFlags | None = None, group: bool = False) -> Job:
     """Checks the fan-out flags (usage errors exit 2) and gives the fan-out to run."""
     if tty:
         raise fail("a TTY cannot be used with fan-out (--all, --instances, --selector): "
@@ -175,18 +229,21 @@ def fanout_job(target: str, command: list[str], connection: Connection, *,
     except ValueError as exc:
         raise fail(str(exc), 2) from None
     if not (all_ or selected or labels):
-        raise fail("--json, --prefix/--no-prefix and --fail-fast need --all, --instances or "
-                   "--selector", 2)
+        raise fail("--json, --group, --prefix/--no-prefix, --fail-fast and the rollout flags "
+                   "need --all, --instances or --selector", 2)
+    if json_output and group:
+        raise fail("--json and --group do not go together", 2)
     timeout_seconds, env_map = checked_flags(timeout, env, workdir)
+    terms = (rollout or RolloutFlags()).checked()
     inv = current()
     options = FanoutOptions(
         target=target, command=command, namespace=namespace_of(inv, namespace, connection),
         all=all_, instances=selected, selector=labels, env=env_map, workdir=workdir,
-        timeout=timeout_seconds, max_parallel=max_parallel, fail_fast=fail_fast)
+        timeout=timeout_seconds, max_parallel=max_parallel, fail_fast=fail_fast, **terms)
 
     async def fanout(inv: Invocation) -> int:
         async with connect(inv, connection) as client:
             return await FanoutCommand(client, options, json_output, prefix, inv.out_bytes,
-                                       inv.err_bytes, inv.err, inv.env).run()
+                                       inv.err_bytes, inv.err, inv.env, group).run()
 
     return Job(fanout, "failed to initialize exec session")

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO, TextIO
 
+from rune.rollout import NEVER_RAN, MemberStatus
+
 # As `docker compose logs`: one colour per instance, cycling.
 COLOURS = ("36", "33", "32", "35", "34", "96", "93", "92", "95", "94")
 MAX_PARTIAL = 64 * 1024  # a line longer than this is written in pieces
@@ -20,7 +22,7 @@ class InstanceResult:
     service: str = ""
     agent: str = ""
     host: str = ""
-    status: str = "pending"  # exited | unreachable | failed | cancelled | pending
+    status: str = "pending"  # a rune.rollout.MemberStatus, or pending
     code: int = 0
     signal: int = 0
     duration: float = 0.0
@@ -29,11 +31,15 @@ class InstanceResult:
     @property
     def exit_status(self) -> int | None:
         """As a shell reports it (128+N for a signal); None for an instance never run."""
-        if self.status == "exited":
+        if self.status == MemberStatus.EXITED:
             return 128 + self.signal if self.signal else self.code
-        if self.status == "cancelled":
+        if self.status in NEVER_RAN:
             return None
         return self.code or 255
+
+    @property
+    def ok(self) -> bool:
+        return self.status == MemberStatus.EXITED and self.exit_status == 0
 
 
 def overall_exit(results: list[InstanceResult]) -> int:
@@ -127,6 +133,10 @@ class JsonWriter:
         self.out.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
         self.out.flush()
 
+    def targets(self, instances: list[dict]) -> None:
+        """The resolved target set, first: who should answer, before anyone has."""
+        self._record({"type": "targets", "instances": instances})
+
     def output(self, instance: str, stream: str, data: bytes) -> None:
         record = {"type": "output", "instance": instance, "host": self.hosts.get(instance, ""),
                   "stream": stream}
@@ -161,8 +171,60 @@ def summary(results: list[InstanceResult]) -> str:
         key = f"exited {r.exit_status}" if r.status == "exited" else r.status
         counts[key] = counts.get(key, 0) + 1
     tally = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    lines.append(rollout_counts(results))
     lines.append(f"{len(results)} instance{'s' if len(results) != 1 else ''}: {tally}")
     return "\n".join(lines) + "\n"
+
+
+def rollout_counts(results: list[InstanceResult]) -> str:
+    """targeted / ok / failed / timed out / unreachable / skipped, every one said."""
+    def count(*statuses: str) -> int:
+        return sum(1 for r in results if r.status in statuses)
+
+    ok = sum(1 for r in results if r.ok)
+    failed = count(MemberStatus.FAILED, MemberStatus.KILLED, "pending") + sum(
+        1 for r in results if r.status == MemberStatus.EXITED and not r.ok)
+    return (f"targeted {len(results)}, ok {ok}, failed {failed}, "
+            f"timed out {count(MemberStatus.TIMED_OUT)}, "
+            f"unreachable {count(MemberStatus.UNREACHABLE)}, "
+            f"skipped {count(MemberStatus.SKIPPED, MemberStatus.CANCELLED)}")
+
+
+class GroupWriter:
+    """`--group`: each instance's output kept, identical ones printed once at the end with
+    the instances that produced them (as `dshbak -c`): which hosts differ?"""
+
+    LIMIT = 1024 * 1024  # per instance; past it the rest is cut (and said)
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.kept: dict[str, bytearray] = {}
+        self.cut: set[str] = set()
+
+    def output(self, instance: str, stream: str, data: bytes) -> None:
+        kept = self.kept.setdefault(instance, bytearray())
+        room = self.LIMIT - len(kept)
+        if len(data) > room:
+            self.cut.add(instance)
+        kept += data[:max(room, 0)]
+
+    def end(self, instance: str) -> None:
+        self.kept.setdefault(instance, bytearray())
+
+    def result(self, result: InstanceResult) -> None:
+        pass
+
+    def close(self) -> None:
+        groups: dict[bytes, list[str]] = {}
+        for instance, data in self.kept.items():
+            key = bytes(data) + (b"\n[output cut at 1 MiB]\n" if instance in self.cut else b"")
+            groups.setdefault(key, []).append(instance)
+        for data, members in sorted(groups.items(), key=lambda g: (-len(g[1]), g[1])):
+            rule = b"-" * 16 + b"\n"
+            head = f"{','.join(sorted(members))} ({len(members)})\n".encode()
+            body = data if not data or data.endswith(b"\n") else data + b"\n"
+            self.out.write(rule + head + rule + body)
+        self.out.flush()
 
 
 def render_bar(done: int, total: int, failed: int, elapsed: float, width: int = 30) -> str:

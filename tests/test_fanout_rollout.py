@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
 
 import grpc
 import pytest
-from conftest import start_stack
+from conftest import Rune, start_stack
 
 from rune.proto import exec_pb2 as pb
 from rune.proto import exec_pb2_grpc as pb_grpc
@@ -130,3 +132,53 @@ def test_bad_rollout_terms_are_invalid_arguments(fleet, fields, message):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in info.value.details()
     assert statuses(results(run(fleet, command=["true"], batch="50")[0])) == {"exited:0": FLEET}
+
+
+# --- the same through the real CLI -------------------------------------------------------
+
+def test_cli_failure_budget_summary_and_exit(fleet):
+    """`rune exec --batch 10% --max-fail 2`: the summary counts every kind, exit non-zero."""
+    result = Rune(fleet)("exec", "fleet", "--all", "--batch", "10%", "--max-fail", "2",
+                         *FIVE_FAIL)
+    assert result.returncode == 3, result.stderr
+    counts = result.stderr.decode().splitlines()[-2]
+    numbers = dict(re.findall(r"(targeted|ok|failed|timed out|unreachable|skipped) (\d+)",
+                              counts))
+    assert numbers["targeted"] == "100" and numbers["timed out"] == "0"
+    assert 3 <= int(numbers["failed"]) <= 5 and int(numbers["skipped"]) >= 80
+    assert sum(int(numbers[k]) for k in ("ok", "failed", "skipped")) == 100
+
+
+def test_cli_group_prints_each_distinct_output_once(fleet):
+    """--group over 20 instances with two distinct outputs prints two groups."""
+    chosen = [f"fleet-instance-a1-{i}" for i in range(10)] + \
+             [f"fleet-instance-a2-{i}" for i in range(10)]
+    result = Rune(fleet)("exec", "fleet", "--instances", ",".join(chosen), "--group", "sh",
+                         "-c", 'case "$RUNE_INSTANCE" in *a1-*) echo one;; *) echo two;; esac')
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.decode().splitlines()
+    heads = [line for line in lines if "(10)" in line]
+    assert len(heads) == 2
+    assert lines.count("one") == 1 and lines.count("two") == 1
+    assert heads[0].split(" ")[0].split(",") == sorted(chosen[:10]) or \
+        heads[1].split(" ")[0].split(",") == sorted(chosen[:10])
+
+
+def test_cli_json_names_the_target_set_first(fleet):
+    """--json: the first record is the resolved target set, then one result per member."""
+    result = Rune(fleet)("exec", "fleet", "--instances", "fleet-instance-a1-0,"
+                         "fleet-instance-a2-0", "--json", "true")
+    records = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert records[0]["type"] == "targets"
+    assert [i["instance"] for i in records[0]["instances"]] == ["fleet-instance-a1-0",
+                                                                 "fleet-instance-a2-0"]
+    assert [r["status"] for r in records if r["type"] == "result"] == ["exited", "exited"]
+
+
+@pytest.mark.parametrize("flags", [["--batch", "0"], ["--batch", "x%"], ["--max-fail", "-2"],
+                                   ["--job-timeout", "soon"], ["--group", "--json"]])
+def test_cli_bad_rollout_flags_exit_2(fleet, flags):
+    """Bad rollout flags are usage errors: exit 2, `Error: …`, nothing runs."""
+    result = Rune(fleet)("exec", "fleet", "--all", *flags, "true")
+    assert result.returncode == 2
+    assert result.stderr.decode().startswith("Error: ")

@@ -136,7 +136,7 @@ def test_overall_exit_follows_pdsh():
 
 
 def test_summary_table():
-    """Instance, host, exit, duration and status, then a tally."""
+    """Instance, host, exit, duration and status, then the rollout counts and a tally."""
     text = summary([InstanceResult("i-1", host="h1", status="exited", duration=1.234),
                     InstanceResult("i-22", host="h2", status="unreachable", code=255,
                                    error="agent a2 is not reachable")])
@@ -144,6 +144,7 @@ def test_summary_table():
         "INSTANCE  HOST  EXIT  DURATION  STATUS",
         "i-1       h1    0     1.23s     exited",
         "i-22      h2    255   0.00s     unreachable: agent a2 is not reachable",
+        "targeted 2, ok 1, failed 0, timed out 0, unreachable 1, skipped 0",
         "2 instances: 1 exited 0, 1 unreachable",
     ]
 
@@ -164,3 +165,16 @@ def test_progress_bar_only_on_a_terminal_and_when_slow(monkeypatch):
     assert "3/10 done" in stream.getvalue() and on.visible
     on.clear()
     assert stream.getvalue().endswith("\r\x1b[K") and not on.visible
+
+
+def test_every_valued_exec_option_is_known_to_the_command_split():
+    """The words after TARGET are the command from the first word that is not an option or
+    an option's value: every exec option that takes a value must be listed for that."""
+    import typer.main
+    from rune.cli.exec_cmd import EXEC_VALUED_OPTIONS
+    from rune.cli.main import build_app
+
+    command = typer.main.get_command(build_app(full=False)).commands["exec"]
+    valued = {name for p in command.params if not getattr(p, "is_flag", True)
+              and p.param_type_name == "option" for name in p.opts}
+    assert valued <= EXEC_VALUED_OPTIONS, valued - EXEC_VALUED_OPTIONS
