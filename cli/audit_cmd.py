@@ -21,6 +21,8 @@ from rune.cli.common import (
 )
 from rune.cli.invocation import Invocation
 
+from rune.display import printable
+
 COLUMNS = ("TIME", "EVENT", "USER", "NAMESPACE", "INSTANCE", "RESULT", "COMMAND")
 FOLLOW_WIDTHS = (19, 7, 12, 10, 24, 24)
 
@@ -48,14 +50,16 @@ def row(event: dict) -> tuple[str, ...]:
     when = str(event.get("time", ""))[:19].replace("T", " ")
     kind = str(event.get("event", "")).removeprefix("session.")
     where = event.get("instance") or event.get("target") or ""
-    command = " ".join(json.dumps(a) if (not a or " " in a) else a
+    command = " ".join(f'"{a}"' if (not a or " " in a) else a
                        for a in event.get("argv", []))
     return (when, kind, str(event.get("user", "")), str(event.get("namespace", "")), where,
             result_text(event), command)
 
 
 def render(rows: list[tuple[str, ...]], widths: tuple[int, ...] | None = None) -> list[str]:
-    """Aligned lines; the last column is never padded or cut."""
+    """Aligned lines; the last column is never padded or cut. Every cell is shown with its
+    control characters escaped: an argv can neither move the cursor nor forge a row."""
+    rows = [tuple(printable(str(v)) for v in r) for r in rows]
     if widths is None:
         widths = tuple(max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1))
     return ["  ".join([*(v.ljust(w) for v, w in zip(r, widths, strict=False)), r[-1]]).rstrip()

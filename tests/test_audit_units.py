@@ -262,3 +262,15 @@ async def test_a_message_the_broker_never_stores_does_not_hold_up_the_rest(nats_
     finally:
         await publisher.stop()
         await nc.close()
+
+
+def test_tables_escape_control_characters():
+    """An argv or a user with a newline or a terminal escape is shown escaped: it cannot
+    move the cursor or add a row of its own."""
+    forged = {"event": "session.ended", "time": "2026-01-02T03:04:05.678Z",
+              "user": "u\x1b[2J", "namespace": "n", "instance": "i",
+              "argv": ["echo", "x\n2026-01-02 03:04:05  ended  root"], "exit_code": 0}
+    lines = render([("A", "B", "C", "D", "E", "F", "G"), row(forged)])
+    assert len(lines) == 2
+    assert "\x1b" not in lines[1] and "\n" not in lines[1]
+    assert "u\\x1b[2J" in lines[1] and 'echo "x\\n2026-01-02 03:04:05  ended  root"' in lines[1]
