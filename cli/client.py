@@ -58,13 +58,13 @@ class ApiClient:
 
     def __init__(self, address: str, token: str | None = None, ca_file: str | None = None,
                  tls: bool = False, channels: ChannelPool | None = None) -> None:
-        address, tls = _scheme(address, tls)
         self.address = address
+        target, tls, name = _target(address, tls)
         self.tls = bool(tls or ca_file)
         roots = _read_roots(ca_file) if self.tls and ca_file else None
         self._owned = channels is None
         pool = channels if channels is not None else ChannelPool()
-        self.channel = pool.channel(address, self.tls, roots, token)
+        self.channel = pool.channel(target, self.tls, roots, token, name)
         self.stub = pb_grpc.ExecServiceStub(self.channel)
         self.fanout_stub = pb_grpc.FanoutServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -157,7 +157,7 @@ class ChannelPool:
         self._channels: dict[tuple, grpc.aio.Channel] = {}
 
     def channel(self, address: str, tls: bool, roots: bytes | None,
-                token: str | None) -> grpc.aio.Channel:
+                token: str | None, name: str | None = None) -> grpc.aio.Channel:
         key = (address, tls, _digest(roots), _digest(token.encode() if token else None))
         kept = self._channels.get(key)
         if kept is not None:
@@ -170,6 +170,8 @@ class ChannelPool:
             asyncio.get_running_loop().create_task(kept.close())
         options = [("grpc.max_receive_message_length", MAX_MESSAGE),
                    ("grpc.max_send_message_length", MAX_MESSAGE)]
+        if name and tls:  # several addresses: their certificates name the first one's host
+            options.append(("grpc.ssl_target_name_override", name))
         if tls:
             credentials = grpc.ssl_channel_credentials(root_certificates=roots)
             made = grpc.aio.secure_channel(address, credentials, options=options)
@@ -198,6 +200,33 @@ def _read_roots(ca_file: str) -> bytes:
             return handle.read()
     except OSError as exc:
         raise OSError(f"cannot read CA file {ca_file}: {exc.strerror}") from None
+
+
+def _target(address: str, tls: bool) -> tuple[str, bool, str | None]:
+    """The gRPC target of `--api-server`: one address as it is, or several (`a:8443,b:8443`)
+    as one list that gRPC tries in order (pick_first), going on to the next when one
+    refuses: (target, tls, the first host's name for TLS, or None)."""
+    parts = [p.strip() for p in address.split(",") if p.strip()]
+    if len(parts) <= 1:
+        one, tls = _scheme(parts[0] if parts else address, tls)
+        return one, tls, None
+    import socket
+
+    resolved, first = [], None
+    for part in parts:
+        one, part_tls = _scheme(part, tls)
+        tls = tls or part_tls
+        host, _, port = one.rpartition(":")
+        host = host.strip("[]")
+        first = first or host
+        try:
+            infos = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)
+        except (OSError, ValueError):
+            continue  # an address that does not resolve is one that does not answer
+        resolved += [f"{info[4][0]}:{port}" for info in infos[:1]]
+    if not resolved:
+        raise OSError(f"none of the API server addresses {address!r} resolves")
+    return "ipv4:" + ",".join(resolved), tls, first
 
 
 def _scheme(address: str, tls: bool) -> tuple[str, bool]:

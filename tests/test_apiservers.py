@@ -168,3 +168,11 @@ def test_a_killed_apiserver_mid_fanout_leaves_b_working(pair):
             pb.FanoutRequest(target="api", all=True, command=["echo", "ok"]),
             metadata=pair.metadata(), timeout=60) if r.WhichOneof("msg") == "result"]
     assert [(r.status, r.code) for r in results] == [("exited", 0)] * 4
+    # The CLI given both addresses goes on to B when A refuses the connection.
+    both = f"{pair.addresses['a']},{pair.addresses['b']}"
+    result = subprocess.run(
+        [sys.executable, "-m", "rune.cli.main", "exec", "--api-server", both, "api", "echo",
+         "via b"], capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+        env={**os.environ, "RUNE_TOKEN_FILE": str(pair.stack.token_files["admin"]),
+             "RUNE_CONFIG": str(pair.stack.state_dir / "no-config.yaml"), "RUNE_MUX": "off"})
+    assert (result.returncode, result.stdout) == (0, b"via b\n"), result.stderr
