@@ -11,8 +11,10 @@ registration, audit of the session's life) is the session core's (apiserver/sess
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
+import grpc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from rune.apiserver.config import LimitsConfig
 from rune.apiserver.rbac import needs_tty_verb
@@ -107,6 +109,20 @@ class Admission:
 
     def authenticate(self, metadata: Any) -> Any:
         return self.auth.authenticate(metadata or ())
+
+    async def read_init(self, context: Any, max_message: int) -> tuple[Any, Any, float]:
+        """A bidi stream's first message, which must be an init within the size limit, with
+        the caller's identity and when it came: (init, identity, monotonic time)."""
+        # Read init before refusing a token: ending the call while the client still writes
+        # its first message makes gRPC report an internal error instead of our status.
+        first = await context.read()
+        received = time.monotonic()
+        identity = self.authenticate(context.invocation_metadata())
+        if first is grpc.aio.EOF or first.WhichOneof("msg") != "init":
+            raise InvalidArgument("the first message of a stream must be init")
+        if first.ByteSize() > max_message:
+            raise InvalidArgument("init message exceeds the maximum message size")
+        return first.init, identity, received
 
     def admit(self, identity: Any, fields: dict[str, Any], fanout_id: str = "",
               verb: str = "") -> SessionSpec:

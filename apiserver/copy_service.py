@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 import grpc
@@ -101,14 +100,8 @@ class CopyService(pb_grpc.CopyServiceServicer):
             await context.abort(grpc.StatusCode[exc.grpc_status], exc.message)
 
     async def _copy(self, context: grpc.aio.ServicerContext) -> None:
-        first = await context.read()
-        received = time.monotonic()
-        identity = self.admission.authenticate(context.invocation_metadata())
-        if first is grpc.aio.EOF or first.WhichOneof("msg") != "init":
-            raise InvalidArgument("the first message of a copy stream must be init")
-        if first.ByteSize() > self.config.max_message:
-            raise InvalidArgument("init message exceeds the maximum message size")
-        init = first.init
+        init, identity, received = await self.admission.read_init(context,
+                                                                  self.config.max_message)
         fields = copy_fields(init)
         try:
             check_copy_init(init)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 import grpc
@@ -90,16 +89,9 @@ class ExecService(OperatorRpcs, pb_grpc.ExecServiceServicer):
             await context.abort(grpc.StatusCode[exc.grpc_status], exc.message)
 
     async def _exec(self, context: grpc.aio.ServicerContext) -> None:
-        # Read init before refusing a token: ending the call while the client still writes
-        # its first message makes gRPC report an internal error instead of our status.
-        first = await context.read()
-        received = time.monotonic()
-        identity = self.admission.authenticate(context.invocation_metadata())
-        if first is grpc.aio.EOF or first.WhichOneof("msg") != "init":
-            raise InvalidArgument("the first message of a stream must be init")
-        if first.ByteSize() > self.config.max_message:
-            raise InvalidArgument("init message exceeds the maximum message size")
-        spec = self.admission.admit(identity, exec_fields(first.init))
+        init, identity, received = await self.admission.read_init(context,
+                                                                  self.config.max_message)
+        spec = self.admission.admit(identity, exec_fields(init))
         instance = self.admission.resolve(identity, spec)
         kind = ExecStream(context, self.config.window, self.config.max_message)
         await self.core.run(identity, spec, instance, kind, received=received)
