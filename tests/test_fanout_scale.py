@@ -28,7 +28,9 @@ def test_all_true_over_200_instances(big):
     """Every one of 200 instances on 20 agents reports exit 0, exactly once."""
     result = big("exec", "fleet", "--all", "--json", "true", timeout=240)
     assert result.returncode == 0, result.stderr.decode()[-2000:]
-    finals = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    records = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert records[0]["type"] == "targets" and len(records[0]["instances"]) == 200
+    finals = records[1:]
     assert all(r["type"] == "result" for r in finals)
     expected = {f"fleet-instance-m{a:03d}-{i}" for a in range(AGENTS) for i in range(REPLICAS)}
     assert sorted(r["instance"] for r in finals) == sorted(expected)
