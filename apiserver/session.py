@@ -384,9 +384,6 @@ class SessionCore:
             return False
         return False
 
-    def find(self, session_id: str) -> SessionRecord | None:
-        return self.sessions.get(session_id)
-
     def kill(self, session_id: str, reason: str) -> bool:
         """Ends one live session of this apiserver; `reason` is told to its user."""
         record = self.sessions.get(session_id)
