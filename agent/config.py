@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -48,8 +49,27 @@ class ServiceSpec(BaseModel):
         return check_token(value, "namespace")
 
 
+class IsolationSettings(BaseModel):
+    """What a process service's instances, and every exec into them, must not see of the
+    host (agent/isolation.py)."""
+
+    hide_paths: list[str] = Field(
+        default_factory=list,
+        description="absolute paths hidden from the service: a directory is covered by an "
+        "empty read-only tmpfs, a file by /dev/null; the instance's own directory stays")
+
+    @field_validator("hide_paths")
+    @classmethod
+    def _absolute(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not os.path.isabs(path) or "\0" in path:
+                raise ValueError(f"hide_paths: {path!r} is not an absolute path")
+        return [os.path.normpath(p) for p in value]
+
+
 class ProcessService(ServiceSpec):
     command: list[str]
+    isolation: IsolationSettings | None = None
 
 
 class DockerService(ServiceSpec):
@@ -78,6 +98,12 @@ class AgentConfig(BaseModel):
     nats: NatsSettings = Field(default_factory=NatsSettings)
     state_dir: str = Field(default="", description="default /var/lib/rune-agent as root, "
                            "else $XDG_STATE_HOME/rune-agent (agent/statedir.py)")
+    instances_dir: str = Field(default="", description="the instances' own directories; "
+                               "default <state_dir>/instances, or <state_dir>-instances "
+                               "when some instance runs as another user")
+    default_user: str | None = Field(default=None, description="the user of process "
+                                     "services without user: when the agent runs as root "
+                                     "(e.g. nobody); unset: root, with a warning")
     services: list[ProcessService] = Field(default_factory=list)
     docker: DockerSettings = Field(default_factory=DockerSettings)
     max_sessions: int = 256

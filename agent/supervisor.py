@@ -11,6 +11,7 @@ from pathlib import Path
 from rune.agent.account import Account
 from rune.agent.config import AgentConfig, ProcessService
 from rune.agent.environment import instance_environment
+from rune.agent.isolation import Isolation, IsolationUnavailable, probe
 from rune.agent.registry import Registry
 from rune.agent.runners.process import Child, InstanceContext, start_child
 from rune.agent.runners.spawn import ChildPlan
@@ -39,6 +40,7 @@ class SupervisedInstance:
             "RUNE_NAMESPACE": service.namespace, "RUNE_SERVICE": service.name,
             "RUNE_INSTANCE": self.id, "RUNE_AGENT": config.agent_id})
         self.context = InstanceContext(env=env, workdir=self.workdir, account=account)
+        self.hide_paths = tuple(service.isolation.hide_paths) if service.isolation else ()
         self.info = InstanceInfo(
             namespace=service.namespace, service=service.name, instance_id=self.id,
             state="starting", agent=config.agent_id, host=config.host, runner="process",
@@ -60,6 +62,8 @@ class SupervisedInstance:
             self.workdir = state.instance_dir(self.id, switch.uid if switch else None,
                                               switch.gid if switch else None)
             self.context.workdir = self.workdir
+        if self.hide_paths:  # the instance and every exec see the host the same way
+            self.context.isolation = Isolation(self.hide_paths, keep=self.workdir)
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
@@ -67,7 +71,8 @@ class SupervisedInstance:
         while not self._stopping:
             started = time.monotonic()
             plan = ChildPlan(argv=list(self.service.command), env=self.context.env,
-                             cwd=self.workdir, account=self.context.account.switch)
+                             cwd=self.workdir, account=self.context.account.switch,
+                             isolation=self.context.isolation)
             try:
                 self.proc = await _start_detached(plan)
             except Exception as exc:  # 126/127, a user it cannot become, no fds left …
@@ -119,18 +124,23 @@ class Supervisor:
         self.state: StateDir | None = None
         accounts: dict[str | None, Account] = {}
         for service in config.services:
-            if service.user not in accounts:
+            user = service.user or (config.default_user if os.geteuid() == 0 else None)
+            if user not in accounts:
                 try:
-                    accounts[service.user] = Account.of(service.user)
+                    accounts[user] = Account.of(user)
                 except KeyError:
-                    raise ValueError(f"service {service.name}: no user {service.user!r} "
+                    raise ValueError(f"service {service.name}: no user {user!r} "
                                      "on this host") from None
-            if os.geteuid() == 0 and accounts[service.user].uid == 0 and service.replicas:
-                log.warning("service %s runs as root (give it a user: to run it, and every "
-                            "exec into it, unprivileged)", service.name)
+            runs_as_root = os.geteuid() == 0 and accounts[user].uid == 0
+            if runs_as_root and service.replicas:
+                log.warning("service %s runs as root (give it a user:, or the agent a "
+                            "default_user:, to run it, and every exec into it, "
+                            "unprivileged)", service.name)
+            if runs_as_root and service.isolation and service.isolation.hide_paths:
+                log.warning("service %s runs as root, which can unmount what hide_paths "
+                            "covers: the paths are hidden, not out of reach", service.name)
             for index in range(service.replicas):
-                inst = SupervisedInstance(config, service, index, registry,
-                                          accounts[service.user])
+                inst = SupervisedInstance(config, service, index, registry, accounts[user])
                 self.instances[inst.id] = inst
         self._shared = any(a.switch is not None for a in accounts.values())
 
@@ -139,8 +149,25 @@ class Supervisor:
             inst.registry = registry
 
     def open_state(self) -> None:
-        """Opens (or refuses) the state directory; before anything is published."""
-        self.state = StateDir(self.config.state_dir or default_state_dir(), self._shared)
+        """Opens (or refuses) the state directory, and makes sure every service's paths
+        can be hidden; before anything is published."""
+        self.check_isolation()
+        self.state = StateDir(self.config.state_dir or default_state_dir(), self._shared,
+                              self.config.instances_dir)
+
+    def check_isolation(self) -> None:
+        """Refuses to run a service whose paths cannot be hidden, rather than expose them."""
+        tried: set[tuple[str, ...]] = set()
+        for inst in self.instances.values():
+            if not inst.hide_paths or inst.hide_paths in tried:
+                continue
+            tried.add(inst.hide_paths)
+            try:
+                probe(Isolation(inst.hide_paths))
+            except OSError as exc:
+                raise IsolationUnavailable(f"service {inst.service.name}: cannot hide its "
+                                           f"hide_paths, so it is not started: "
+                                           f"{exc.strerror or exc}") from None
 
     def start(self) -> None:
         if self.state is None:

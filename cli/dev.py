@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rune.cli.devstack import DEV_USER, Stack, StackError, demo_account, demo_services, stop_pid
+from rune.cli.devstack import (
+    DEV_USER,
+    Stack,
+    StackError,
+    demo_account,
+    demo_isolation,
+    demo_services,
+    stop_pid,
+)
 
 dev_app = typer.Typer(add_completion=False, no_args_is_help=True,
                       help="Run the local development stack.")
@@ -36,15 +44,17 @@ def up(
     stack = Stack(state_dir, nats_port=nats_port, api_port=api_port)
     stack.secure(["local"], admin=getpass.getuser())
     try:
+        account = demo_account()
+        isolation = demo_isolation(stack.state_dir) if account is None else None
         print(f"starting nats-server on {stack.nats_url} ...", flush=True)
         stack.start_nats()
         print(f"starting rune-apiserver on {stack.api_address} ...", flush=True)
         stack.start_apiserver()
-        account = demo_account()
-        runs_as = f"as user {account}" if account else "as you (not root: no other user)"
+        runs_as = f"as user {account}" if account else \
+            "as you, with the stack's state, your CLI config and your home hidden"
         print(f"starting rune-agent local with services api (2) and worker (1) {runs_as} ...",
               flush=True)
-        stack.start_agent("local", demo_services(account))
+        stack.start_agent("local", demo_services(account, isolation))
         print(f"starting rune-dashboard on http://127.0.0.1:{dashboard_port} ...", flush=True)
         stack.start_dashboard(dashboard_port)
     except (StackError, OSError) as exc:
@@ -52,10 +62,6 @@ def up(
         sys.stderr.write(f"Error: {exc}\n")
         raise typer.Exit(255) from None
     stack.save_pids()
-    if account is None:
-        sys.stderr.write("warning: not running as root, so the demo instances run as you and "
-                         f"can read your files, {stack.state_dir / 'tokens'} included; "
-                         "run `rune dev up` as root for a restricted user that cannot\n")
     api_flag = "" if api_port == 8443 else f" --api-server {stack.api_address}"
     config_file = _point_cli_at(stack, api_port)
     dev_token = stack.token_files[DEV_USER]

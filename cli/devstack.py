@@ -34,9 +34,9 @@ DEMO_SERVICES = [
 # The OS account the demo instances run as when the stack runs as root: never the
 # developer's (or root's) own, so an exec cannot read the stack's tokens or nkeys seeds.
 DEMO_ACCOUNT = "rune-demo"
-# As root, agents whose instances run as another user keep their state here (root-owned
-# parents, so nothing can be planted on the way), reachable by those users; the stack's
-# own state directory stays 0700.
+# As root, agents whose instances run as another user keep the instances' directories
+# here (root-owned parents, so nothing can be planted on the way), reachable by those
+# users; the agents' state directories stay in the stack's own, 0700.
 SHARED_AGENT_STATE = Path("/var/lib/rune-dev")
 
 
@@ -62,8 +62,44 @@ def demo_account() -> str | None:
                          f"instances: {made.stderr.strip() or made.returncode}") from None
 
 
-def demo_services(user: str | None) -> list[dict]:
-    return [{**s, "user": user} if user else dict(s) for s in DEMO_SERVICES]
+def demo_hidden_paths(stack_state: Path) -> list[str]:
+    """What the demo instances must not see when they run as you: the stack's state
+    (tokens, nkeys seeds, configs, the agent's state), your CLI config and your home."""
+    from rune.cli.settings import config_path
+
+    config_dir = config_path().parent
+    config_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # covered even before written
+    paths = [stack_state, config_dir, Path.home()]
+    return sorted({str(p.resolve()) for p in paths if p.resolve() != Path("/")})
+
+
+def demo_isolation(stack_state: Path) -> dict | None:
+    """The agent's `isolation:` for the demo services: None as root (they run as rune-demo);
+    otherwise the paths to hide, after making sure this kernel lets an unprivileged agent
+    hide them (StackError naming the sysctls when it does not)."""
+    if os.geteuid() == 0:
+        return None
+    from rune.agent.isolation import Isolation, probe
+
+    hidden = demo_hidden_paths(stack_state)
+    try:
+        probe(Isolation(tuple(hidden)))
+    except OSError as exc:
+        raise StackError("not starting the demo instances: not being root, `rune dev up` "
+                         "runs them as you in a user namespace that hides the stack's "
+                         f"tokens and seeds, and this host refuses it ({exc.strerror or exc})."
+                         " Allow unprivileged user namespaces (sysctl "
+                         "kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0, "
+                         "kernel.apparmor_restrict_unprivileged_userns=0) or run `rune dev "
+                         "up` as root") from None
+    return {"hide_paths": hidden}
+
+
+def demo_services(user: str | None, isolation: dict | None = None) -> list[dict]:
+    services = [{**s, "user": user} if user else dict(s) for s in DEMO_SERVICES]
+    if isolation is not None:
+        services = [{**s, "isolation": isolation} for s in services]
+    return services
 
 
 # The restricted user `rune dev up` makes, so RBAC can be tried at once.
@@ -233,17 +269,20 @@ class Stack:
                    log=self.logs / "apiserver.log")
         return proc
 
-    def agent_state_dir(self, agent_id: str, services: list[dict]) -> Path:
-        """Inside the private state directory, unless (as root) an instance runs as another
-        user, who must reach its own directory: then under SHARED_AGENT_STATE."""
+    def agent_dirs(self, agent_id: str, services: list[dict]) -> dict[str, str]:
+        """The agent's state_dir, inside the private state directory; and, when (as root)
+        an instance runs as another user, who must reach its own directory, its
+        instances_dir under SHARED_AGENT_STATE."""
+        dirs = {"state_dir": str(self.state_dir / "agents" / agent_id)}
         if os.geteuid() != 0 or not any(s.get("user") for s in services):
-            return self.state_dir / "agents" / agent_id
+            return dirs
         SHARED_AGENT_STATE.mkdir(mode=0o711, exist_ok=True)
         if SHARED_AGENT_STATE.is_symlink() or SHARED_AGENT_STATE.stat().st_uid != 0:
             raise StackError(f"{SHARED_AGENT_STATE} is not a directory owned by root")
         os.chmod(SHARED_AGENT_STATE, 0o711)
         tag = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:12]
-        return SHARED_AGENT_STATE / f"{tag}-{agent_id}"
+        dirs["instances_dir"] = str(SHARED_AGENT_STATE / f"{tag}-{agent_id}")
+        return dirs
 
     def start_dashboard(self, port: int) -> subprocess.Popen:
         """The ops dashboard on 127.0.0.1:`port`, talking to this stack's apiserver."""
@@ -263,7 +302,7 @@ class Stack:
         config = {
             "agent_id": agent_id, "host": f"{socket.gethostname()}-{agent_id}",
             "nats": {"url": self.nats_url, "nkey_seed_file": self.nkey(f"agent-{agent_id}")},
-            "state_dir": str(self.agent_state_dir(agent_id, services)), "services": services,
+            **self.agent_dirs(agent_id, services), "services": services,
             **(extra or {}),
         }
         path = self.state_dir / f"agent-{agent_id}.yaml"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from rune.agent.account import Account
 from rune.agent.environment import exec_environment
+from rune.agent.isolation import Isolation
 from rune.agent.runners.base import wait_status_to_exit
 from rune.agent.runners.spawn import (
     ChildPlan,
@@ -36,6 +37,7 @@ class InstanceContext:
     env: dict[str, str]
     workdir: str
     account: Account
+    isolation: Isolation | None = None  # set by the supervisor for hide_paths
 
 
 def _killpg(pgid: int, signum: int) -> None:
@@ -290,7 +292,8 @@ class ProcessRunner:
         plan = ChildPlan(argv=list(request.argv),
                          env=exec_environment(context.env, request.env, request.tty),
                          cwd=request.workdir or context.workdir,
-                         account=context.account.switch, die_with=os.getpid())
+                         account=context.account.switch, die_with=os.getpid(),
+                         isolation=context.isolation)
         if request.tty:
             return await _start_pty(plan, request.width or 80, request.height or 24)
         return await _start_pipes(plan)

@@ -3,7 +3,8 @@
 The child is forked by us, not by subprocess, so that every step after the fork is ours
 and in this order:
 
-    setsid (and the controlling terminal)  ->  stdio  ->  setgroups, setgid, setuid
+    setsid (and the controlling terminal)  ->  stdio  ->  isolation (agent/isolation.py)
+    ->  setgroups, setgid, setuid
     ->  parent-death signal  ->  chdir(workdir)  ->  resolve argv[0]  ->  execve
 
 Everything from the user switch on is decided as the instance's user, so a directory or a
@@ -26,6 +27,7 @@ import termios
 from dataclasses import dataclass
 
 from rune.agent.account import Account
+from rune.agent.isolation import Isolation
 from rune.agent.runners.base import CommandUnavailable, resolve_executable
 
 from rune.errors import Internal
@@ -49,6 +51,7 @@ class ChildPlan:
     cwd: str
     account: Account | None = None  # None: stay who the agent is
     die_with: int | None = None  # the agent's pid: the child dies with it
+    isolation: Isolation | None = None  # paths hidden from the command
 
 
 class SpawnFailed(Internal):
@@ -110,8 +113,11 @@ def _child(plan: ChildPlan, report_fd: int, stdio: tuple[int, int, int],
         for signum in _RESET_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
-        stage = "switch user"
+        stage = "hide paths"
         try:
+            if plan.isolation is not None:
+                plan.isolation.enter()
+            stage = "switch user"
             if plan.account is not None:
                 _drop_privileges(plan.account)
             if plan.die_with:
