@@ -270,3 +270,24 @@ def _instance_pid(instance: str, uid: int) -> int:
         if f"RUNE_INSTANCE={instance}".encode() in environ and comm == "sleep":
             return pid
     raise AssertionError(f"no process of {instance}")
+
+
+def test_agent_refuses_a_service_whose_paths_it_cannot_hide(developer):
+    """An agent that is not root, on a host without user namespaces, refuses to start a
+    service with hide_paths (before joining NATS), naming the sysctl."""
+    import yaml
+
+    config = developer.home / "agent-refused.yaml"
+    config.write_text(yaml.safe_dump({
+        "agent_id": "nr", "nats": {"url": f"nats://127.0.0.1:{free_port()}"},
+        "state_dir": str(developer.home / "agent-refused-state"),
+        "services": [{"name": "api", "command": ["sleep", "60"],
+                      "isolation": {"hide_paths": [str(developer.home / ".config")]}}]}))
+    shutil.chown(config, developer.name)
+    wrap = [sys.executable, "-c", NO_USERNS, str(developer.uid), str(developer.gid)]
+    result = developer.run([developer.python, "-m", "rune.agent.main", "--config",
+                            str(config)], wrap=wrap, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Error: service api: cannot hide its hide_paths" in result.stderr, result.stderr
+    assert "user.max_user_namespaces" in result.stderr
+    assert "ready" not in result.stdout
