@@ -64,12 +64,15 @@ def demo_account() -> str | None:
 
 def demo_hidden_paths(stack_state: Path) -> list[str]:
     """What the demo instances must not see when they run as you: the stack's state
-    (tokens, nkeys seeds, configs, the agent's state), your CLI config and your home."""
+    (tokens, nkeys seeds, configs, the agent's state), your CLI config, your home, and your
+    runtime directory (its D-Bus and systemd sockets would start commands outside)."""
     from rune.cli.settings import config_path
 
     config_dir = config_path().parent
     config_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # covered even before written
-    paths = [stack_state, config_dir, Path.home()]
+    paths = [stack_state, config_dir, Path.home(), Path(f"/run/user/{os.geteuid()}")]
+    if os.environ.get("XDG_RUNTIME_DIR", "").startswith("/"):
+        paths.append(Path(os.environ["XDG_RUNTIME_DIR"]))
     return sorted({str(p.resolve()) for p in paths if p.resolve() != Path("/")})
 
 
@@ -85,13 +88,11 @@ def demo_isolation(stack_state: Path) -> dict | None:
     try:
         probe(Isolation(tuple(hidden)))
     except OSError as exc:
-        raise StackError("not starting the demo instances: not being root, `rune dev up` "
-                         "runs them as you in a user namespace that hides the stack's "
-                         f"tokens and seeds, and this host refuses it ({exc.strerror or exc})."
-                         " Allow unprivileged user namespaces (sysctl "
-                         "kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0, "
-                         "kernel.apparmor_restrict_unprivileged_userns=0) or run `rune dev "
-                         "up` as root") from None
+        raise StackError("not starting the demo instances: not being root, they would run "
+                         "as you with the stack's tokens and seeds hidden in a user "
+                         f"namespace, but {exc.strerror or exc}; allow them (e.g. sysctl -w "
+                         "kernel.unprivileged_userns_clone=1) or run `rune dev up` as "
+                         "root") from None
     return {"hide_paths": hidden}
 
 
