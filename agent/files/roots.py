@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from rune.agent.files.identity import FileIdentity
 
-from rune.errors import NotFound, NotRunning, Unavailable
+from rune.errors import NotFound, NotRunning, PermissionDenied, Unavailable
 from rune.files.safepath import SafeRoot
 from rune.models import InstanceInfo
 
@@ -32,6 +32,9 @@ class InstanceFiles:
 def process_files(context: object | None, instance: InstanceInfo) -> InstanceFiles:
     if context is None:
         raise NotFound(f"instance {instance.instance_id} is not supervised by this agent")
+    if context.isolation is not None:  # the copy would act outside its covers
+        raise PermissionDenied(f"instance {instance.instance_id} hides paths of the host "
+                               "(isolation: hide_paths), which rune cp cannot honour")
     account = context.account
     identity = FileIdentity(account.uid, account.gid, tuple(account.groups))
     return InstanceFiles(SafeRoot.at("/"), identity, context.workdir)

@@ -291,3 +291,14 @@ def test_agent_refuses_a_service_whose_paths_it_cannot_hide(developer):
     assert "Error: service api: cannot hide its hide_paths" in result.stderr, result.stderr
     assert "user.max_user_namespaces" in result.stderr
     assert "ready" not in result.stdout
+
+
+def test_cp_does_not_go_around_the_covers(dev_stack):
+    """`rune cp` acts in the agent, outside the namespace: refused for such an instance."""
+    developer, ports = dev_stack
+    token = developer.state / "tokens" / f"{developer.name}.token"
+    result = developer.rune("cp", "--api-server", f"127.0.0.1:{ports['api']}",
+                            f"api:{token}", "-")
+    assert result.returncode == 255, result.stdout + result.stderr
+    assert "hides paths of the host" in result.stderr, result.stderr
+    assert token.read_text().strip() not in result.stdout
