@@ -549,6 +549,23 @@ def test_only_the_apiserver_is_published_and_on_loopback(compose_stack):
 
 
 @pytest.mark.docker
+def test_up_build_leaves_no_dangling_image(compose_stack):
+    """One build for every service of the image: v2 (BuildKit) labels each build with its
+    service, so a build per service would leave all but the last one untagged."""
+    stack = compose_stack
+    import docker
+
+    client = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
+    try:
+        dangling = client.images(filters={
+            "dangling": True, "label": f"com.docker.compose.project={stack.project}"})
+    finally:
+        client.close()
+    assert dangling == []
+    assert stack.image_id()
+
+
+@pytest.mark.docker
 def test_broker_refuses_a_client_without_a_seed(compose_stack):
     stack = compose_stack
     probe = ("import asyncio, nats\n"
