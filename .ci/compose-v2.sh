@@ -50,6 +50,7 @@ fi
 [[ -f $deb ]] || die "no package file at $deb"
 
 rm -rf "$COMPOSE_V2_HOME/root"
+mkdir -p "$COMPOSE_V2_HOME"
 dpkg-deb -x "$deb" "$COMPOSE_V2_HOME/root"
 [[ -x $PLUGIN ]] || die "$deb holds no Docker CLI plugin (usr/libexec/docker/cli-plugins)"
 is_v2 "$PLUGIN" || die "$deb is not compose v2: $("$PLUGIN" version 2>&1 | head -n 1)"
