@@ -573,7 +573,7 @@ def test_interactive_session_through_the_stack(compose_stack):
 
 
 @pytest.mark.docker
-def test_only_the_apiserver_is_published_and_on_loopback(compose_stack):
+def test_only_the_apiserver_and_the_dashboard_are_published_on_loopback(compose_stack):
     stack = compose_stack
     published = {}
     for container in stack.containers(all_=True):
