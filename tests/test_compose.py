@@ -173,10 +173,11 @@ def test_login_before_init_says_what_to_do(tmp_path, capsys, monkeypatch):
     assert "docker compose up -d" in capsys.readouterr().err
 
 
-def test_launcher_without_the_init_files_says_so_in_one_line(tmp_path):
+@pytest.mark.parametrize("service", ["apiserver", "dashboard"])
+def test_launcher_without_the_init_files_says_so_in_one_line(tmp_path, service):
     env = {**os.environ, "RUNE_COMPOSE_ROOT": str(tmp_path), "RUNE_COMPOSE_WAIT": "1"}
     result = subprocess.run([sys.executable, "-m", "rune.apiserver.compose_run", "run",
-                             "apiserver"], capture_output=True, text=True, env=env, timeout=60)
+                             service], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "init service" in errors[0], result.stderr
