@@ -3,9 +3,10 @@
 `init` writes, once, into one named volume per component (each mounted only where it is
 needed, files mode 0600): the broker's nkeys config (public keys only), the apiserver's
 config with its seed, the admin token's hash and a TLS certificate from a throwaway CA
-(whose key is never written), the agent's own seed, and for `login` the admin token and
-the CA certificate. A second run finds everything in place and changes nothing, so the
-credentials of a running stack survive `docker compose up` again; `down -v` starts over.
+(whose key is never written), the agent's own seed, the dashboard's TLS certificate from
+the same CA, and for `login` the admin token and the CA certificate. A second run finds
+everything in place and changes nothing, so the credentials of a running stack survive
+`docker compose up` again; `down -v` starts over.
 
 `login` prints a POSIX shell script for the host (`… run --rm -T init login | sh`): it
 writes the token and the CA into the user's config directory and points the CLI config
@@ -30,7 +31,10 @@ AGENT_ID = "compose"
 ADMIN = "admin"
 NATS_URL = "nats://nats:4222"
 API_LISTEN = "0.0.0.0:8443"
-SERVER_NAMES = ("localhost", "127.0.0.1", "apiserver")
+# Each TLS server of the stack, and the names it is reached by: from the host through its
+# loopback-only published port, and from the other services by its compose service name.
+SERVER_NAMES = {"apiserver": ("localhost", "127.0.0.1", "apiserver"),
+                "dashboard": ("localhost", "127.0.0.1", "dashboard")}
 CERT_DAYS = 3650
 DONE_MARK = ".complete"
 
@@ -46,7 +50,7 @@ include "auth.conf"
 
 
 def volumes(root: Path = ROOT) -> dict[str, Path]:
-    return {name: root / name for name in ("broker", "apiserver", "agent", "admin")}
+    return {name: root / name for name in ("broker", "apiserver", "agent", "dashboard", "admin")}
 
 
 def write_private(path: Path, data: str | bytes) -> None:
@@ -57,9 +61,10 @@ def write_private(path: Path, data: str | bytes) -> None:
     os.chmod(path, 0o600)  # O_CREAT keeps the mode of a file that was already there
 
 
-def throwaway_tls(names: tuple[str, ...] = SERVER_NAMES,
-                  days: int = CERT_DAYS) -> tuple[bytes, bytes, bytes]:
-    """(CA certificate, server certificate, server key) as PEM; the CA key is dropped."""
+def throwaway_tls(servers: dict[str, tuple[str, ...]] = SERVER_NAMES, days: int = CERT_DAYS,
+                  ) -> tuple[bytes, dict[str, tuple[bytes, bytes]]]:
+    """The CA certificate and, per server, (certificate, key) as PEM; the CA key is dropped,
+    so nothing can issue another certificate this stack's clients would trust."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -79,28 +84,32 @@ def throwaway_tls(names: tuple[str, ...] = SERVER_NAMES,
                                        crl_sign=True, encipher_only=False,
                                        decipher_only=False), critical=True)
           .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            sans.append(x509.DNSName(name))
-    server = (x509.CertificateBuilder()
-              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-              .issuer_name(ca_name).public_key(key.public_key())
-              .serial_number(x509.random_serial_number())
-              .not_valid_before(now - datetime.timedelta(minutes=5))
-              .not_valid_after(now + datetime.timedelta(days=days))
-              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-              .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                             critical=False)
-              .sign(ca_key, hashes.SHA256()))
     pem = serialization.Encoding.PEM
-    return (ca.public_bytes(pem), server.public_bytes(pem),
-            key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption()))
+    issued: dict[str, tuple[bytes, bytes]] = {}
+    for server, names in servers.items():
+        key = ec.generate_private_key(ec.SECP256R1())
+        sans: list[x509.GeneralName] = []
+        for name in names:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                sans.append(x509.DNSName(name))
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server)]))
+                .issuer_name(ca_name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=days))
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None),
+                               critical=True)
+                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                               critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        issued[server] = (cert.public_bytes(pem),
+                          key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    return ca.public_bytes(pem), issued
 
 
 def apiserver_config(api: Path, token_sha256: str) -> dict:
@@ -123,6 +132,7 @@ EXPECTED = {
     "broker": ("auth.conf", "nats.conf"),
     "apiserver": ("apiserver.nk", "apiserver.yaml", "tls.crt", "tls.key", "ca.crt"),
     "agent": ("agent.nk",),
+    "dashboard": ("tls.crt", "tls.key", "ca.crt"),
     "admin": ("admin.token", "ca.crt", "audit-reader.nk", DONE_MARK),
 }
 
@@ -157,10 +167,11 @@ def init(root: Path = ROOT) -> bool:
     for path in (dirs["apiserver"] / "apiserver.nk", dirs["agent"] / "agent.nk",
                  dirs["admin"] / "audit-reader.nk"):
         os.chmod(path, 0o600)
-    ca, cert, key = throwaway_tls()
-    write_private(dirs["apiserver"] / "tls.crt", cert)
-    write_private(dirs["apiserver"] / "tls.key", key)
-    write_private(dirs["apiserver"] / "ca.crt", ca)
+    ca, issued = throwaway_tls()
+    for server, (cert, key) in issued.items():
+        write_private(dirs[server] / "tls.crt", cert)
+        write_private(dirs[server] / "tls.key", key)
+        write_private(dirs[server] / "ca.crt", ca)
     write_private(dirs["admin"] / "ca.crt", ca)
     token = new_token()
     write_private(dirs["admin"] / "admin.token", token + "\n")
@@ -170,7 +181,7 @@ def init(root: Path = ROOT) -> bool:
     return True
 
 
-def login_script(token: str, ca_pem: str, api_server: str) -> str:
+def login_script(token: str, ca_pem: str, api_server: str, dashboard: str | None = None) -> str:
     """Shell for the host: token and CA into the user's config dir, the CLI config at them."""
     return f"""#!/bin/sh
 # Written by the rune compose init service: points the rune CLI at this compose stack.
@@ -192,7 +203,15 @@ token_file: $dir/compose/admin.token
 ca_file: $dir/compose/ca.crt
 EOF
 echo "rune: $config now points at {api_server} (TLS, admin token); try: rune exec demo sh" >&2
-"""
+{dashboard_line(dashboard)}"""
+
+
+def dashboard_line(dashboard: str | None) -> str:
+    if not dashboard:
+        return ""
+    return (f'echo "rune: the dashboard is https://{dashboard}/ (sign in with the token in '
+            f'$dir/compose/admin.token; its certificate is from the CA in '
+            f'$dir/compose/ca.crt)" >&2\n')
 
 
 def login(root: Path = ROOT) -> str:
@@ -201,8 +220,10 @@ def login(root: Path = ROOT) -> str:
                                 "`docker compose up -d` first")
     admin = volumes(root)["admin"]
     port = os.environ.get("RUNE_API_PORT", "8443")
+    dashboard_port = os.environ.get("RUNE_DASHBOARD_PORT", "8480")
     return login_script((admin / "admin.token").read_text().strip(),
-                        (admin / "ca.crt").read_text(), f"127.0.0.1:{port}")
+                        (admin / "ca.crt").read_text(), f"127.0.0.1:{port}",
+                        f"127.0.0.1:{dashboard_port}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
-"""Starting the compose stack's apiserver and agent, and the stack's healthchecks.
+"""Starting the compose stack's apiserver, agent and dashboard, and the stack's healthchecks.
 
-`run apiserver|agent` waits for what the service needs (the init service's files, then
+`run apiserver|agent|dashboard` waits for what the service needs (the init service's files, then
 NATS answering) instead of crash-looping while they are missing, says so in one line,
-then replaces itself with the real program. `health nats|apiserver|agent` is each
+then replaces itself with the real program. `health nats|apiserver|agent|dashboard` is each
 service's healthcheck: exit 0 when healthy.
 """
 
@@ -20,9 +20,12 @@ import yaml
 ETC = Path(os.environ.get("RUNE_COMPOSE_ROOT", "/etc/rune"))
 NATS_HOST, NATS_PORT = "nats", 4222
 AGENT_METRICS = "127.0.0.1:9464"
+API_SERVER = "apiserver:8443"
+DASHBOARD_LISTEN = "0.0.0.0:8480"
 # How long to wait for the init service's files before saying what is wrong and exiting.
 FILES_TIMEOUT = float(os.environ.get("RUNE_COMPOSE_WAIT", "120"))
-REMIND_EVERY = 30.0
+# While waiting for NATS, a line this often: the count of seconds shows it is one wait.
+REMIND_EVERY = 10.0
 
 
 def say(message: str) -> None:
@@ -154,11 +157,23 @@ def run_agent() -> None:
     os.execvp("rune-agent", ["rune-agent", "--config", str(path)])
 
 
-def http_ok(url: str) -> bool:
+def run_dashboard() -> None:
+    """TLS even inside the compose network: the browser's sign-in carries a rune token."""
+    own = ETC / "dashboard"
+    cert, key, ca = own / "tls.crt", own / "tls.key", own / "ca.crt"
+    wait_for_files([cert, key, ca])
+    os.execvp("rune-dashboard", ["rune-dashboard", "--listen", DASHBOARD_LISTEN,
+                                 "--api-server", API_SERVER, "--ca-file", str(ca),
+                                 "--tls-cert", str(cert), "--tls-key", str(key)])
+
+
+def http_ok(url: str, ca_file: Path | None = None) -> bool:
+    import ssl
     import urllib.request
 
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
     try:
-        with urllib.request.urlopen(url, timeout=3) as reply:
+        with urllib.request.urlopen(url, timeout=3, context=context) as reply:
             return reply.status == 200
     except OSError:
         return False
@@ -189,6 +204,9 @@ def healthy(service: str) -> bool:
         return http_ok(f"http://{AGENT_METRICS}/metrics")
     if service == "apiserver":
         return apiserver_healthy()
+    if service == "dashboard":
+        port = DASHBOARD_LISTEN.rpartition(":")[2]
+        return http_ok(f"https://localhost:{port}/healthz", ETC / "dashboard" / "ca.crt")
     raise ValueError(f"no healthcheck for {service!r}")
 
 
@@ -197,13 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     # As PID 1 of its container this process ignores SIGTERM unless it says otherwise, and
     # `docker compose stop` would wait out its grace period while it waits for NATS.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    if len(args) == 2 and args[0] == "run" and args[1] in ("apiserver", "agent"):
-        run_apiserver() if args[1] == "apiserver" else run_agent()
+    launchers = {"apiserver": run_apiserver, "agent": run_agent, "dashboard": run_dashboard}
+    if len(args) == 2 and args[0] == "run" and args[1] in launchers:
+        launchers[args[1]]()
         return 0  # not reached: exec replaced this process
     if len(args) == 2 and args[0] == "health":
         return 0 if healthy(args[1]) else 1
-    sys.stderr.write("usage: python -m rune.apiserver.compose_run run apiserver|agent | "
-                     "health nats|apiserver|agent\n")
+    sys.stderr.write("usage: python -m rune.apiserver.compose_run "
+                     "run apiserver|agent|dashboard | health nats|apiserver|agent|dashboard\n")
     return 2
 
 

