@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -32,8 +33,8 @@ SERVICES = [
 MAX_PER_USER = 8
 
 
-@pytest.fixture(scope="module")
-def secure(tmp_path_factory):
+def secure_stack(tmp_path_factory) -> Iterator[Stack]:
+    """The secured stack: nkeys broker, tokens (admin, dev), one agent with SERVICES."""
     stack = Stack(tmp_path_factory.mktemp("core-secure"), nats_port=free_port(),
                   api_port=free_port())
     stack.secure(["a1"])
@@ -47,6 +48,11 @@ def secure(tmp_path_factory):
         raise
     yield stack
     stack.stop()
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory):
+    yield from secure_stack(tmp_path_factory)
 
 
 def audit(stack: Stack, subject: str = "rune.audit.>") -> list[dict]:
