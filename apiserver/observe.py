@@ -116,6 +116,9 @@ class ObserveKind:
         record.host = observed.host or observed.instance.host
         # Who is watched, in the observer's own events (user is the operator).
         record.extra = {"observed_session_id": observed.id, "session_user": observed.user}
+        # session.observed is about the watched session, as session.killed is: its
+        # session_id is that session's, the observer's own id rides beside it.
+        record.started_extra = {"session_id": observed.id, "observer_session_id": record.id}
 
     async def feed(self, session: Any) -> None:
         """An observer sends nothing after its request."""

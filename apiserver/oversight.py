@@ -161,7 +161,7 @@ class Oversight:
         if identity is None:
             return
         fields = {**request_fields(identity, spec), **session_fields(record),
-                  **getattr(record, "extra", {})}
+                  **getattr(record, "extra", {}), **getattr(record, "started_extra", {})}
         self._emit(schema.make_event(getattr(record, "started_event", schema.STARTED),
                                      **fields))
         if self.metrics:

@@ -87,6 +87,7 @@ class SessionRecord:
     extra: dict = field(default_factory=dict)  # what a kind adds to its audit events
     on_agent: bool = True  # False: nothing runs on the agent (an observer); no agent limit
     started_event: str = schema.STARTED  # how its start is audited (observe: observed)
+    started_extra: dict = field(default_factory=dict)  # in that event only
 
 
 class SessionKind(Protocol):

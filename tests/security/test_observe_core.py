@@ -123,8 +123,8 @@ async def test_observers_are_sessions_counted_listed_killed_and_released(secure)
             assert listing.stdout.decode().count(f"rune-observe {watched}") == MAX_PER_USER - 1
             ids = list(observers)
             observed = await wait_audit(secure, lambda e: e["event"] == "session.observed"
-                                  and e.get("session_id") in ids, "observed")
-            assert observed[0]["observed_session_id"] == watched
+                                        and e.get("observer_session_id") in ids, "observed")
+            assert observed[0]["session_id"] == watched  # about the watched session
             assert observed[0]["kind"] == "observe" and observed[0]["user"] == "admin"
 
             victim = ids[0]
