@@ -4,6 +4,9 @@
             ─▶ authenticate ─▶ authorize (verb, namespace, command policy)
             ─▶ resolve (the directory's effective view: lost instances excluded)
 
+An observer (apiserver/observe.py) is admitted the same way: its spec names the
+observed session (`rune-observe <id>`), its namespace and instance are the observed
+session's, and it is authorized with verb `observe` (`Admission.admit_observer`).
 Every refusal on the way is audited as `session.denied`. What follows (limits,
 registration, audit of the session's life) is the session core's (apiserver/session.py).
 """
@@ -20,7 +23,7 @@ from rune.apiserver.config import LimitsConfig
 from rune.apiserver.rbac import needs_tty_verb
 
 from rune import bounds
-from rune.errors import InvalidArgument, PermissionDenied, RuneError
+from rune.errors import InvalidArgument, NotFound, PermissionDenied, RuneError
 from rune.models import Argv, Env, Name, Seconds, TerminalSize, Workdir, first_problem
 from rune.proto import exec_pb2 as pb
 
@@ -95,6 +98,14 @@ def fanout_fields(request: pb.FanoutRequest) -> dict[str, Any]:
             "timeout": request.timeout_seconds or DEFAULT_TIMEOUT}
 
 
+def observe_fields(session_id: str, observed: Any | None, timeout: float) -> dict[str, Any]:
+    """The SessionSpec of an observer: argv names whom it watches, for listings and audit."""
+    i = observed.instance if observed is not None else None
+    return {"namespace": i.namespace if i else "default",
+            "target": i.instance_id if i else "?", "argv": ["rune-observe", session_id],
+            "timeout": timeout}
+
+
 class Admission:
     """Authentication, authorization and resolution for every session kind, audited."""
 
@@ -143,6 +154,23 @@ class Admission:
             self.deny(identity, getattr(exc, "spec", spec), exc, fanout_id)
             raise
         return spec
+
+    def admit_observer(self, identity: Any, session_id: str,
+                       find: Any) -> tuple[SessionSpec, Any]:
+        """An operator's request to watch a live session of this apiserver: the checked,
+        authorized (verb `observe` in its namespace) spec and the observed record. An
+        unknown session, or another observer, is NotFound; refusals are audited."""
+        fields = observe_fields(session_id[:64], None, self.max_timeout)  # for a denial
+        try:
+            fields["argv"] = ["rune-observe", bounds.name(session_id, "session id")]
+            observed = find(session_id)
+            if observed is None or not observed.on_agent:
+                raise NotFound(f"no active session {session_id} on this API server")
+        except RuneError as exc:  # a malformed id (OutOfBounds) too
+            self.deny(identity, _raw(fields), exc)
+            raise
+        return self.admit(identity, observe_fields(session_id, observed, self.max_timeout),
+                          verb="observe"), observed
 
     def resolve(self, identity: Any, spec: SessionSpec) -> Any:
         try:

@@ -22,6 +22,7 @@ class SessionLimits:
         self.elsewhere = elsewhere
 
     def acquire(self, user: str, agent: str) -> None:
+        """Counts one more session of `user` on `agent` ("" for one that loads no agent)."""
         cap_user, cap_agent = self.limits.max_sessions_per_user, self.limits.max_sessions_per_agent
         users, agents = self.elsewhere(user, agent) if self.elsewhere else (0, 0)
         users += self.per_user[user]
@@ -29,12 +30,14 @@ class SessionLimits:
         if cap_user and users >= cap_user:
             raise ResourceExhausted(f'too many sessions: user "{user}" already has '
                                     f"{users} (the maximum)")
-        if cap_agent and agents >= cap_agent:
+        if cap_agent and agent and agents >= cap_agent:
             raise ResourceExhausted(f'too many sessions: host agent "{agent}" already runs '
                                     f"{agents} (the maximum)")
         self.per_user[user] += 1
-        self.per_agent[agent] += 1
+        if agent:
+            self.per_agent[agent] += 1
 
     def release(self, user: str, agent: str) -> None:
         self.per_user[user] -= 1
-        self.per_agent[agent] -= 1
+        if agent:
+            self.per_agent[agent] -= 1

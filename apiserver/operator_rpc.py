@@ -1,9 +1,12 @@
 """The operators' RPCs of ExecService: audit trail, sessions list, replay, observe and kill.
 
-Mixed into ExecService, which provides `auth`, `authz`, `sessions` and `oversight`.
+Mixed into ExecService, which provides `auth`, `authz`, `admission`, `core`, `sessions`
+and `oversight`.
 Reading the audit trail, listing sessions and replaying one need the verb
 `audit`; watching a live session's output needs `observe`; killing one needs
-`admin`. Observing and killing are themselves audited.
+`admin`. Observing and killing are themselves audited: an observer is a session of the
+core (admitted, limited, listed, killable), a kill is audited by the core wherever it was
+asked.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from rune.apiserver import observe
 from rune.apiserver.audit_search import AuditFilter, AuditSearch
+from rune.apiserver.observe import ObserveKind
+from rune.apiserver.session import kill_reason
 
-from rune import audit as schema
 from rune.errors import InvalidArgument, NotFound, RuneError, Unavailable
 from rune.proto import exec_pb2 as pb
 from rune.subjects import check_token
@@ -29,14 +32,6 @@ async def _abort(context: grpc.aio.ServicerContext, exc: RuneError) -> None:
 
 
 log = logging.getLogger("apiserver.operators")
-
-MAX_REASON = 256
-OBSERVE_POLL = 0.5  # seconds between checks that an observed session still runs
-
-
-def _reason(text: str) -> str:
-    """A kill reason as the session's user will see it: printable, bounded."""
-    return "".join(c if c.isprintable() else "?" for c in text.strip())[:MAX_REASON]
 
 
 def _session_id(value: str) -> str:
@@ -49,6 +44,7 @@ def _session_id(value: str) -> str:
 class OperatorRpcs:
     auth: Any
     authz: Any
+    admission: Any
     core: Any
     sessions: dict
     oversight: Any
@@ -151,14 +147,11 @@ class OperatorRpcs:
                 raise NotFound(f"no active session {session_id}")
             namespace = record.instance.namespace if record else elsewhere["namespace"]
             self.authz.authorize(identity, "admin", namespace)
-            text = _reason(request.reason)
-            why = f": {text}" if text else ""
-            # The user whose session ends reads `Error: session ended by <operator>: <why>`.
-            reason = f"ended by {identity.user}{why}"
+            # The owning apiserver's core ends it and audits session.killed, once.
+            why = kill_reason(request.reason)
             if record is not None:
-                self._operator_event(schema.KILLED, identity, record, reason=text)
-                self.core.kill(session_id, reason)
-            elif not await board.kill(elsewhere, reason):
+                self.core.kill(session_id, identity, why)
+            elif not await board.kill(elsewhere, identity, why):
                 raise Unavailable(f"session {session_id} runs on apiserver "
                                   f"{elsewhere['apiserver']}, which did not answer the kill")
         except RuneError as exc:
@@ -188,20 +181,6 @@ class OperatorRpcs:
             raise Unavailable("auditing is not enabled on this API server")
         return AuditSearch(auditor.nc, auditor.subjects)
 
-    def _operator_event(self, kind: str, identity: Any, record: Any, **extra: Any) -> None:
-        """An operator acted on someone's live session: who, on which session, why."""
-        i = record.instance
-        event = schema.make_event(
-            kind, source="apiserver", user=identity.user, groups=list(identity.groups),
-            namespace=i.namespace, target=i.instance_id, argv=list(record.argv),
-            tty=record.tty, session_id=record.id, session_user=record.user,
-            instance=i.instance_id, service=i.service, agent=i.agent,
-            host=record.host or i.host, **extra)
-        if self.oversight.auditor is not None:
-            self.oversight.auditor.emit(event)
-        log.info("%s session_id=%s by=%s user=%s", kind, record.id, identity.user, record.user,
-                 extra={"fields": event})
-
     async def SearchAudit(self, request: pb.AuditSearchRequest,  # noqa: N802
                           context: grpc.aio.ServicerContext) -> pb.AuditSearchResponse:
         try:
@@ -228,81 +207,14 @@ class OperatorRpcs:
             await _abort(context, exc)
 
     async def ObserveSession(self, request: pb.ObserveRequest,  # noqa: N802
-                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ObserveChunk]:
+                             context: grpc.aio.ServicerContext) -> None:
+        """An observer is a session of the core (apiserver/observe.py), written with
+        context.write: its relay runs as the core's task, not as this generator."""
         try:
             identity = self._identity(context)
-            session_id = _session_id(request.session_id)
-            record = self.sessions.get(session_id)
-            if record is None:
-                raise NotFound(f"no active session {session_id} on this API server")
-            self.authz.authorize(identity, "observe", record.instance.namespace)
-            self._operator_event(schema.OBSERVED, identity, record)
+            spec, observed = self.admission.admit_observer(identity, request.session_id,
+                                                           self.sessions.get)
+            kind = ObserveKind(context, observed, self.sessions, self.oversight.recordings)
+            await self.core.run(identity, spec, observed.instance, kind)
         except RuneError as exc:
             await _abort(context, exc)
-            return
-        # Watch before reading the recording, with no await between: every byte is either
-        # in the recording up to `upto` or in this observer's queue, never in neither.
-        observer = observe.hub.watch(session_id)
-        tap = record.tap
-        upto = None
-        if tap is not None:
-            tap.flush()
-            upto = tap.bytes
-        try:
-            if upto:
-                async for chunk in self._recorded_so_far(session_id, upto):
-                    yield chunk
-            while True:
-                data = await observer.get(OBSERVE_POLL)
-                if data:
-                    yield pb.ObserveChunk(data=data, dropped=observer.dropped)
-                elif self.sessions.get(session_id) is not record:
-                    yield pb.ObserveChunk(ended=True, dropped=observer.dropped,
-                                          reason=record.kill_reason or "the session ended")
-                    return
-        finally:
-            observe.hub.unwatch(session_id, observer)
-
-    async def _recorded_so_far(self, session_id: str,
-                               upto: int) -> AsyncIterator[pb.ObserveChunk]:
-        """The recording's output up to byte `upto`, with its terminal sizes."""
-        recordings = self.oversight.recordings
-        if recordings is None:
-            return
-        await recordings.publisher.flush(2.0)
-        sent = 0
-        try:
-            async for block in recordings.cast(session_id):
-                for line in block.decode("utf-8", "surrogateescape").splitlines():
-                    chunk = _cast_line(line)
-                    if chunk is None:
-                        continue
-                    if chunk.data:
-                        chunk.data = chunk.data[:upto - sent]
-                        sent += len(chunk.data)
-                    yield chunk
-                    if sent >= upto:
-                        return
-        except RuneError:
-            return  # nothing stored yet: the live part follows
-
-
-def _cast_line(line: str) -> pb.ObserveChunk | None:
-    """One asciicast v2 line as an observer chunk (header and resizes give the size)."""
-    try:
-        item = json.loads(line)
-    except ValueError:
-        return None
-    if isinstance(item, dict):
-        return pb.ObserveChunk(width=int(item.get("width") or 0),
-                               height=int(item.get("height") or 0))
-    if not isinstance(item, list) or len(item) != 3:
-        return None
-    _, code, text = item
-    if code == "o":
-        return pb.ObserveChunk(data=str(text).encode("utf-8", "surrogateescape"))
-    if code == "r":
-        width, _, height = str(text).partition("x")
-        if width.isdigit() and height.isdigit():
-            return pb.ObserveChunk(width=int(width), height=int(height))
-    return None

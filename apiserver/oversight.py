@@ -147,6 +147,10 @@ class Oversight:
         self._emit(schema.make_event(schema.DENIED, **fields, code=exc.code,
                                      reason=exc.message[:1024]))
 
+    def operator(self, event: dict[str, Any]) -> None:
+        """An operator acted on someone's session (killed it): published and logged."""
+        self._emit(event)
+
     def opening(self, record: Any, identity: Any, spec: Any, received: float) -> None:
         self._requests[record.id] = (identity, spec, received)
 
@@ -156,8 +160,10 @@ class Oversight:
         record.opened = time.time()
         if identity is None:
             return
-        fields = {**request_fields(identity, spec), **session_fields(record)}
-        self._emit(schema.make_event(schema.STARTED, **fields))
+        fields = {**request_fields(identity, spec), **session_fields(record),
+                  **getattr(record, "extra", {}), **getattr(record, "started_extra", {})}
+        self._emit(schema.make_event(getattr(record, "started_event", schema.STARTED),
+                                     **fields))
         if self.metrics:
             self.metrics.active.inc()
             self.metrics.setup.observe(time.monotonic() - received)

@@ -7,7 +7,9 @@ every apiserver's sessions without a request on the exec path:
 
 - `rune sessions list` on any apiserver shows them all;
 - `rune sessions kill` on any apiserver reaches the owner over
-  `<prefix>.apiserver.<owner>.kill` (the asking apiserver has checked RBAC);
+  `<prefix>.apiserver.<owner>.kill` (the asking apiserver has checked RBAC; the owner
+  ends the session and audits `session.killed` with the operator and reason, as it does
+  for a kill asked of it directly);
 - `max_sessions_per_user/agent` count every apiserver's sessions.
 
 Writes never wait: they go through one queue drained by one task. An apiserver whose
@@ -30,6 +32,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError
+from rune.apiserver.auth import Identity
 
 from rune.subjects import Subjects
 
@@ -45,14 +48,16 @@ def summary(record: Any, apiserver: str) -> dict[str, Any]:
     """What another apiserver needs of a live session: to list it, count it, kill it."""
     i = record.instance
     return {"session_id": record.id, "apiserver": apiserver, "user": record.user,
-            "namespace": i.namespace, "instance": i.instance_id, "agent": i.agent,
+            "namespace": i.namespace, "instance": i.instance_id,
+            # An observer loads no agent: it counts per user only.
+            "agent": i.agent if getattr(record, "on_agent", True) else "",
             "argv": record.argv[:64], "tty": record.tty, "started": record.started,
             "kind": record.kind, "fanout_id": record.fanout_id}
 
 
 class SessionBoard:
     def __init__(self, nc: NATS, subjects: Subjects, apiserver_id: str,
-                 kill_local: Callable[[str, str], bool]) -> None:
+                 kill_local: Callable[[str, Any, str], bool]) -> None:
         self.nc = nc
         self.subjects = subjects
         self.id = apiserver_id
@@ -117,13 +122,14 @@ class SessionBoard:
         found = self._remote.get(session_id)
         return found if found is not None and self.alive(found["apiserver"]) else None
 
-    async def kill(self, session: dict[str, Any], reason: str) -> bool:
+    async def kill(self, session: dict[str, Any], operator: Any, why: str) -> bool:
         """Asks the owning apiserver to end one of its sessions; True when it did."""
+        request = {"session_id": session["session_id"], "user": operator.user,
+                   "groups": list(operator.groups), "reason": why}
         try:
             reply = await self.nc.request(
                 self.subjects.apiserver_kill(session["apiserver"]),
-                json.dumps({"session_id": session["session_id"], "reason": reason}).encode(),
-                timeout=KILL_TIMEOUT)
+                json.dumps(request).encode(), timeout=KILL_TIMEOUT)
             return bool(json.loads(reply.data).get("killed"))
         except Exception as exc:
             log.warning("kill of session %s on apiserver %s failed: %s",
@@ -135,8 +141,11 @@ class SessionBoard:
     async def _on_kill(self, msg: Any) -> None:
         try:
             request = json.loads(msg.data)
-            killed = self._kill_local(str(request["session_id"]), str(request["reason"]))
-        except (ValueError, KeyError, TypeError):
+            operator = Identity(user=str(request["user"]),
+                                groups=tuple(str(g) for g in request.get("groups", ())))
+            killed = self._kill_local(str(request["session_id"]), operator,
+                                      str(request["reason"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
             killed = False
         try:
             await msg.respond(json.dumps({"killed": killed}).encode())

@@ -10,7 +10,10 @@
       ─▶ on every way out: close the remote end, release, audit ended/failed, unregister
 
 A session kind supplies only what differs (SessionKind): what it does once started, where
-output goes, what feeds input. The core owns everything a control depends on.
+output goes, what feeds input. The core owns everything a control depends on. A kind that
+runs nothing on an agent (`on_agent = False`: an operator observing a live session) skips
+the link and the open; it is limited per user, registered, timed out, audited and killed
+like the others.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from rune.apiserver.config import ApiServerConfig
 from rune.apiserver.directory import InstanceDirectory
 from rune.apiserver.limits import SessionLimits
 
+from rune import audit as schema
 from rune import bounds, errors, frames
 from rune.errors import DeadlineExceeded, IdleTimeout, InvalidArgument, RuneError, Unavailable
 from rune.link import LinkSettings, SessionLink
@@ -46,6 +50,12 @@ RESIZE_INTERVAL = 0.05
 SIGNALS_PER_SECOND = 20.0
 SIGNAL_BURST = 20
 FEED_GRACE = 2.0
+MAX_KILL_REASON = 256
+
+
+def kill_reason(text: str) -> str:
+    """A kill reason as the session's user and the audit will see it: printable, bounded."""
+    return "".join(c if c.isprintable() else "?" for c in text.strip())[:MAX_KILL_REASON]
 
 
 @dataclass
@@ -74,11 +84,18 @@ class SessionRecord:
     lost: bool = False
     last_io: float = field(default_factory=time.monotonic)
     writing: bool = False  # output is on its way to a (maybe slow) client: not idle
-    extra: dict = field(default_factory=dict)  # what a kind adds to its ended audit event
+    extra: dict = field(default_factory=dict)  # what a kind adds to its audit events
+    on_agent: bool = True  # False: nothing runs on the agent (an observer); no agent limit
+    started_event: str = schema.STARTED  # how its start is audited (observe: observed)
+    started_extra: dict = field(default_factory=dict)  # in that event only
 
 
 class SessionKind(Protocol):
-    """What one kind of session (an exec, a fan-out member, …) does differently."""
+    """What one kind of session (an exec, a fan-out member, …) does differently.
+
+    Optional attributes: `on_agent = False` (nothing opened on the agent; `opened` is
+    None), `started_event` (audit event of its start), `accepts`, `open_request(session)`
+    and `relay(session)` (a kind with frames of its own, as a copy)."""
 
     name: str
     window: int
@@ -107,7 +124,7 @@ class Session:
         self.kind = kind
         instance = record.instance
         config = core.config
-        self.link = SessionLink(
+        self.link: SessionLink | None = None if not record.on_agent else SessionLink(
             core.nc,
             send_subject=core.subjects.session_in(instance.agent, record.id),
             recv_subject=core.subjects.session_out(instance.agent, record.id),
@@ -131,6 +148,8 @@ class Session:
             raise InvalidArgument("stdin after stdin_close")
         await self._flush_resize()
         self.record.last_io = time.monotonic()
+        # Live, as output is counted by the relay: listings and the dashboard read it.
+        self.record.bytes_in += len(data)
         if self.record.tap is not None:
             self.record.tap.input(data)
         # Frames stay under the codec's data limit whatever size the client sent.
@@ -186,16 +205,19 @@ class Session:
     # --- the relay ---------------------------------------------------------------------
 
     async def live(self) -> None:
-        record, core = self.record, self.core
-        await self.link.open()
+        record, core, link = self.record, self.core, self.link
+        if link is not None:
+            await link.open()
         finished = False
         tasks: list[asyncio.Future] = []
         try:
-            # A kind may bring its own open request and pump (a copy: CopyOpen, entries).
-            request = self.kind.open_request(self) if hasattr(self.kind, "open_request") \
-                else self._open_request()
-            opened = await core.open_on_agent(record.instance, request)
-            record.host = opened.host or record.instance.host
+            opened = None
+            if link is not None:
+                # A kind may bring its own open request and pump (a copy: CopyOpen, entries).
+                request = self.kind.open_request(self) if hasattr(self.kind, "open_request") \
+                    else self._open_request()
+                opened = await core.open_on_agent(record.instance, request)
+                record.host = opened.host or record.instance.host
             record.last_io = time.monotonic()
             await self.kind.started(self, opened)
             core.oversight.started(record)
@@ -236,13 +258,13 @@ class Session:
                     task.cancel()
             if self._resizer is not None:
                 self._resizer.cancel()
-            link = self.link
-            record.bytes_in, record.bytes_out = link.bytes_out, link.bytes_in
-            record.retransmits, record.stalls = link.sender.retransmits, link.sender.stalls
-            record.lost = link.lost is not None
-            if not finished:
-                await asyncio.shield(self._close_remote())
-            await link.close()
+            if link is not None:
+                record.bytes_in, record.bytes_out = link.bytes_out, link.bytes_in
+                record.retransmits, record.stalls = link.sender.retransmits, link.sender.stalls
+                record.lost = link.lost is not None
+                if not finished:
+                    await asyncio.shield(self._close_remote())
+                await link.close()
 
     def _open_request(self) -> ExecOpen:
         spec, record, config = self.spec, self.record, self.core.config
@@ -326,18 +348,22 @@ class SessionCore:
                   received: float | None = None) -> SessionRecord:
         """Lives one session to its end; returns its record (exit code filled when it exited).
         Raises the RuneError that ended it otherwise; every step is released on the way."""
+        on_agent = getattr(kind, "on_agent", True)
+        agent = instance.agent if on_agent else ""  # an observer loads no agent
         try:
-            self.limits.acquire(identity.user, instance.agent)
+            self.limits.acquire(identity.user, agent)
         except RuneError as exc:
             self.oversight.denied(identity, spec, exc, fanout_id=fanout_id)
             raise
         record = SessionRecord(id=uuid.uuid4().hex, user=identity.user, instance=instance,
                                argv=list(spec.argv), tty=spec.tty, kind=kind.name,
-                               fanout_id=fanout_id)
+                               fanout_id=fanout_id, on_agent=on_agent,
+                               started_event=getattr(kind, "started_event", schema.STARTED))
         self.sessions[record.id] = record
         if self.board is not None:
             self.board.added(record)
-        self.directory.busy[instance.key] += 1
+        if on_agent:
+            self.directory.busy[instance.key] += 1
         self.oversight.opening(record, identity, spec,
                                received if received is not None else time.monotonic())
         outcome: BaseException | None = None
@@ -347,8 +373,9 @@ class SessionCore:
             outcome = exc
             raise
         finally:
-            self.limits.release(identity.user, instance.agent)
-            self.directory.busy[instance.key] -= 1
+            self.limits.release(identity.user, agent)
+            if on_agent:
+                self.directory.busy[instance.key] -= 1
             self.sessions.pop(record.id, None)
             if self.board is not None:
                 self.board.removed(record)
@@ -384,14 +411,33 @@ class SessionCore:
             return False
         return False
 
-    def kill(self, session_id: str, reason: str) -> bool:
-        """Ends one live session of this apiserver; `reason` is told to its user."""
+    def kill(self, session_id: str, operator: Any, why: str) -> bool:
+        """Ends one live session of this apiserver, audited as killed by `operator` (an
+        Identity) with `why`, whichever apiserver the operator asked. Its user reads
+        `session ended by <operator>: <why>`."""
         record = self.sessions.get(session_id)
         if record is None:
             return False
-        record.kill_reason = reason
+        if record.kill.is_set():
+            return True  # one kill, one event
+        why = kill_reason(why)
+        self.operator_event(schema.KILLED, operator, record, reason=why)
+        record.kill_reason = f"ended by {operator.user}" + (f": {why}" if why else "")
         record.kill.set()
         return True
+
+    def operator_event(self, event: str, operator: Any, record: SessionRecord,
+                       **extra: Any) -> None:
+        """An operator acted on someone's live session: who, on which session, why."""
+        i = record.instance
+        fields = {"user": operator.user, "groups": list(operator.groups),
+                  "namespace": i.namespace, "target": i.instance_id, "argv": list(record.argv),
+                  "tty": record.tty, "session_id": record.id, "session_user": record.user,
+                  "instance": i.instance_id, "service": i.service, "agent": i.agent,
+                  "host": record.host or i.host, "kind": record.kind, **extra}
+        if record.fanout_id:
+            fields["fanout_id"] = record.fanout_id
+        self.oversight.operator(schema.make_event(event, **fields))
 
 
 def _retrieve(task: asyncio.Future) -> None:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -19,6 +20,8 @@ from rune.cli.devstack import Stack, dev_auth, free_port, nats_server_binary, po
 
 from rune.proto import exec_pb2 as pb
 from rune.proto import exec_pb2_grpc as pb_grpc
+from rune.subjects import Subjects
+from tests.test_audit_e2e import stream_events
 from tests.test_broker_cluster import _free_run, _jetstream_ready
 
 SLEEP = ["sleep", "2147483647"]
@@ -26,10 +29,17 @@ MAX_PER_USER = 4
 
 
 class Apiservers:
-    def __init__(self, stack: Stack, token: str, addresses: dict[str, str]) -> None:
+    def __init__(self, stack: Stack, token: str, addresses: dict[str, str],
+                 nats_url: str = "", conf: Path | None = None) -> None:
         self.stack = stack
         self.token = token
         self.addresses = addresses
+        self.nats_url = nats_url
+        self.conf = conf
+
+    def audit(self) -> list[dict]:
+        return stream_events(self.nats_url, nkeys_seed=str(self.conf / "audit-reader.nk"),
+                             inbox_prefix=Subjects().inbox("audit"))
 
     def metadata(self) -> tuple:
         return (("authorization", f"Bearer {self.token}"),)
@@ -85,7 +95,8 @@ def pair(tmp_path_factory):
             stack.start_agent(agent, [{"name": "api", "replicas": 2, "command": SLEEP}],
                               {"nats": {"url": url[node],
                                         "nkey_seed_file": str(conf / f"agent-{agent}.nk")}})
-        yield Apiservers(stack, token, {"a": stack.api_address, "b": f"127.0.0.1:{b_port}"})
+        yield Apiservers(stack, token, {"a": stack.api_address, "b": f"127.0.0.1:{b_port}"},
+                         url[0], conf)
     finally:
         stack.stop()
         for node in nodes:
@@ -107,7 +118,8 @@ def open_exec(pair: Apiservers, via: str, argv: list[str]) -> tuple[object, obje
 
 
 def test_a_session_through_a_is_listed_and_killed_through_b(pair):
-    """Started through A, listed by B, killed through B: A's client hears who ended it."""
+    """Started through A, listed by B, killed through B: A's client hears who ended it, and
+    A audits exactly one session.killed with the operator and the reason."""
     channel, call, session_id = open_exec(pair, "a", ["sleep", "60"])
     try:
         wait_until(lambda: session_id in {s.session_id for s in pair.list_sessions("b")},
@@ -123,6 +135,13 @@ def test_a_session_through_a_is_listed_and_killed_through_b(pair):
         channel.close()
     wait_until(lambda: session_id not in {s.session_id for s in pair.list_sessions("b")},
                "B forgets the killed session")
+    wait_until(lambda: any(e["event"] == "session.failed" and e.get("session_id") == session_id
+                           for e in pair.audit()), "the killed session's failed event")
+    killed = [e for e in pair.audit()
+              if e["event"] == "session.killed" and e.get("session_id") == session_id]
+    assert len(killed) == 1, killed
+    assert (killed[0]["user"], killed[0]["reason"], killed[0]["session_user"]) == \
+        ("admin", "drill", "admin")
 
 
 def test_per_user_limit_holds_across_apiservers(pair):

@@ -334,3 +334,34 @@ async def test_observing_a_quiet_session_keeps_the_stream(signed_in_stack):  # n
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_live_table_counts_input_bytes_while_the_session_runs(signed_in_stack):  # noqa: F811
+    """Bytes sent to a session's stdin show in the live snapshots before it ends, as output."""
+    stack, base = signed_in_stack
+    marker = f"stdin-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rune.cli.main", "exec", "--api-server", stack.api_address,
+         "--token-file", str(stack.token_files[stack.admin]), "api", "sh", "-c",
+         f"echo {marker}; exec cat >/dev/null"], cwd=ROOT,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        env={"PATH": "/usr/bin:/bin", "RUNE_CONFIG": str(stack.state_dir / "none.yaml")})
+    try:
+        assert marker.encode() in await asyncio.to_thread(proc.stdout.readline)
+        proc.stdin.write(b"x" * 10000)
+        proc.stdin.flush()  # stdin stays open: the session is live
+
+        def counted(events) -> bool:
+            return any(marker in " ".join(row["argv"]) and row["bytes_in"] >= 10000
+                       and row["bytes_out"] > len(marker)
+                       for _, name, data in events if name == "snapshot"
+                       for row in data["sessions"])
+
+        client, _ = await sign_in(base, stack.admin_token)
+        async with client:
+            async with client.get(f"{base}/api/live") as r:
+                await read_events(r, counted, timeout=20)
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()

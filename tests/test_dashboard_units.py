@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 from rune.apiserver.audit_search import AuditFilter, parse_cursor
 from rune.apiserver.observe import Observer, ObserverHub, hub, tap_output
-from rune.apiserver.operator_rpc import _cast_line, _reason
+from rune.apiserver.observe import cast_line as _cast_line
+from rune.apiserver.session import kill_reason as _reason
 from rune.dashboard.signin import SignIns, same_secret
 
 from rune.errors import InvalidArgument

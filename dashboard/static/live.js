@@ -18,7 +18,7 @@
       const head = body.insertRow();
       head.className = "fanout-head";
       const td = Rune.cell(head, "");
-      td.colSpan = 11;
+      td.colSpan = 12;
       groups.set(s.fanout_id, body);
     }
     return body;
@@ -39,7 +39,8 @@
     const s = entry.data, tr = entry.tr, now = Date.now() / 1000;
     const idle = s.idle + (now - entry.at);
     const texts = [s.user, s.namespace, s.instance, s.host, Rune.argv(s.argv), s.tty ? "yes" : "no",
-      Rune.clock(s.started), Rune.seconds(now - s.started), Rune.seconds(idle), Rune.bytes(s.bytes_out)];
+      Rune.clock(s.started), Rune.seconds(now - s.started), Rune.seconds(idle), Rune.bytes(s.bytes_in),
+      Rune.bytes(s.bytes_out)];
     texts.forEach((t, i) => { if (tr.cells[i].textContent !== t) tr.cells[i].textContent = t; });
   };
 
@@ -49,7 +50,7 @@
       const body = tbodyFor(s);
       const tr = body.insertRow();
       tr.dataset.session = s.session_id;
-      for (let i = 0; i < 10; i++) tr.insertCell();
+      for (let i = 0; i < 11; i++) tr.insertCell();
       tr.cells[4].className = "argv";
       const actions = tr.insertCell();
       const watch = document.createElement("button");
@@ -85,7 +86,7 @@
 
   const fromEvent = (e) => ({session_id: e.session_id, user: e.user, namespace: e.namespace,
     instance: e.instance, host: e.host, argv: e.argv, tty: e.tty,
-    started: Date.parse(e.time) / 1000, idle: 0, bytes_out: 0, fanout_id: e.fanout_id || ""});
+    started: Date.parse(e.time) / 1000, idle: 0, bytes_in: 0, bytes_out: 0, fanout_id: e.fanout_id || ""});
 
   const connect = () => {
     const status = document.getElementById("status");
