@@ -23,6 +23,7 @@ from rune.apiserver.fanout import select
 from rune.apiserver.service import ExecService
 
 from rune.errors import InvalidArgument, RuneError
+from rune.files.heap import keep_freed_buffers
 from rune.files.models import COPY_KINDS, check_path
 from rune.models import InstanceInfo
 from rune.proto import exec_pb2 as pb
@@ -91,6 +92,7 @@ class CopyService(pb_grpc.CopyServiceServicer):
         self.core = exec_service.core
         self.admission = exec_service.admission
         self.config = exec_service.config
+        keep_freed_buffers()  # the relay's chunks reuse warm pages (rune/files/heap.py)
 
     async def StreamCopy(self, request_iterator: object,  # noqa: N802 - gRPC's name
                          context: grpc.aio.ServicerContext) -> None:

@@ -24,7 +24,6 @@ if __name__ == "__main__":  # `python bench/cp.py`: the repo root holds bench/
 
 from bench import rows  # noqa: E402
 from bench.context import BenchContext, Sizes  # noqa: E402
-from bench.docker_vs_rune import adopt, release  # noqa: E402
 from bench.dockerbox import SERVICE  # noqa: E402
 
 SECTION = "extra: rune cp vs scp and docker cp"
@@ -167,11 +166,10 @@ def _docker_rows(ctx: BenchContext, cp: list[str], big: Path, tree: Path, want: 
                 for pair in names for i in pair]
     box = ctx.docker
     out: list[dict] = []
-    adopt(ctx.stack, box)
-    try:
-        import docker
+    import docker
 
-        client = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
+    client = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
+    try:
         instance = next(i.instance_id for i in __import__("asyncio").run(ctx.stack._list())
                         if i.service == SERVICE)
         pid = client.inspect_container(box.name)["State"]["Pid"]
@@ -227,9 +225,8 @@ def _docker_rows(ctx: BenchContext, cp: list[str], big: Path, tree: Path, want: 
             ["docker", "cp", f"{box.name}:/tmp/tree", f"{local}/"], None,
             local / "tree", "cp.down.tree.crune", lambda: _fresh(local))
         clear_inside()
-        client.close()
     finally:
-        release(ctx.stack)
+        client.close()
     return out
 
 
