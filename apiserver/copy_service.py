@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 from rune.apiserver.admission import DEFAULT_TIMEOUT
 from rune.apiserver.copy_policy import check_paths
-from rune.apiserver.copy_relay import Broadcast, CopyKind
+from rune.apiserver.copy_relay import Broadcast, CopyKind, asked_fields
 from rune.apiserver.fanout import select
 from rune.apiserver.service import ExecService
 
@@ -75,6 +75,7 @@ class CopyRun:
         self.broadcast = Broadcast(context, len(targets) if init.kind == "cp-write" else 0,
                                    self.config.max_message, self.config.cp.limits.max_bytes)
         self._lock = asyncio.Lock()
+        self.asked = asked_fields(init.kind, list(init.paths), init.dest)
         self.request = {
             "kind": init.kind, "paths": list(init.paths) if init.kind == "cp-read" else [],
             "dest": init.dest if init.kind == "cp-write" else "",
@@ -145,7 +146,7 @@ class CopyService(pb_grpc.CopyServiceServicer):
 
     async def _member(self, run: CopyRun, identity: Any, spec: Any, info: InstanceInfo,
                       received: float) -> None:
-        kind = CopyKind(run, info, run.request, self.config.window)
+        kind = CopyKind(run, info, run.request, self.config.cp.window)
         try:
             await self.core.run(identity, spec, info, kind, received=received)
         except RuneError as exc:
