@@ -28,6 +28,10 @@ class PathRules(BaseModel):
 class CopySettings(BaseModel):
     limits: CopyLimits = Field(default_factory=CopyLimits,
                                description="caps on one copy: bytes, files, path depth")
+    window: int = Field(default=16 * 1024 * 1024, ge=1024 * 1024, le=256 * 1024 * 1024,
+                        description="bytes of file data in flight per copy and direction: "
+                        "credit is returned every quarter of it, so the sender never waits "
+                        "on a round trip")
 
 
 def _below(path: str, prefix: str) -> bool:

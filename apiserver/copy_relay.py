@@ -83,9 +83,11 @@ class Broadcast:
                 request = await self.context.read()
                 if request is grpc.aio.EOF:
                     raise InvalidArgument("the client ended the copy before it was done")
-                if request.ByteSize() > self.max_message:
-                    raise InvalidArgument("message exceeds the maximum message size")
                 which = request.WhichOneof("msg")
+                # ByteSize() serializes the message again: for data its length says it.
+                size = len(request.data) if which == "data" else request.ByteSize()
+                if size > self.max_message:
+                    raise InvalidArgument("message exceeds the maximum message size")
                 if which not in ("header", "data", "end", "done"):
                     raise InvalidArgument(f"unexpected {which or 'empty'} message in a copy")
                 if which == "data":
@@ -121,9 +123,13 @@ class CopyKind:
         self.tag = info.instance_id if run.fanout else ""
         self.session: Session | None = None
         self.done: dict | None = None
+        # The copy's audit summary, filled in as it goes (the core puts it on the ended or
+        # failed event): a copy that never finishes still says what it asked, what passed.
+        self.summary = audit_fields(run.asked, {"outcome": "failed"})
 
     def open_request(self, session: Session) -> CopyOpen:
         record = session.record
+        record.extra = self.summary
         return CopyOpen(session_id=record.id, namespace=self.info.namespace,
                         instance_id=self.info.instance_id, timeout=session.spec.timeout,
                         user=record.user, window=self.window,
@@ -164,6 +170,7 @@ class CopyKind:
             elif which == "header":
                 await link.send(frames.FILE_HEADER, grpcwire.header_dict(item.header))
             elif which == "end":
+                self._passed(item.end.size, item.end.error)
                 await link.send(frames.FILE_END, grpcwire.end_dict(item.end))
             else:
                 await link.send(frames.COPY_DONE, {})
@@ -188,11 +195,14 @@ class CopyKind:
             elif kind == frames.ERROR:
                 await link.flush_ack()
                 raise errors.from_wire(payload)
+            elif kind == frames.FILE_END and self.name == "cp-read" and \
+                    isinstance(payload, dict):
+                self._passed(payload.get("size"), payload.get("error"))
             elif kind == frames.COPY_DONE:
                 await link.flush_ack()
                 self.done = payload if isinstance(payload, dict) else {}
                 record.exit_code = 1 if self.done.get("failed") else 0
-                record.extra = audit_fields(self.done)
+                self.summary.update(audit_fields(self.run.asked, self.done))
             if response is not None:
                 record.writing = True
                 try:
@@ -201,6 +211,11 @@ class CopyKind:
                     record.writing = False
             if kind == frames.COPY_DONE:
                 return
+
+    def _passed(self, size: object, error: object) -> None:
+        if isinstance(size, int) and size >= 0 and not error:
+            self.summary["files"] += 1
+            self.summary["bytes"] += size
 
     def _response(self, kind: int, payload: Any) -> pb.CopyResponse | None:
         tag = self.tag
@@ -221,11 +236,20 @@ class CopyKind:
         return None
 
 
-def audit_fields(done: dict[str, Any]) -> dict[str, Any]:
-    """What the ended event says of a copy: files, bytes, each file's SHA-256, manifest."""
+def asked_fields(kind: str, paths: list[str], dest: str) -> dict[str, Any]:
+    """What a copy asked for, as its audit events name it."""
+    return {"direction": "upload" if kind == "cp-write" else "download",
+            "paths": [p[:4096] for p in paths[:64]], "dest": dest[:4096]}
+
+
+def audit_fields(asked: dict[str, Any], done: dict[str, Any]) -> dict[str, Any]:
+    """The copy's summary on its one ended (or failed) event: direction, paths, files,
+    bytes, each file's SHA-256 (the first 1,000), the manifest digest and the outcome."""
     digests = done.get("sha256")
-    return {"files": int(done.get("files", 0)), "bytes": int(done.get("bytes", 0)),
+    outcome = done.get("outcome") or ("partial" if done.get("failed") else "success")
+    return {**asked,
+            "files": int(done.get("files", 0)), "bytes": int(done.get("bytes", 0)),
             "failed_files": int(done.get("failed", 0)),
             "manifest_sha256": str(done.get("manifest_sha256", ""))[:64],
             "sha256": dict(list(digests.items())[:1000]) if isinstance(digests, dict) else {},
-            "outcome": "partial" if done.get("failed") else "success"}
+            "outcome": outcome}

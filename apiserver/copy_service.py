@@ -18,11 +18,12 @@ from typing import Any
 import grpc
 from rune.apiserver.admission import DEFAULT_TIMEOUT
 from rune.apiserver.copy_policy import check_paths
-from rune.apiserver.copy_relay import Broadcast, CopyKind
+from rune.apiserver.copy_relay import Broadcast, CopyKind, asked_fields
 from rune.apiserver.fanout import select
 from rune.apiserver.service import ExecService
 
 from rune.errors import InvalidArgument, RuneError
+from rune.files.heap import keep_freed_buffers
 from rune.files.models import COPY_KINDS, check_path
 from rune.models import InstanceInfo
 from rune.proto import exec_pb2 as pb
@@ -74,6 +75,7 @@ class CopyRun:
         self.broadcast = Broadcast(context, len(targets) if init.kind == "cp-write" else 0,
                                    self.config.max_message, self.config.cp.limits.max_bytes)
         self._lock = asyncio.Lock()
+        self.asked = asked_fields(init.kind, list(init.paths), init.dest)
         self.request = {
             "kind": init.kind, "paths": list(init.paths) if init.kind == "cp-read" else [],
             "dest": init.dest if init.kind == "cp-write" else "",
@@ -91,6 +93,7 @@ class CopyService(pb_grpc.CopyServiceServicer):
         self.core = exec_service.core
         self.admission = exec_service.admission
         self.config = exec_service.config
+        keep_freed_buffers()  # the relay's chunks reuse warm pages (rune/files/heap.py)
 
     async def StreamCopy(self, request_iterator: object,  # noqa: N802 - gRPC's name
                          context: grpc.aio.ServicerContext) -> None:
@@ -143,7 +146,7 @@ class CopyService(pb_grpc.CopyServiceServicer):
 
     async def _member(self, run: CopyRun, identity: Any, spec: Any, info: InstanceInfo,
                       received: float) -> None:
-        kind = CopyKind(run, info, run.request, self.config.window)
+        kind = CopyKind(run, info, run.request, self.config.cp.window)
         try:
             await self.core.run(identity, spec, info, kind, received=received)
         except RuneError as exc:

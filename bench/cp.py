@@ -24,13 +24,16 @@ if __name__ == "__main__":  # `python bench/cp.py`: the repo root holds bench/
 
 from bench import rows  # noqa: E402
 from bench.context import BenchContext, Sizes  # noqa: E402
-from bench.docker_vs_rune import adopt, release  # noqa: E402
 from bench.dockerbox import SERVICE  # noqa: E402
 
 SECTION = "extra: rune cp vs scp and docker cp"
 SIZE = "cp_bytes"
 FILES = "cp_files"
 ONLY = "cp_only"
+QUICK_SIZE, QUICK_FILES = 16 << 20, 200  # --quick: a smoke test of every row
+PROCESS = "into a process instance"
+SCP = "scp over the bench's sshd"
+DOCKER_CP = "docker cp, same container"
 
 
 def _timed(argv: list[str], env: dict | None = None) -> float:
@@ -80,8 +83,8 @@ def _fresh(path: Path) -> Path:
 
 
 def run(ctx: BenchContext) -> list[dict]:
-    size = ctx.extra.get(SIZE, (64 << 20) if ctx.quick else (1 << 30))
-    files = ctx.extra.get(FILES, 500 if ctx.quick else 10_000)
+    size = ctx.extra.get(SIZE, QUICK_SIZE if ctx.quick else (1 << 30))
+    files = ctx.extra.get(FILES, QUICK_FILES if ctx.quick else 10_000)
     work = ctx.workdir / "cp"
     big, want, tree = _make(_fresh(work / "src"), size, files)
     label = f"{size >> 30} GiB" if size >= 1 << 30 else f"{size >> 20} MiB"
@@ -137,16 +140,17 @@ def run(ctx: BenchContext) -> list[dict]:
             shown = f"{label} file" if what == "file" else f"{files} small files"
             rune_id = f"cp.{way}.{what}.rune"
             into = dst / ("remote-up" if way == "up" else "local")
-            add_row(rune_id, f"rune cp, {shown}, {way}load (process)",
+            add_row(rune_id, f"rune cp, {shown}, {way}load {PROCESS}",
                     lambda a=argv("rune", way, what, into), d=into:
                     (_fresh(d), _timed(a, ctx.env))[1], into / name, None)
             if not ssh:
                 out.append(rows.absent(f"cp.{way}.{what}.scp", SECTION,
-                                       f"scp, {shown}, {way}load", rows.SKIPPED,
+                                       f"{SCP}, {shown}, {way}load", rows.SKIPPED,
                                        ctx.sshd_reason or "no sshd"))
             else:
                 into = dst / "scp"
-                add_row(f"cp.{way}.{what}.scp", f"scp, {shown}, {way}load",
+                add_row(f"cp.{way}.{what}.scp", f"{SCP}, {shown}, {way}load (vs rune "
+                        f"cp {PROCESS})",
                         lambda a=argv("scp", way, what, into), d=into:
                         (_fresh(d), _timed(a))[1], into / name, rune_id)
         if way == "up":  # the download rows read what this puts in place
@@ -167,11 +171,10 @@ def _docker_rows(ctx: BenchContext, cp: list[str], big: Path, tree: Path, want: 
                 for pair in names for i in pair]
     box = ctx.docker
     out: list[dict] = []
-    adopt(ctx.stack, box)
-    try:
-        import docker
+    import docker
 
-        client = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
+    client = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
+    try:
         instance = next(i.instance_id for i in __import__("asyncio").run(ctx.stack._list())
                         if i.service == SERVICE)
         pid = client.inspect_container(box.name)["State"]["Pid"]
@@ -201,35 +204,34 @@ def _docker_rows(ctx: BenchContext, cp: list[str], big: Path, tree: Path, want: 
             (inside / "big.bin").unlink(missing_ok=True)
             shutil.rmtree(inside / "tree", ignore_errors=True)
 
-        add("cp.up.file.crune", f"rune cp, {label} file, upload (container)",
+        add("cp.up.file.crune", f"rune cp, {label} file, upload into the container",
             [*cp, str(big), f"{instance}:/tmp/"], ctx.env, inside / "big.bin", None,
             clear_inside)
-        add("cp.up.file.dockercp", f"docker cp, {label} file, upload",
+        add("cp.up.file.dockercp", f"{DOCKER_CP}, {label} file, upload (vs rune cp into it)",
             ["docker", "cp", str(big), f"{box.name}:/tmp/big.bin"], None, inside / "big.bin",
             "cp.up.file.crune", clear_inside)
-        add("cp.down.file.crune", f"rune cp, {label} file, download (container)",
+        add("cp.down.file.crune", f"rune cp, {label} file, download into the container",
             [*cp, f"{instance}:/tmp/big.bin", f"{local}/"], ctx.env, local / "big.bin",
             None, lambda: _fresh(local))
-        add("cp.down.file.dockercp", f"docker cp, {label} file, download",
+        add("cp.down.file.dockercp", f"{DOCKER_CP}, {label} file, download (vs rune cp from it)",
             ["docker", "cp", f"{box.name}:/tmp/big.bin", f"{local}/"], None,
             local / "big.bin", "cp.down.file.crune", lambda: _fresh(local))
         shown = f"{files} small files"
-        add("cp.up.tree.crune", f"rune cp -r, {shown}, upload (container)",
+        add("cp.up.tree.crune", f"rune cp -r, {shown}, upload into the container",
             [*cp, "-r", str(tree), f"{instance}:/tmp/"], ctx.env, inside / "tree", None,
             clear_inside)
-        add("cp.up.tree.dockercp", f"docker cp, {shown}, upload",
+        add("cp.up.tree.dockercp", f"{DOCKER_CP}, {shown}, upload (vs rune cp -r into it)",
             ["docker", "cp", str(tree), f"{box.name}:/tmp/"], None, inside / "tree",
             "cp.up.tree.crune", clear_inside)
-        add("cp.down.tree.crune", f"rune cp -r, {shown}, download (container)",
+        add("cp.down.tree.crune", f"rune cp -r, {shown}, download into the container",
             [*cp, "-r", f"{instance}:/tmp/tree", f"{local}/"], ctx.env, local / "tree",
             None, lambda: _fresh(local))
-        add("cp.down.tree.dockercp", f"docker cp, {shown}, download",
+        add("cp.down.tree.dockercp", f"{DOCKER_CP}, {shown}, download (vs rune cp -r from it)",
             ["docker", "cp", f"{box.name}:/tmp/tree", f"{local}/"], None,
             local / "tree", "cp.down.tree.crune", lambda: _fresh(local))
         clear_inside()
-        client.close()
     finally:
-        release(ctx.stack)
+        client.close()
     return out
 
 
@@ -246,7 +248,7 @@ def main() -> None:
     sizes = Sizes.quick() if args.quick else Sizes()
 
     def section(ctx: BenchContext) -> list[dict]:
-        ctx.extra.update({SIZE: 64 << 20, FILES: 500} if args.quick else
+        ctx.extra.update({SIZE: QUICK_SIZE, FILES: QUICK_FILES} if args.quick else
                          {SIZE: args.size_mib << 20, FILES: args.files})
         ctx.extra[ONLY] = args.only
         return run(ctx)

@@ -24,6 +24,9 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
     ("docker_vs_rune", "extra: rune into Docker containers vs docker exec",
      ["rune exec into a container vs docker exec"]),
     ("mux", "6. the CLI multiplexer", []),
+    ("cp", "extra: rune cp vs scp and docker cp",
+     ["rune cp 1 GiB file upload and download vs scp", "rune cp 10,000 small files vs scp",
+      "rune cp 1 GiB file and 10,000 small files vs docker cp"]),
 ]
 
 

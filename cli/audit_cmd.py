@@ -36,7 +36,48 @@ def parse_since(text: str) -> float:
     return parse_duration(text)
 
 
+def copy_direction(event: dict) -> str:
+    """'upload' or 'download' for a copy's event (a refused one names it in argv), else ''."""
+    if event.get("direction") in ("upload", "download"):
+        return event["direction"]
+    argv = event.get("argv") or []
+    if len(argv) >= 2 and argv[0] == "rune-cp":
+        return {"cp-write": "upload", "cp-read": "download"}.get(argv[1], "")
+    return ""
+
+
+def size_text(n: object) -> str:
+    n = n if isinstance(n, int) and n >= 0 else 0
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def copy_result(event: dict, direction: str) -> str:
+    """A copy's summary on one line: direction, outcome, files, bytes, manifest digest."""
+    name = event.get("event")
+    if name == "session.started":
+        return f"{direction} running"
+    if name == "session.ended":
+        failed = event.get("failed_files") or 0
+        files = f"{event.get('files', 0)} files" + (f" ({failed} failed)" if failed else "")
+        digest = str(event.get("manifest_sha256", ""))[:16]
+        return (f"{direction} {'ok' if not failed else 'partial'}: {files}, "
+                f"{size_text(event.get('bytes'))}" + (f", manifest {digest}" if digest else ""))
+    passed = ""
+    if name == "session.failed" and event.get("files"):
+        passed = f" after {event['files']} files, {size_text(event.get('bytes'))}"
+    return f"{direction} {name.removeprefix('session.')}{passed}: " \
+        f"{event.get('code', '')}: {event.get('reason', '')}"
+
+
 def result_text(event: dict) -> str:
+    direction = copy_direction(event)
+    if direction and event.get("event") in ("session.started", "session.ended",
+                                            "session.failed", "session.denied"):
+        return copy_result(event, direction)
     if event.get("event") == "session.ended":
         if event.get("signal"):
             return f"signal {event['signal']}"

@@ -116,6 +116,10 @@ def cp_command(
         from rune.cli.cp_stream import CopyCall, exit_code, stderr_report
         from rune.cli.fanout_output import summary
 
+        from rune.files.heap import keep_freed_buffers
+
+        keep_freed_buffers()
+
         bar = CopyProgress(wanted(progress) and plan.dest != "-",
                            "upload" if plan.upload else "download")
         async with connect(inv, connection) as client:

@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -222,9 +223,16 @@ class CopyCall:
         await emit("header", {"path": name, "kind": "file", "size": -1, "mode": 0o644,
                               "mtime": time.time(), "target": ""})
         hasher, size = hashlib.sha256(), 0
+        chunks: asyncio.Queue = asyncio.Queue(4)  # bounded: the reader waits for the link
         loop = asyncio.get_running_loop()
+        # A daemon thread of its own: a read blocked on an open stdin must not keep the
+        # process from exiting once the copy ended otherwise (timeout, refusal, kill).
+        threading.Thread(target=_read_stdin, args=(loop, chunks), daemon=True,
+                         name="rune-cp-stdin").start()
         while True:
-            data = await loop.run_in_executor(None, os.read, 0, CHUNK)
+            data = await chunks.get()
+            if isinstance(data, OSError):
+                raise data
             if not data:
                 break
             hasher.update(data)
@@ -317,6 +325,21 @@ class CopyCall:
 
 class _CallEnded(Exception):
     """Writing failed because the call is over; the reply stream says how it ended."""
+
+
+def _read_stdin(loop: asyncio.AbstractEventLoop, chunks: asyncio.Queue) -> None:
+    """Reads fd 0 into `chunks` until EOF (an empty chunk) or an error (put as is)."""
+    while True:
+        try:
+            data: bytes | OSError = os.read(0, CHUNK)
+        except OSError as exc:
+            data = exc
+        try:
+            asyncio.run_coroutine_threadsafe(chunks.put(data), loop).result()
+        except (RuntimeError, asyncio.CancelledError):
+            return  # the loop is gone: the copy is over
+        if not data or isinstance(data, OSError):
+            return
 
 
 def exit_code(results: list[InstanceResult], local_failures: int) -> int:

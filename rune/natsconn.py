@@ -6,9 +6,14 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import nats
+import nats.aio.client
 from nats.aio.client import Client as NATS
 
 log = logging.getLogger(__name__)
+# nats-py reads the socket 32 KiB at a time and copies its buffer on every read, so a
+# ~1 MiB frame costs dozens of reads and copies; it has no option for this, only the
+# module constant (read at connect and on every read). 1 MiB: one frame, one read.
+READ_BUFFER = 1024 * 1024
 
 
 async def connect(
@@ -29,6 +34,7 @@ async def connect(
         if on_reconnect:
             await on_reconnect()
 
+    nats.aio.client.DEFAULT_BUFFER_SIZE = max(nats.aio.client.DEFAULT_BUFFER_SIZE, READ_BUFFER)
     options: dict = {}
     if nkey_seed_file:
         options["nkeys_seed"] = nkey_seed_file

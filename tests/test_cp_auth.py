@@ -85,6 +85,13 @@ def test_dev_without_cp_write_in_prod_is_refused_and_audited(secure, tmp_path: P
                           and e.get("argv", [None])[0] == "rune-cp" and e.get("user") == DEV_USER)
     assert denied and denied[0]["argv"] == ["rune-cp", "cp-write", "x", str(dest)]
     assert denied[0]["code"] == "permission_denied"
+    time.sleep(1)  # anything published late for the same copy would be in by now
+    argv = ["rune-cp", "cp-write", "x", str(dest)]
+    events = audit_events(secure, "prod", lambda e: e.get("argv") == argv)
+    assert [e["event"] for e in events] == ["session.denied"]  # audited once, nothing else
+    table = rune(secure, "admin", "audit", "-n", "prod").stdout.decode()
+    line = next(x for x in table.splitlines() if str(dest) in x)
+    assert "upload denied: permission_denied" in line
 
 
 def test_cp_paths_allow_and_deny(secure) -> None:
@@ -121,7 +128,49 @@ def test_one_audit_event_per_copy_with_digests(secure) -> None:
     event = ended[0]
     assert event["user"] == "bob" and event["kind"] == "cp-read" and event["exit_code"] == 0
     assert event["files"] == 1 and event["bytes"] == 1000 and event["outcome"] == "success"
+    assert event["direction"] == "download" and event["paths"] == [f"{drop}/audited.bin"]
+    assert event["target"] == "api" and event["instance"].startswith("api-instance-")
     assert event["sha256"] == {"audited.bin": hashlib.sha256(b"a" * 1000).hexdigest()}
     assert len(event["manifest_sha256"]) == 64
+    same = audit_events(secure, "default", lambda e: e.get("session_id") == event["session_id"])
+    assert sorted(e["event"] for e in same) == ["session.ended", "session.started"]
     table = rune(secure, "admin", "audit", "-n", "default").stdout.decode()
-    assert "rune-cp cp-read" in table
+    line = next(x for x in table.splitlines() if "ended" in x and f"{drop}/audited.bin" in x)
+    assert "rune-cp cp-read" in line
+    assert f"download ok: 1 files, 1000 B, manifest {event['manifest_sha256'][:16]}" in line
+
+
+def test_failed_copy_is_audited_with_what_it_asked(secure) -> None:
+    """An upload from stdin that outlives its --timeout fails (255), leaves nothing behind,
+    and its one session.failed event says direction, paths, the reason and outcome."""
+    drop = secure.state_dir / "drop" / "slow"
+    drop.mkdir()
+    env = {**os.environ, "RUNE_CONFIG": str(secure.state_dir / "no-config.yaml"),
+           "RUNE_TOKEN_FILE": str(secure.token_files["bob"])}
+    proc = subprocess.Popen([sys.executable, "-m", "rune.cli.main", "cp", "--no-progress",
+                             "--timeout", "2s", "-", f"api:{drop}/never.bin", "--api-server",
+                             secure.api_address], stdin=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    try:
+        proc.stdin.write(b"x" * 100_000)
+        proc.stdin.flush()
+        proc.wait(timeout=60)  # stdin stays open: the copy can only time out
+        err = proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdin.close()
+        proc.stderr.close()
+    assert proc.returncode == 255, err
+    assert "timed out" in err.decode()
+    assert os.listdir(drop) == []  # no partial file, no temporary file
+    failed = audit_events(secure, "default", lambda e: e.get("event") == "session.failed"
+                          and e.get("dest") == f"{drop}/never.bin")
+    assert len(failed) == 1
+    event = failed[0]
+    assert event["direction"] == "upload" and event["kind"] == "cp-write"
+    assert event["outcome"] == "failed" and event["code"] == "deadline_exceeded"
+    assert event["paths"] == ["-"] and event["user"] == "bob"  # stdin
+    table = rune(secure, "admin", "audit", "-n", "default").stdout.decode()
+    line = next(x for x in table.splitlines() if "failed" in x and f"{drop}/never.bin" in x)
+    assert "upload failed: deadline_exceeded" in line
