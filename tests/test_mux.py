@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pexpect
 import pytest
 from conftest import ROOT, Rune, mux_pid, stop_mux
 from rune.cli import muxwire
@@ -303,3 +305,38 @@ def test_usage_errors_and_help_through_the_mux(mrune):
     shown = mrune("exec", "--help")
     assert shown.returncode == 0 and b"Usage: rune exec [OPTIONS] TARGET COMMAND..." in \
         shown.stdout
+
+
+@pytest.mark.parametrize("mux", ["on", "off"])
+def test_background_job_leaves_the_terminal_to_the_shell(stack, own_mux_dir, mux):
+    """`rune exec … &` in an interactive shell stops for tty input (as ssh and an in-process
+    run do) instead of reading the shell's keystrokes; `fg` gives it the terminal."""
+    rune = Rune(stack, mux=mux)
+    assert rune("exec", "api", "true").returncode == 0  # warm, when there is a multiplexer
+    argv = rune.argv("exec", "api", "sh", "-c", "read line; echo got:$line")
+    shell = pexpect.spawn("bash", ["--norc", "--noprofile", "-i"], cwd=str(ROOT),
+                          env={**rune.env, "PS1": "prompt$ ", "TERM": "dumb"}, timeout=30)
+    try:
+        shell.expect_exact("prompt$ ")
+        shell.sendline(shlex.join(argv) + " &")
+        shell.expect_exact("prompt$ ")
+        deadline = time.monotonic() + 20
+        while True:  # the job stops once it would read the terminal
+            shell.sendline("jobs")
+            if shell.expect([r"Stopped.*prompt\$ ", r"Running.*prompt\$ "]) == 0:
+                break
+            assert time.monotonic() < deadline, "the background job never stopped"
+            time.sleep(0.2)
+        shell.sendline("echo typed:$((6*7))")  # read by the shell, not by the job
+        shell.expect_exact("typed:42")
+        shell.expect_exact("prompt$ ")
+        shell.sendline("fg")
+        time.sleep(1.0)  # the session starts (or resumes) in the foreground
+        shell.sendline("mine")
+        shell.expect_exact("got:mine")
+        shell.expect_exact("prompt$ ")
+        shell.sendline("echo status:$?")
+        shell.expect_exact("status:0")
+    finally:
+        shell.close(force=True)
+    assert rune("exec", "api", "echo", "healthy").stdout == b"healthy\n"
