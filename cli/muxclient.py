@@ -6,11 +6,14 @@ when that fails too, the caller runs the command in its own process.
 
 from __future__ import annotations
 
+# _signal and _socket, not signal and socket: the same calls without the enums and
+# selectors those modules build at import, which a warm `rune exec` would pay for.
+import _signal as signal
+import _socket as socket
 import fcntl
 import os
 import select
-import signal
-import socket
+import struct
 import sys
 import time
 
@@ -121,7 +124,8 @@ def _hello(sock: socket.socket, argv: list[str], reader: muxwire.Reader,
                "env": muxwire.forwarded_env(os.environ)}
     stdin = _stdin_to_hand_over()
     try:
-        socket.send_fds(sock, [muxwire.encode(message)], [stdin, 1, 2])
+        rights = struct.pack("3i", stdin, 1, 2)
+        sock.sendmsg([muxwire.encode(message)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
     finally:
         if stdin != 0:
             os.close(stdin)
