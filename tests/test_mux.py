@@ -341,3 +341,17 @@ def test_background_job_leaves_the_terminal_to_the_shell(stack, own_mux_dir, mux
     finally:
         shell.close(force=True)
     assert rune("exec", "api", "echo", "healthy").stdout == b"healthy\n"
+
+
+@pytest.mark.parametrize(("text", "off"), [
+    ("mux: off\n", True), ("mux: 'off'  # no multiplexer here\n", True), ('mux: "no"\n', True),
+    ("mux: auto\n", False), ("contexts:\n  mux: off\n", False), ("muxer: off\n", False),
+    ("api_server: h:1\nmux : false\n", True), ("", False),
+])
+def test_config_switch_is_read_without_a_yaml_parser(tmp_path, text, off):
+    """The fast path reads a top-level `mux:` key (quoted, commented) and nothing nested."""
+    from rune.cli.entry import use_mux
+
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    assert use_mux(["exec", "api", "true"], {"RUNE_CONFIG": str(config)}) is not off
