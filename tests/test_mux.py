@@ -355,3 +355,37 @@ def test_config_switch_is_read_without_a_yaml_parser(tmp_path, text, off):
     config = tmp_path / "config.yaml"
     config.write_text(text)
     assert use_mux(["exec", "api", "true"], {"RUNE_CONFIG": str(config)}) is not off
+
+
+def test_job_sent_to_the_background_stops_again_for_tty_input(mrune, own_mux_dir):
+    """Ctrl+Z then `bg`: the job stops for tty input instead of reading the shell's
+    keystrokes through the multiplexer; `fg` gives it the terminal back."""
+    assert mrune("exec", "api", "true").returncode == 0
+    argv = mrune.argv("exec", "--no-tty", "api", "sh", "-c",
+                      "echo ready; read a; echo got:$a")
+    shell = pexpect.spawn("bash", ["--norc", "--noprofile", "-i"], cwd=str(ROOT),
+                          env={**mrune.env, "PS1": "prompt$ ", "TERM": "dumb"}, timeout=30)
+    try:
+        shell.expect_exact("prompt$ ")
+        shell.sendline(shlex.join(argv))
+        shell.expect_exact("ready\r\n")  # the output, not the echo of the command line
+        shell.sendcontrol("z")
+        shell.expect(r"Stopped.*prompt\$ ")
+        shell.sendline("bg")
+        shell.expect_exact("prompt$ ")
+        deadline = time.monotonic() + 20
+        while True:
+            shell.sendline("jobs")
+            if shell.expect([r"Stopped.*prompt\$ ", r"Running.*prompt\$ "]) == 0:
+                break
+            assert time.monotonic() < deadline, "the job in the background never stopped"
+            time.sleep(0.2)
+        shell.sendline("echo typed:$((6*7))")
+        shell.expect_exact("typed:42")
+        shell.expect_exact("prompt$ ")
+        shell.sendline("fg")
+        time.sleep(1.0)
+        shell.sendline("mine")
+        shell.expect_exact("got:mine")
+    finally:
+        shell.close(force=True)
