@@ -7,13 +7,11 @@ Standard library only until it is known that the command runs here: a warm
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 # Commands that talk to an apiserver: these gain from warm channels. Everything else
 # (dev, config, completion, mux itself) runs in this process.
 MUX_COMMANDS = frozenset({"exec", "instances", "audit", "sessions"})
-_MUX_KEY = re.compile(r"^mux\s*:\s*['\"]?(\w+)", re.MULTILINE)
 
 
 def _config_says_off(environ: dict[str, str] | os._Environ) -> bool:
@@ -27,10 +25,15 @@ def _config_says_off(environ: dict[str, str] | os._Environ) -> bool:
         path = os.path.join(base, "rune", "config.yaml")
     try:
         with open(path, encoding="utf-8") as handle:
-            found = _MUX_KEY.search(handle.read())
+            text = handle.read()
     except (OSError, UnicodeDecodeError):
         return False
-    return bool(found) and found.group(1).lower() in ("off", "false", "no")
+    for line in text.splitlines():  # a top-level `mux:` key (no re: it costs an import)
+        key, sep, value = line.partition(":")
+        if sep and key.rstrip() == "mux":
+            word = value.split("#", 1)[0].strip().strip("'\"").lower()
+            return word in ("off", "false", "no")
+    return False
 
 
 def use_mux(argv: list[str], environ: dict[str, str] | os._Environ) -> bool:

@@ -131,6 +131,8 @@ async def pump_stdin(outbox: Outbox, fd: int = 0, running: asyncio.Event | None 
                 await _readable(loop, fd)
             except OSError:  # EPERM: a regular file or /dev/null
                 pollable = False
+            if running is not None and not running.is_set():
+                continue  # suspended while waiting: what was typed is the shell's now
         try:
             data = os.read(fd, READ_CHUNK) if pollable else \
                 await loop.run_in_executor(None, os.read, fd, READ_CHUNK)

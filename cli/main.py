@@ -6,7 +6,7 @@ point and `rune.cli.dispatch` runs a command, in this process or in the multiple
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+TYPE_CHECKING = False  # not typing: `python -m rune.cli.main` is a fast path too
 
 if TYPE_CHECKING:
     import typer

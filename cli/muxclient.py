@@ -6,11 +6,14 @@ when that fails too, the caller runs the command in its own process.
 
 from __future__ import annotations
 
+# _signal and _socket, not signal and socket: the same calls without the enums and
+# selectors those modules build at import, which a warm `rune exec` would pay for.
+import _signal as signal
+import _socket as socket
 import fcntl
 import os
 import select
-import signal
-import socket
+import struct
 import sys
 import time
 
@@ -21,6 +24,41 @@ RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGWINCH, signal
            signal.SIGCONT)
 START_TIMEOUT = 15.0
 SUSPEND_WAIT = 1.0
+# A stop signal sent to our own group that returns sooner than this was discarded by the
+# kernel (an orphaned process group): a read there fails with EIO instead.
+DISCARDED_STOP = 0.01
+
+
+def _in_background() -> bool:
+    """Whether stdin is our controlling terminal and another process group has it."""
+    try:
+        return os.isatty(0) and os.tcgetpgrp(0) != os.getpgrp()
+    except OSError:  # a terminal, but not ours: reading it never stops us
+        return False
+
+
+def _wait_for_foreground() -> bool:
+    """Stops with SIGTTIN while we are a background job on our terminal, as a read would.
+
+    The multiplexer has no controlling terminal, so the kernel would let it read ours even
+    while we are a background job: it would take the keystrokes of the shell in front.
+    So we do what the kernel does to a background reader (an in-process `rune` or `ssh`
+    meets it): stop until brought to the foreground. False where the job cannot stop
+    (SIGTTIN ignored, an orphaned group): there the read would fail instead.
+    """
+    while _in_background():
+        if signal.getsignal(signal.SIGTTIN) == signal.SIG_IGN:
+            return False
+        began = time.monotonic()
+        os.killpg(0, signal.SIGTTIN)
+        if _in_background() and time.monotonic() - began < DISCARDED_STOP:
+            return False
+    return True
+
+
+def _stdin_to_hand_over() -> int:
+    """Descriptor 0 once the terminal is ours to give; /dev/null (EOF) where it never is."""
+    return 0 if _wait_for_foreground() else os.open(os.devnull, os.O_RDONLY)
 
 
 def _connect(path: str) -> socket.socket | None:
@@ -84,7 +122,13 @@ def _hello(sock: socket.socket, argv: list[str], reader: muxwire.Reader,
     """Sends argv and the stdio descriptors; the answer (what came after it stays pending)."""
     message = {"t": "hello", "version": build_id(), "argv": argv, "cwd": os.getcwd(),
                "env": muxwire.forwarded_env(os.environ)}
-    socket.send_fds(sock, [muxwire.encode(message)], [0, 1, 2])
+    stdin = _stdin_to_hand_over()
+    try:
+        rights = struct.pack("3i", stdin, 1, 2)
+        sock.sendmsg([muxwire.encode(message)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+    finally:
+        if stdin != 0:
+            os.close(stdin)
     return _next(sock, reader, pending)
 
 
@@ -158,6 +202,9 @@ def _relay(sock: socket.socket, wakeup: int, accepted: dict, saved: list | None,
         ready = select.select([sock, wakeup], [], [])[0] if not pending else [sock]
         if wakeup in ready:
             for signum in os.read(wakeup, 64):
+                if signum == signal.SIGCONT and _in_background() and \
+                        not _wait_for_foreground():
+                    continue  # `bg`: the multiplexer leaves the terminal unread meanwhile
                 if _send(sock, {"t": "signal", "n": signum}) and signum == signal.SIGTSTP:
                     _suspend(sock, reader, pending)
         if sock in ready:

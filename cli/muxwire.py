@@ -12,12 +12,16 @@ control requests of `rune mux`.
 
 from __future__ import annotations
 
+import _socket
 import json
 import os
-import socket
 import stat
 import struct
-from collections.abc import Mapping
+
+TYPE_CHECKING = False  # typing itself costs the fast path more than all the rest here
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from socket import socket
 
 HEADER = struct.Struct(">I")
 MAX_MESSAGE = 1 << 20
@@ -69,8 +73,8 @@ def pid_path(folder: str) -> str:
     return os.path.join(folder, "mux.pid")
 
 
-def peer_uid(sock: socket.socket) -> int:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+def peer_uid(sock: socket | _socket.socket) -> int:
+    creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[1]
 
 
@@ -105,6 +109,8 @@ class Reader:
 
 def request(folder: str, message: dict, timeout: float = 5.0) -> dict | None:
     """One control request (`status`, `stop`) to the multiplexer in FOLDER; None: none runs."""
+    import socket
+
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pexpect
 import pytest
 from conftest import ROOT, Rune, mux_pid, stop_mux
 from rune.cli import muxwire
@@ -290,8 +292,9 @@ def test_fast_path_imports_nothing_heavy(mrune):
     assert result.returncode == 0, result.stderr
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0]
                 for line in result.stderr.decode().splitlines() if "import time:" in line}
-    assert "socket" in imported
-    assert not imported & {"grpc", "asyncio", "typer", "pydantic", "yaml", "click"}
+    assert "_socket" in imported
+    assert not imported & {"grpc", "asyncio", "typer", "pydantic", "yaml", "click", "typing",
+                            "selectors"}
 
 
 def test_usage_errors_and_help_through_the_mux(mrune):
@@ -303,3 +306,86 @@ def test_usage_errors_and_help_through_the_mux(mrune):
     shown = mrune("exec", "--help")
     assert shown.returncode == 0 and b"Usage: rune exec [OPTIONS] TARGET COMMAND..." in \
         shown.stdout
+
+
+@pytest.mark.parametrize("mux", ["on", "off"])
+def test_background_job_leaves_the_terminal_to_the_shell(stack, own_mux_dir, mux):
+    """`rune exec … &` in an interactive shell stops for tty input (as ssh and an in-process
+    run do) instead of reading the shell's keystrokes; `fg` gives it the terminal."""
+    rune = Rune(stack, mux=mux)
+    assert rune("exec", "api", "true").returncode == 0  # warm, when there is a multiplexer
+    argv = rune.argv("exec", "api", "sh", "-c", "read line; echo got:$line")
+    shell = pexpect.spawn("bash", ["--norc", "--noprofile", "-i"], cwd=str(ROOT),
+                          env={**rune.env, "PS1": "prompt$ ", "TERM": "dumb"}, timeout=30)
+    try:
+        shell.expect_exact("prompt$ ")
+        shell.sendline(shlex.join(argv) + " &")
+        shell.expect_exact("prompt$ ")
+        deadline = time.monotonic() + 20
+        while True:  # the job stops once it would read the terminal
+            shell.sendline("jobs")
+            if shell.expect([r"Stopped.*prompt\$ ", r"Running.*prompt\$ "]) == 0:
+                break
+            assert time.monotonic() < deadline, "the background job never stopped"
+            time.sleep(0.2)
+        shell.sendline("echo typed:$((6*7))")  # read by the shell, not by the job
+        shell.expect_exact("typed:42")
+        shell.expect_exact("prompt$ ")
+        shell.sendline("fg")
+        time.sleep(1.0)  # the session starts (or resumes) in the foreground
+        shell.sendline("mine")
+        shell.expect_exact("got:mine")
+        shell.expect_exact("prompt$ ")
+        shell.sendline("echo status:$?")
+        shell.expect_exact("status:0")
+    finally:
+        shell.close(force=True)
+    assert rune("exec", "api", "echo", "healthy").stdout == b"healthy\n"
+
+
+@pytest.mark.parametrize(("text", "off"), [
+    ("mux: off\n", True), ("mux: 'off'  # no multiplexer here\n", True), ('mux: "no"\n', True),
+    ("mux: auto\n", False), ("contexts:\n  mux: off\n", False), ("muxer: off\n", False),
+    ("api_server: h:1\nmux : false\n", True), ("", False),
+])
+def test_config_switch_is_read_without_a_yaml_parser(tmp_path, text, off):
+    """The fast path reads a top-level `mux:` key (quoted, commented) and nothing nested."""
+    from rune.cli.entry import use_mux
+
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    assert use_mux(["exec", "api", "true"], {"RUNE_CONFIG": str(config)}) is not off
+
+
+def test_job_sent_to_the_background_stops_again_for_tty_input(mrune, own_mux_dir):
+    """Ctrl+Z then `bg`: the job stops for tty input instead of reading the shell's
+    keystrokes through the multiplexer; `fg` gives it the terminal back."""
+    assert mrune("exec", "api", "true").returncode == 0
+    argv = mrune.argv("exec", "--no-tty", "api", "sh", "-c",
+                      "echo ready; read a; echo got:$a")
+    shell = pexpect.spawn("bash", ["--norc", "--noprofile", "-i"], cwd=str(ROOT),
+                          env={**mrune.env, "PS1": "prompt$ ", "TERM": "dumb"}, timeout=30)
+    try:
+        shell.expect_exact("prompt$ ")
+        shell.sendline(shlex.join(argv))
+        shell.expect_exact("ready\r\n")  # the output, not the echo of the command line
+        shell.sendcontrol("z")
+        shell.expect(r"Stopped.*prompt\$ ")
+        shell.sendline("bg")
+        shell.expect_exact("prompt$ ")
+        deadline = time.monotonic() + 20
+        while True:
+            shell.sendline("jobs")
+            if shell.expect([r"Stopped.*prompt\$ ", r"Running.*prompt\$ "]) == 0:
+                break
+            assert time.monotonic() < deadline, "the job in the background never stopped"
+            time.sleep(0.2)
+        shell.sendline("echo typed:$((6*7))")
+        shell.expect_exact("typed:42")
+        shell.expect_exact("prompt$ ")
+        shell.sendline("fg")
+        time.sleep(1.0)
+        shell.sendline("mine")
+        shell.expect_exact("got:mine")
+    finally:
+        shell.close(force=True)
