@@ -27,7 +27,8 @@ from tests.multi_agent import start_fleet  # noqa: E402
 
 SECTION = "4. fan-out of `true`"
 SINGLE = "setup.rune_cli"  # one `rune exec api true`, section 1
-SHAPES = {10: (2, 5), 100: (10, 10), 500: (25, 20)}  # instances: (agents, replicas)
+SHAPES = {10: (2, 5), 100: (10, 10), 500: (25, 20), 1000: (100, 10), 5000: (100, 50)}
+# instances: (agents, replicas); the goals are 1,000 and 5,000 over 100 agents
 
 
 def shape(size: int) -> tuple[int, int]:
