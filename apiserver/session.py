@@ -27,12 +27,12 @@ from typing import Any, Protocol
 
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
 from rune.apiserver import observe
 from rune.apiserver.admission import SessionSpec
 from rune.apiserver.config import ApiServerConfig
 from rune.apiserver.directory import InstanceDirectory
 from rune.apiserver.limits import SessionLimits
+from rune.apiserver.open_batch import OpenBatcher
 
 from rune import audit as schema
 from rune import bounds, errors, frames
@@ -342,6 +342,7 @@ class SessionCore:
         self.oversight = oversight
         self.sessions: dict[str, SessionRecord] = {}
         self.board: Any = None  # apiserver/peers.py SessionBoard, when sessions are shared
+        self.opener = OpenBatcher(nc, subjects, config.open_timeout)
 
     async def run(self, identity: Any, spec: SessionSpec, instance: InstanceInfo,
                   kind: SessionKind, fanout_id: str = "",
@@ -384,16 +385,10 @@ class SessionCore:
 
     async def open_on_agent(self, instance: InstanceInfo, request: ExecOpen) -> ExecOpened:
         """Asks the owning agent to start the session; Unavailable when it does not answer."""
+        # Opens waiting for the same agent leave together, one request (open_batch.py).
+        answer = await self.opener.open(instance.agent, frames.pack(request.model_dump()))
         try:
-            reply = await self.nc.request(
-                self.subjects.agent_exec(instance.agent), frames.pack(request.model_dump()),
-                timeout=self.config.open_timeout)
-        except (NoRespondersError, NatsTimeout):
-            raise Unavailable(f"agent {instance.agent} is not reachable") from None
-        except Exception as exc:
-            raise Unavailable(f"broker unavailable: {exc}") from None
-        try:
-            opened = ExecOpened.model_validate(frames.unpack(reply.data))
+            opened = ExecOpened.model_validate(answer)
         except ValueError as exc:
             raise Unavailable(f"agent {instance.agent} answered nonsense: {exc}") from None
         if not opened.ok:
