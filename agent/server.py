@@ -28,7 +28,7 @@ from rune.errors import (
     Unavailable,
 )
 from rune.files.models import COPY_KINDS
-from rune.link import LinkSettings, SessionLink
+from rune.link import LinkHub, LinkSettings, SessionLink
 from rune.models import ExecOpen, ExecOpened, InstanceInfo, first_problem
 from rune.natsconn import connect
 from rune.subjects import Subjects
@@ -63,6 +63,7 @@ class Agent:
         self.metrics = AgentMetrics(lambda: len(self.sessions))
         self.audit: AgentAudit | None = None
         self.copies = CopyHost(self)
+        self.hub: LinkHub | None = None
 
     async def start(self) -> None:
         # Refuse an unsafe state directory (or an unknown user) before joining the fleet.
@@ -72,6 +73,7 @@ class Agent:
                                 self.config.nats.nkey_seed_file, self._on_reconnect,
                                 self.subjects.agent_inbox(self.config.agent_id))
         self.audit = AgentAudit(self.nc, self.subjects, self.config.agent_id, self.config.host)
+        self.hub = LinkHub(self.nc)  # one subscription and one timer for all sessions
         await self.audit.start()
         self.metrics.watch_publisher("rune_agent_audit_events", self.audit.publisher)
         if self.config.metrics_listen:
@@ -222,6 +224,7 @@ class Agent:
             settings=LinkSettings(window=request.window, heartbeat=request.heartbeat,
                                   lost_after=request.lost_after),
             peer="apiserver",
+            hub=self.hub, hub_subject=self.subjects.agent_sessions_in(agent_id),
         )
         await link.open()
         try:
@@ -277,6 +280,8 @@ class Agent:
             await self.audit.stop()
         for task in list(self._tasks):
             task.cancel()
+        if self.hub is not None:
+            await self.hub.close()
         if self.nc:
             try:
                 await self.nc.drain()

@@ -37,7 +37,7 @@ from rune.apiserver.open_batch import OpenBatcher
 from rune import audit as schema
 from rune import bounds, errors, frames
 from rune.errors import DeadlineExceeded, IdleTimeout, InvalidArgument, RuneError, Unavailable
-from rune.link import LinkSettings, SessionLink
+from rune.link import LinkHub, LinkSettings, SessionLink
 from rune.models import ExecOpen, ExecOpened, InstanceInfo
 from rune.subjects import Subjects
 
@@ -133,6 +133,7 @@ class Session:
                                   lost_after=config.lost_after),
             peer=f"agent {instance.agent}",
             probe=lambda: core.agent_gone(instance.agent),
+            hub=core.hub, hub_subject=core.subjects.agent_sessions_out(instance.agent),
         )
         self._size: tuple[int, int] | None = None
         self._resizer: asyncio.Task | None = None
@@ -343,6 +344,7 @@ class SessionCore:
         self.sessions: dict[str, SessionRecord] = {}
         self.board: Any = None  # apiserver/peers.py SessionBoard, when sessions are shared
         self.opener = OpenBatcher(nc, subjects, config.open_timeout)
+        self.hub = LinkHub(nc)  # one subscription per agent, one timer, for every session
 
     async def run(self, identity: Any, spec: SessionSpec, instance: InstanceInfo,
                   kind: SessionKind, fanout_id: str = "",
