@@ -80,7 +80,10 @@ class OpenBatcher:
                 replies = [await self._ask(agent, batch[0][0])]
             else:
                 data = frames.pack({"kind": BATCH_KIND, "opens": [p for p, _ in batch]})
-                replies = _replies(await self._ask(agent, data), len(batch), agent)
+                # The agent answers once every open of the batch has started: allow for
+                # its spawns, as one by one each would have had its own timeout.
+                timeout = self.timeout * min(4.0, 1.0 + len(batch) / 16)
+                replies = _replies(await self._ask(agent, data, timeout), len(batch), agent)
         except Unavailable as exc:
             for _, future in batch:
                 if not future.done():
@@ -90,10 +93,10 @@ class OpenBatcher:
             if not future.done():
                 future.set_result(reply)
 
-    async def _ask(self, agent: str, data: bytes) -> Any:
+    async def _ask(self, agent: str, data: bytes, timeout: float | None = None) -> Any:
         try:
             reply = await self.nc.request(self.subjects.agent_exec(agent), data,
-                                          timeout=self.timeout)
+                                          timeout=timeout or self.timeout)
         except (NoRespondersError, NatsTimeout):
             raise Unavailable(f"agent {agent} is not reachable") from None
         except Exception as exc:
