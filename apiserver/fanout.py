@@ -6,8 +6,10 @@ lived through the session core like a single exec: limited, registered (so `sess
 list/kill` see it), audited with the fan-out's id, timed out and killable on its own.
 Members open in parallel, at most `max_parallel` at a time, each with its own window
 so one slow or dead instance never stalls the rest; every frame goes back to the CLI
-tagged with its instance id through one bounded queue and one writer. Each instance
-ends with exactly one result.
+tagged with its instance id through one bounded queue and one writer, which packs what
+is waiting into one FanoutBatch when the client asked for batches. The members' opens
+leave per agent as batch opens (apiserver/open_batch.py, inside the core's open). Each
+instance ends with exactly one result.
 """
 
 from __future__ import annotations
