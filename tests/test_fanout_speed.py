@@ -126,6 +126,7 @@ async def test_link_hub_shares_one_subscription_and_routes_by_subject(broker):
         for link in links:
             await link.open()
         assert len(nc._subs) == before + 1
+        await nc.flush()  # the server has the subscription before the other client sends
         for i in (2, 0):
             await sender.publish(SUBJECTS.session_out("h1", f"s{i}"),
                                  frames.encode(frames.STDOUT, 1, f"to s{i}".encode()))
@@ -255,3 +256,12 @@ def test_exec_open_in_a_batch_is_the_plain_request():
     packed = frames.pack(ExecOpen(session_id="s", namespace="default", instance_id="i",
                                   argv=["true"]).model_dump())
     assert ExecOpen.model_validate(frames.unpack(packed)).argv == ["true"]
+
+
+def test_a_plan_with_isolation_takes_the_python_child():
+    """Isolation is Python run in the child (agent/isolation.py): such a plan forks."""
+    plain = ChildPlan(["true"], {}, "/")
+    isolated = ChildPlan(["true"], {}, "/", isolation=object())  # type: ignore[arg-type]
+    assert not spawn._use_vfork(isolated)
+    assert spawn._use_vfork(plain) == (spawn._vspawn is not None
+                                       and os.environ.get("RUNE_SPAWN") != "fork")

@@ -16,7 +16,8 @@ with os._exit whatever happens: it never returns into the agent's code.
 The same child is also written in C (agent/runners/_vspawn.c, built when a compiler is
 there) and started by vfork: a fork copies the agent's page tables and faults its heap in,
 several milliseconds per child that grow with the agent, where a vfork costs ~0.3 ms.
-fork_child uses it when it is built; RUNE_SPAWN=fork chooses the Python child.
+fork_child uses it when it is built and the plan has no isolation; RUNE_SPAWN=fork chooses
+the Python child.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def fork_child(plan: ChildPlan, stdio: tuple[int, int, int],
     """Forks the child on the given stdio descriptors; returns (pid, report pipe)."""
     report_r, report_w = os.pipe()  # close-on-exec both: a successful exec closes it
     try:
-        pid = _vfork(plan, stdio, terminal, report_w) if _use_vfork() else os.fork()
+        pid = _vfork(plan, stdio, terminal, report_w) if _use_vfork(plan) else os.fork()
     except BaseException:
         os.close(report_r)
         os.close(report_w)
@@ -171,8 +172,10 @@ def fork_child(plan: ChildPlan, stdio: tuple[int, int, int],
     return pid, report_r
 
 
-def _use_vfork() -> bool:
-    return _vspawn is not None and os.environ.get("RUNE_SPAWN") != "fork"
+def _use_vfork(plan: ChildPlan) -> bool:
+    # Isolation (agent/isolation.py) is Python run in the child: that child forks.
+    return (_vspawn is not None and plan.isolation is None
+            and os.environ.get("RUNE_SPAWN") != "fork")
 
 
 def _vfork(plan: ChildPlan, stdio: tuple[int, int, int], terminal: int | None,
