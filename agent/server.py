@@ -28,7 +28,7 @@ from rune.errors import (
     Unavailable,
 )
 from rune.files.models import COPY_KINDS
-from rune.link import LinkSettings, SessionLink
+from rune.link import LinkHub, LinkSettings, SessionLink
 from rune.models import ExecOpen, ExecOpened, InstanceInfo, first_problem
 from rune.natsconn import connect
 from rune.subjects import Subjects
@@ -38,6 +38,13 @@ log = logging.getLogger(__name__)
 AGENT_ACCEPTS = frozenset((frames.STDIN, frames.STDIN_EOF, frames.RESIZE, frames.SIGNAL,
                            frames.CLOSE))
 ALIVE_INTERVAL = 1.0
+BATCH_KIND = "exec_batch"  # apiserver/open_batch.py: many ExecOpens in one request
+MAX_BATCH_OPENS = 256
+
+
+def _malformed(exc: BaseException) -> ExecOpened:
+    return ExecOpened(ok=False, error=InvalidArgument(
+        f"malformed exec request: {first_problem(exc)}").to_wire())
 
 
 class Agent:
@@ -56,6 +63,7 @@ class Agent:
         self.metrics = AgentMetrics(lambda: len(self.sessions))
         self.audit: AgentAudit | None = None
         self.copies = CopyHost(self)
+        self.hub: LinkHub | None = None
 
     async def start(self) -> None:
         # Refuse an unsafe state directory (or an unknown user) before joining the fleet.
@@ -65,6 +73,7 @@ class Agent:
                                 self.config.nats.nkey_seed_file, self._on_reconnect,
                                 self.subjects.agent_inbox(self.config.agent_id))
         self.audit = AgentAudit(self.nc, self.subjects, self.config.agent_id, self.config.host)
+        self.hub = LinkHub(self.nc)  # one subscription and one timer for all sessions
         await self.audit.start()
         self.metrics.watch_publisher("rune_agent_audit_events", self.audit.publisher)
         if self.config.metrics_listen:
@@ -130,14 +139,44 @@ class Agent:
         # Nothing in a request may raise past here: every way out answers (or logs).
         try:
             data = frames.unpack(msg.data)
-            if isinstance(data, dict) and data.get("kind") in COPY_KINDS:
-                await self._reply(msg, await self.copies.answer(data))
-                return
-            request = ExecOpen.model_validate(data)
-        except Exception as exc:  # ValidationError, MalformedFrame, anything a field raises
-            await self._reply(msg, ExecOpened(ok=False, error=InvalidArgument(
-                f"malformed exec request: {first_problem(exc)}").to_wire()))
+        except Exception as exc:  # MalformedFrame: not even msgpack
+            await self._reply(msg, _malformed(exc))
             return
+        if isinstance(data, dict) and data.get("kind") == BATCH_KIND:
+            await self._respond(msg, {"opened": await self._open_batch(data.get("opens"))})
+            return
+        if isinstance(data, dict) and data.get("kind") in COPY_KINDS:
+            try:
+                await self._reply(msg, await self.copies.answer(data))
+            except Exception as exc:
+                await self._reply(msg, _malformed(exc))
+            return
+        await self._reply(msg, await self._answer(data))
+
+    async def _open_batch(self, opens: object) -> list[dict]:
+        """A batch open (apiserver/open_batch.py): each open validated and answered on its
+        own, all at once, in order; a malformed batch is one refusal per entry it claims."""
+        if not isinstance(opens, list) or not 0 < len(opens) <= MAX_BATCH_OPENS:
+            refusal = _malformed(ValueError(f"a batch holds 1-{MAX_BATCH_OPENS} opens"))
+            return [refusal.model_dump()]
+        replies = await asyncio.gather(*(self._answer_packed(o) for o in opens))
+        return [r.model_dump() for r in replies]
+
+    async def _answer_packed(self, packed: object) -> ExecOpened:
+        try:
+            if not isinstance(packed, bytes):
+                raise ValueError("a batch entry is not a packed exec request")
+            data = frames.unpack(packed)
+        except Exception as exc:
+            return _malformed(exc)
+        return await self._answer(data)
+
+    async def _answer(self, data: object) -> ExecOpened:
+        """The reply to one exec request; never raises."""
+        try:
+            request = ExecOpen.model_validate(data)
+        except Exception as exc:  # ValidationError, anything a field raises
+            return _malformed(exc)
         received = time.monotonic()
         try:
             reply = await self._open(request)
@@ -148,7 +187,13 @@ class Agent:
         except Exception as exc:  # a runner's unexpected failure must still answer
             log.exception("exec %s failed", request.session_id)
             reply = ExecOpened(ok=False, error=RuneError(f"agent error: {exc}").to_wire())
-        await self._reply(msg, reply)
+        return reply
+
+    async def _respond(self, msg: object, reply: dict) -> None:
+        try:
+            await msg.respond(frames.pack(reply))
+        except Exception as exc:
+            log.warning("cannot answer exec request: %s", exc)
 
     async def _reply(self, msg: object, reply: ExecOpened) -> None:
         try:
@@ -179,6 +224,7 @@ class Agent:
             settings=LinkSettings(window=request.window, heartbeat=request.heartbeat,
                                   lost_after=request.lost_after),
             peer="apiserver",
+            hub=self.hub, hub_subject=self.subjects.agent_sessions_in(agent_id),
         )
         await link.open()
         try:
@@ -234,6 +280,8 @@ class Agent:
             await self.audit.stop()
         for task in list(self._tasks):
             task.cancel()
+        if self.hub is not None:
+            await self.hub.close()
         if self.nc:
             try:
                 await self.nc.drain()

@@ -95,8 +95,15 @@ class ExecSession:
 
     async def _until_consumed(self) -> None:
         """Waits until the peer consumed everything (exit included), or is lost."""
-        while not self.link.sender.all_consumed() and self.link.lost is None:
-            await asyncio.sleep(0.02)
+        sender = self.link.sender
+        while not sender.all_consumed() and self.link.lost is None:
+            # Woken by the ack itself (a fan-out member's slot frees at once); the timeout
+            # only bounds how late a lost peer is noticed.
+            sender.acked.clear()
+            try:
+                await asyncio.wait_for(sender.acked.wait(), 0.1)
+            except TimeoutError:
+                pass
 
     async def _pump(self, read: Callable[[int], Awaitable[bytes]], kind: int) -> None:
         """Forwards output until EOF; after exit, until EOF or `exit_grace` of silence."""

@@ -6,8 +6,10 @@ lived through the session core like a single exec: limited, registered (so `sess
 list/kill` see it), audited with the fan-out's id, timed out and killable on its own.
 Members open in parallel, at most `max_parallel` at a time, each with its own window
 so one slow or dead instance never stalls the rest; every frame goes back to the CLI
-tagged with its instance id through one bounded queue and one writer. Each instance
-ends with exactly one result.
+tagged with its instance id through one bounded queue and one writer, which packs what
+is waiting into one FanoutBatch when the client asked for batches. The members' opens
+leave per agent as batch opens (apiserver/open_batch.py, inside the core's open). Each
+instance ends with exactly one result.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ from rune.rollout import NEVER_RAN, Amount, MemberStatus
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PARALLEL = 64
+# A batched response (FanoutBatch) packs what waits up to this size: one gRPC write costs
+# about a millisecond on this path, far more than the bytes, so a big fan-out writes few.
+BATCH_BYTES = 1 << 20
 ALL_SERVICES = "*"
 
 
@@ -116,7 +121,8 @@ class FanoutService(pb_grpc.FanoutServiceServicer):
             raise
         log.info("fan-out %s start: user=%r %s/%s instances=%d %s", fanout_id,
                  identity.user, spec.namespace, spec.target, len(targets), rollout)
-        run = FanoutRun(self, identity, spec, fanout_id, rollout, targets)
+        run = FanoutRun(self, identity, spec, fanout_id, rollout, targets,
+                        batched=request.batched)
         await run.serve(context)
 
 
@@ -189,8 +195,10 @@ class FanoutRun:
     """One fan-out: starts members as its Rollout says, one writer, one result per member."""
 
     def __init__(self, service: FanoutService, identity: object, spec: SessionSpec,
-                 fanout_id: str, rollout: Rollout, targets: list[InstanceInfo]) -> None:
+                 fanout_id: str, rollout: Rollout, targets: list[InstanceInfo],
+                 batched: bool = False) -> None:
         self.service = service
+        self.batched = batched
         self.identity = identity
         self.spec = spec
         self.fanout_id = fanout_id
@@ -300,7 +308,20 @@ class FanoutRun:
             response = await self.out.get()
             if response is None:
                 return
-            await context.write(response)
+            if not self.batched or self.out.empty():
+                await context.write(response)
+                continue
+            responses, size, ended = [response], response.ByteSize(), False
+            while not self.out.empty() and size < BATCH_BYTES:
+                more = self.out.get_nowait()
+                if more is None:
+                    ended = True
+                    break
+                responses.append(more)
+                size += more.ByteSize()
+            await context.write(pb.FanoutResponse(batch=pb.FanoutBatch(responses=responses)))
+            if ended:
+                return
 
     async def emit(self, info: InstanceInfo, **fields: object) -> None:
         await self.out.put(pb.FanoutResponse(instance_id=info.instance_id, **fields))

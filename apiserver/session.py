@@ -27,17 +27,17 @@ from typing import Any, Protocol
 
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
 from rune.apiserver import observe
 from rune.apiserver.admission import SessionSpec
 from rune.apiserver.config import ApiServerConfig
 from rune.apiserver.directory import InstanceDirectory
 from rune.apiserver.limits import SessionLimits
+from rune.apiserver.open_batch import OpenBatcher
 
 from rune import audit as schema
 from rune import bounds, errors, frames
 from rune.errors import DeadlineExceeded, IdleTimeout, InvalidArgument, RuneError, Unavailable
-from rune.link import LinkSettings, SessionLink
+from rune.link import LinkHub, LinkSettings, SessionLink
 from rune.models import ExecOpen, ExecOpened, InstanceInfo
 from rune.subjects import Subjects
 
@@ -133,6 +133,7 @@ class Session:
                                   lost_after=config.lost_after),
             peer=f"agent {instance.agent}",
             probe=lambda: core.agent_gone(instance.agent),
+            hub=core.hub, hub_subject=core.subjects.agent_sessions_out(instance.agent),
         )
         self._size: tuple[int, int] | None = None
         self._resizer: asyncio.Task | None = None
@@ -342,6 +343,8 @@ class SessionCore:
         self.oversight = oversight
         self.sessions: dict[str, SessionRecord] = {}
         self.board: Any = None  # apiserver/peers.py SessionBoard, when sessions are shared
+        self.opener = OpenBatcher(nc, subjects, config.open_timeout)
+        self.hub = LinkHub(nc)  # one subscription per agent, one timer, for every session
 
     async def run(self, identity: Any, spec: SessionSpec, instance: InstanceInfo,
                   kind: SessionKind, fanout_id: str = "",
@@ -384,16 +387,10 @@ class SessionCore:
 
     async def open_on_agent(self, instance: InstanceInfo, request: ExecOpen) -> ExecOpened:
         """Asks the owning agent to start the session; Unavailable when it does not answer."""
+        # Opens waiting for the same agent leave together, one request (open_batch.py).
+        answer = await self.opener.open(instance.agent, frames.pack(request.model_dump()))
         try:
-            reply = await self.nc.request(
-                self.subjects.agent_exec(instance.agent), frames.pack(request.model_dump()),
-                timeout=self.config.open_timeout)
-        except (NoRespondersError, NatsTimeout):
-            raise Unavailable(f"agent {instance.agent} is not reachable") from None
-        except Exception as exc:
-            raise Unavailable(f"broker unavailable: {exc}") from None
-        try:
-            opened = ExecOpened.model_validate(frames.unpack(reply.data))
+            opened = ExecOpened.model_validate(answer)
         except ValueError as exc:
             raise Unavailable(f"agent {instance.agent} answered nonsense: {exc}") from None
         if not opened.ok:

@@ -25,7 +25,7 @@ class Sizes:
     cli_n: int = 200              # whole `rune exec` CLI processes
     stream_bytes: int = 1 << 30   # stdout throughput
     echo_n: int = 200             # keystrokes
-    fanout: tuple[int, ...] = (10, 100, 500)
+    fanout: tuple[int, ...] = (10, 100, 500, 1000, 5000)  # 1,000 and 5,000 over 100 agents
     fanout_runs: int = 5          # fan-outs timed at each size
     sessions: tuple[int, ...] = (200, 500)
     loaded_setup_n: int = 50      # setup latency while the idle sessions are open

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import BinaryIO, TextIO
 
@@ -54,7 +54,7 @@ class FanoutOptions:
             env=self.env, workdir=self.workdir, timeout_seconds=self.timeout,
             max_parallel=self.max_parallel, fail_fast=self.fail_fast, batch=self.batch,
             batch_wait_seconds=self.batch_wait, max_fail=self.max_fail, canary=self.canary,
-            job_timeout_seconds=self.job_timeout)
+            job_timeout_seconds=self.job_timeout, batched=True)
 
 
 @dataclass
@@ -135,7 +135,8 @@ class FanoutCommand:
         progress = Progress(self.err_text, 0, enabled=False)
         ticker: asyncio.Task | None = None
         try:
-            async for response in self.client.stream_fanout(self.options.request()):
+            async for response in _unbatched(self.client.stream_fanout(
+                    self.options.request())):
                 kind = response.WhichOneof("msg")
                 instance = response.instance_id
                 if kind == "plan":
@@ -199,6 +200,19 @@ class FanoutCommand:
         if not result.ok:
             progress.failed += result.status not in NEVER_RAN
         progress.refresh()
+
+
+async def _unbatched(stream: AsyncIterator[pb.FanoutResponse]
+                     ) -> AsyncIterator[pb.FanoutResponse]:
+    """The server's responses one by one, a FanoutBatch opened in order."""
+    async for response in stream:
+        if response.WhichOneof("msg") == "batch":
+            for inner in response.batch.responses:
+                if inner.WhichOneof("msg") == "batch":
+                    raise Unavailable("the API server sent a batch inside a batch")
+                yield inner
+        else:
+            yield response
 
 
 async def _tick(progress: Progress) -> None:

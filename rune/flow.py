@@ -37,6 +37,7 @@ class Sender:
         self.received = 0
         self._credit = asyncio.Event()
         self._credit.set()
+        self.acked = asyncio.Event()  # set whenever the peer consumed more (cleared by waiters)
         self._last_progress = time.monotonic()
         self._last_retransmit = 0.0
         self.retransmits = 0
@@ -78,6 +79,7 @@ class Sender:
             while self._unacked and self._unacked[0][0] <= consumed:
                 self._unacked_bytes -= self._unacked.popleft()[2]
             self._credit.set()
+            self.acked.set()
         self.received = max(self.received, received)
         if progressed:
             self._last_progress = time.monotonic()

@@ -4,6 +4,12 @@ Frames arrive through a subscription callback that never blocks: it drops
 garbage, duplicates and gaps, and queues in-order frames. The queue is bounded
 by the peer's window, because the peer sends only against credit, and credit is
 returned only when the consumer takes the *next* frame with `recv()`.
+
+A link subscribes to its own subject and runs its own timer, unless it is given a
+LinkHub: then one wildcard subscription per peer (`rune.out.<agent>.*` on the apiserver,
+`rune.in.<agent>.*` on an agent) routes frames to the links by subject, and one timer
+ticks every link of the hub, so that 1,000 sessions are not 1,000 subscriptions (each a
+SUB, an UNSUB and a task in the client) and 1,000 timers.
 """
 
 from __future__ import annotations
@@ -57,8 +63,13 @@ class SessionLink:
         settings: LinkSettings | None = None,
         peer: str = "peer",
         probe: Callable[[], Awaitable[bool]] | None = None,
+        hub: LinkHub | None = None,
+        hub_subject: str = "",
     ) -> None:
         self.nc = nc
+        # With a hub: the wildcard subscription (covering recv_subject) that routes to us.
+        self._hub = hub
+        self._hub_subject = hub_subject
         self.settings = settings or LinkSettings()
         self.send_subject = send_subject
         self.recv_subject = recv_subject
@@ -81,6 +92,7 @@ class SessionLink:
         self._last_heard = time.monotonic()
         self._last_ack = 0.0
         self._last_dup_ack = 0.0
+        self._last_tick = time.monotonic()
         self._disconnected_since: float | None = None
         self.lost: Unavailable | None = None
         self.lost_event = asyncio.Event()
@@ -88,6 +100,9 @@ class SessionLink:
         self.bytes_out = 0
 
     async def open(self) -> None:
+        if self._hub is not None:
+            await self._hub.attach(self, self._hub_subject)
+            return
         self._sub = await self.nc.subscribe(
             self.recv_subject, cb=self._on_msg, pending_bytes_limit=256 * 1024 * 1024
         )
@@ -96,6 +111,9 @@ class SessionLink:
     async def close(self) -> None:
         if self._probing:
             self._probing.cancel()
+        if self._hub is not None:
+            hub, self._hub = self._hub, None
+            await hub.detach(self, self._hub_subject)
         if self._task:
             self._task.cancel()
             self._task = None
@@ -200,50 +218,53 @@ class SessionLink:
         await self._ack()
 
     async def _maintain(self) -> None:
-        s = self.settings
-        last_tick = time.monotonic()
         while True:
             await asyncio.sleep(TICK)
-            now = time.monotonic()
-            stalled = now - last_tick - TICK
-            last_tick = now
-            if stalled > TICK:
-                # Our own process was starved: the peer's frames may be waiting unread, so
-                # only silence while we were running counts against it.
-                self._last_heard += stalled
-            if not self.nc.is_connected:
-                # Frames published now only pile up in the client's buffer; and silence
-                # is no sign of the peer's death until our own connection is back.
-                if self._disconnected_since is None:
-                    self._disconnected_since = now
-                elif now - self._disconnected_since > s.reconnect_grace:
-                    self.declare_lost(Unavailable(
-                        f"broker unavailable for {now - self._disconnected_since:.1f}s"))
-                continue
-            if self._disconnected_since is not None:
-                # Back after a broker blip: restart the peer's clock, repair the gap now.
-                self._disconnected_since = None
-                self._connected_since = now
-                self._last_heard = now
-                await self._ack()
-                await self.sender.retransmit(min_interval=0)
-            if self.receiver.ack_due() and now - self._last_ack >= TICK:
-                await self._ack()
-            await self.sender.tick()
-            if now - self._last_sent >= s.heartbeat or now - self._last_ack >= s.heartbeat:
-                # Sent while idle, and at least every interval: a lost ack is repeated too.
-                self._last_ack = now
-                await self._publish(
-                    frames.encode(frames.HEARTBEAT, 0, [self.receiver.consumed,
-                                                        self.receiver.received])
-                )
-            silent = now - self._last_heard
-            if silent >= s.heartbeat * s.lost_after and self.lost is None:
+            await self.tick()
+
+    async def tick(self) -> None:
+        """Every TICK: acks and retransmissions due, heartbeats, and the peer's silence."""
+        s = self.settings
+        now = time.monotonic()
+        stalled = now - self._last_tick - TICK
+        self._last_tick = now
+        if stalled > TICK:
+            # Our own process was starved: the peer's frames may be waiting unread, so
+            # only silence while we were running counts against it.
+            self._last_heard += stalled
+        if not self.nc.is_connected:
+            # Frames published now only pile up in the client's buffer; and silence
+            # is no sign of the peer's death until our own connection is back.
+            if self._disconnected_since is None:
+                self._disconnected_since = now
+            elif now - self._disconnected_since > s.reconnect_grace:
                 self.declare_lost(Unavailable(
-                    f"{self.peer} lost: no heartbeat for {silent:.1f}s"))
-            elif self._probe_due(now, silent):
-                self._last_probe = now
-                self._probing = asyncio.create_task(self._run_probe(silent))
+                    f"broker unavailable for {now - self._disconnected_since:.1f}s"))
+            return
+        if self._disconnected_since is not None:
+            # Back after a broker blip: restart the peer's clock, repair the gap now.
+            self._disconnected_since = None
+            self._connected_since = now
+            self._last_heard = now
+            await self._ack()
+            await self.sender.retransmit(min_interval=0)
+        if self.receiver.ack_due() and now - self._last_ack >= TICK:
+            await self._ack()
+        await self.sender.tick()
+        if now - self._last_sent >= s.heartbeat or now - self._last_ack >= s.heartbeat:
+            # Sent while idle, and at least every interval: a lost ack is repeated too.
+            self._last_ack = now
+            await self._publish(
+                frames.encode(frames.HEARTBEAT, 0, [self.receiver.consumed,
+                                                    self.receiver.received])
+            )
+        silent = now - self._last_heard
+        if silent >= s.heartbeat * s.lost_after and self.lost is None:
+            self.declare_lost(Unavailable(
+                f"{self.peer} lost: no heartbeat for {silent:.1f}s"))
+        elif self._probe_due(now, silent):
+            self._last_probe = now
+            self._probing = asyncio.create_task(self._run_probe(silent))
 
     def _probe_due(self, now: float, silent: float) -> bool:
         s = self.settings
@@ -263,3 +284,69 @@ class SessionLink:
             self.declare_lost(Unavailable(
                 f"{self.peer} lost: no heartbeat for {silent:.1f}s and no longer connected "
                 "to the broker"))
+
+
+class LinkHub:
+    """Shared subscriptions and one timer for many links of one NATS connection.
+
+    A wildcard is subscribed while at least one link routes through it; a frame whose
+    subject belongs to no link (a session already gone, an agent's liveness beat) is
+    dropped, as a closed link's subscription would have dropped it.
+    """
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self._links: dict[str, SessionLink] = {}
+        self._subs: dict[str, list] = {}  # wildcard -> [links using it, subscribing task]
+        self._ticker: asyncio.Task | None = None
+
+    async def attach(self, link: SessionLink, wildcard: str) -> None:
+        self._links[link.recv_subject] = link
+        entry = self._subs.get(wildcard)
+        if entry is None:
+            entry = self._subs[wildcard] = [0, asyncio.ensure_future(self.nc.subscribe(
+                wildcard, cb=self._on_msg, pending_msgs_limit=1 << 20,
+                pending_bytes_limit=1 << 30))]
+        entry[0] += 1
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.create_task(self._tick())
+        try:
+            await asyncio.shield(entry[1])
+        except BaseException:
+            await self.detach(link, wildcard)
+            raise
+
+    async def detach(self, link: SessionLink, wildcard: str) -> None:
+        if self._links.get(link.recv_subject) is link:
+            del self._links[link.recv_subject]
+        entry = self._subs.get(wildcard)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] > 0:
+            return
+        del self._subs[wildcard]
+        try:
+            sub = await entry[1]
+            await sub.unsubscribe()
+        except Exception:  # never subscribed, or the connection is closed or reconnecting
+            pass
+
+    async def _on_msg(self, msg: Any) -> None:
+        link = self._links.get(msg.subject)
+        if link is not None:
+            await link._on_msg(msg)
+
+    async def _tick(self) -> None:
+        while self._links:
+            await asyncio.sleep(TICK)
+            for link in list(self._links.values()):
+                try:
+                    await link.tick()
+                except Exception as exc:  # one link's trouble must not stop the others
+                    garbage_log.warning("tick", "link %s: %s: %s", link.recv_subject,
+                                        type(exc).__name__, exc)
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()

@@ -31,6 +31,14 @@ class Subjects:
     def session_out(self, agent: str, session: str) -> str:
         return f"{self.prefix}.out.{agent}.{session}"
 
+    def agent_sessions_in(self, agent: str) -> str:
+        """Every session's input to the agent: its LinkHub subscription."""
+        return f"{self.prefix}.in.{agent}.*"
+
+    def agent_sessions_out(self, agent: str) -> str:
+        """Every session's output of the agent: the apiserver's LinkHub subscription."""
+        return f"{self.prefix}.out.{agent}.*"
+
     def agent_in_all(self, agent: str) -> str:
         return f"{self.prefix}.in.{agent}.>"
 

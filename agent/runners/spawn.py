@@ -12,6 +12,12 @@ binary that user cannot reach fails as it would for them (126/127, permission de
 and root never looks anywhere on the caller's behalf. A failure is written to a report
 pipe (close-on-exec, so a successful exec closes it with no bytes) and the child leaves
 with os._exit whatever happens: it never returns into the agent's code.
+
+The same child is also written in C (agent/runners/_vspawn.c, built when a compiler is
+there) and started by vfork: a fork copies the agent's page tables and faults its heap in,
+several milliseconds per child that grow with the agent, where a vfork costs ~0.3 ms.
+fork_child uses it when it is built and the plan has no isolation; RUNE_SPAWN=fork chooses
+the Python child.
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ from rune.agent.isolation import Isolation
 from rune.agent.runners.base import CommandUnavailable, resolve_executable
 
 from rune.errors import Internal
+
+try:
+    from rune.agent.runners import _vspawn
+except ImportError:  # built without a C compiler: the Python child below does it all
+    _vspawn = None
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _PR_SET_PDEATHSIG = 1
@@ -150,7 +161,7 @@ def fork_child(plan: ChildPlan, stdio: tuple[int, int, int],
     """Forks the child on the given stdio descriptors; returns (pid, report pipe)."""
     report_r, report_w = os.pipe()  # close-on-exec both: a successful exec closes it
     try:
-        pid = os.fork()
+        pid = _vfork(plan, stdio, terminal, report_w) if _use_vfork(plan) else os.fork()
     except BaseException:
         os.close(report_r)
         os.close(report_w)
@@ -159,6 +170,31 @@ def fork_child(plan: ChildPlan, stdio: tuple[int, int, int],
         _child(plan, report_w, stdio, terminal)
     os.close(report_w)
     return pid, report_r
+
+
+def _use_vfork(plan: ChildPlan) -> bool:
+    # Isolation (agent/isolation.py) is Python run in the child: that child forks.
+    return (_vspawn is not None and plan.isolation is None
+            and os.environ.get("RUNE_SPAWN") != "fork")
+
+
+def _vfork(plan: ChildPlan, stdio: tuple[int, int, int], terminal: int | None,
+           report_w: int) -> int:
+    """The C child of _vspawn.c; a plan it cannot carry (a NUL in argv, a value that is no
+    string) fails here as the Python child reports it."""
+    try:
+        argv = [os.fsencode(a) for a in plan.argv]
+        env = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in plan.env.items()]
+        path = plan.env.get("PATH")
+        account = plan.account
+        return _vspawn.vspawn(
+            argv, env, os.fsencode(plan.cwd), None if path is None else os.fsencode(path),
+            (account.name if account else "the agent").encode(errors="replace"),
+            account is not None, account.uid if account else 0,
+            account.gid if account else 0, list(account.groups) if account else [],
+            plan.die_with or 0, stdio, -1 if terminal is None else terminal, report_w)
+    except (TypeError, ValueError) as exc:
+        raise SpawnFailed(f"cannot start the command: {exc!r}") from None
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
