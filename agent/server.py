@@ -145,12 +145,6 @@ class Agent:
         if isinstance(data, dict) and data.get("kind") == BATCH_KIND:
             await self._respond(msg, {"opened": await self._open_batch(data.get("opens"))})
             return
-        if isinstance(data, dict) and data.get("kind") in COPY_KINDS:
-            try:
-                await self._reply(msg, await self.copies.answer(data))
-            except Exception as exc:
-                await self._reply(msg, _malformed(exc))
-            return
         await self._reply(msg, await self._answer(data))
 
     async def _open_batch(self, opens: object) -> list[dict]:
@@ -172,7 +166,15 @@ class Agent:
         return await self._answer(data)
 
     async def _answer(self, data: object) -> ExecOpened:
-        """The reply to one exec request; never raises."""
+        """The reply to one open, exec or copy, alone or in a batch; never raises."""
+        if isinstance(data, dict) and data.get("kind") in COPY_KINDS:
+            try:
+                return await self.copies.answer(data)
+            except Exception as exc:
+                return _malformed(exc)
+        return await self._answer_exec(data)
+
+    async def _answer_exec(self, data: object) -> ExecOpened:
         try:
             request = ExecOpen.model_validate(data)
         except Exception as exc:  # ValidationError, anything a field raises

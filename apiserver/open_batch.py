@@ -5,12 +5,13 @@ Each member of a fan-out is its own session in the core, which opens it on the a
 and 1,000 agent-side tasks; here the opens that are waiting for an agent in the same turn
 of the loop leave together, as one `rune.agent.<agent>.exec` request:
 
-    request  {"kind": "exec_batch", "opens": [<packed ExecOpen>, ...]}
+    request  {"kind": "exec_batch", "opens": [<packed open>, ...]}   exec or copy opens
     reply    {"opened": [<ExecOpened as a map>, ...]}       same order, one per open
 
-Every open is still validated on its own by the agent and answered on its own, so one bad
-or refused open fails only its own session. An open alone, or one too large to share a
-message, goes as the plain single request, as before.
+Every open (an ExecOpen, or a copy's open, kinds 30-34) is still validated on its own by the
+agent and answered as the plain request would be, so one bad or refused open fails only its
+own session. An open alone, or one too large to share a message, goes as the plain single
+request, as before.
 """
 
 from __future__ import annotations
