@@ -85,7 +85,13 @@ def test_dev_without_cp_write_in_prod_is_refused_and_audited(secure, tmp_path: P
                           and e.get("argv", [None])[0] == "rune-cp" and e.get("user") == DEV_USER)
     assert denied and denied[0]["argv"] == ["rune-cp", "cp-write", "x", str(dest)]
     assert denied[0]["code"] == "permission_denied"
-    time.sleep(1)  # anything published late for the same copy would be in by now
+    # A second refused copy: the audit stream keeps its order, so once its denial is in,
+    # anything published for the first copy is in too.
+    marker = tmp_path / "marker"
+    rune(secure, DEV_USER, "cp", "--no-progress", "-n", "prod", str(tmp_path / "x"),
+         f"db:{marker}")
+    assert audit_events(secure, "prod",
+                        lambda e: e.get("argv") == ["rune-cp", "cp-write", "x", str(marker)])
     argv = ["rune-cp", "cp-write", "x", str(dest)]
     events = audit_events(secure, "prod", lambda e: e.get("argv") == argv)
     assert [e["event"] for e in events] == ["session.denied"]  # audited once, nothing else

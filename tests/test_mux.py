@@ -332,7 +332,7 @@ def test_background_job_leaves_the_terminal_to_the_shell(stack, own_mux_dir, mux
         shell.expect_exact("typed:42")
         shell.expect_exact("prompt$ ")
         shell.sendline("fg")
-        time.sleep(1.0)  # the session starts (or resumes) in the foreground
+        shell.expect_exact("echo got:$line")  # bash names the job it gives the terminal
         shell.sendline("mine")
         shell.expect_exact("got:mine")
         shell.expect_exact("prompt$ ")
@@ -384,7 +384,7 @@ def test_job_sent_to_the_background_stops_again_for_tty_input(mrune, own_mux_dir
         shell.expect_exact("typed:42")
         shell.expect_exact("prompt$ ")
         shell.sendline("fg")
-        time.sleep(1.0)
+        shell.expect_exact("echo got:$a")  # bash names the job it gives the terminal
         shell.sendline("mine")
         shell.expect_exact("got:mine")
     finally:
