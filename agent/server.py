@@ -198,10 +198,7 @@ class Agent:
             log.warning("cannot answer exec request: %s", exc)
 
     async def _reply(self, msg: object, reply: ExecOpened) -> None:
-        try:
-            await msg.respond(frames.pack(reply.model_dump()))
-        except Exception as exc:
-            log.warning("cannot answer exec request: %s", exc)
+        await self._respond(msg, reply.model_dump())
 
     async def _open(self, request: ExecOpen) -> ExecOpened:
         info = self.lookup(request.namespace, request.instance_id)
