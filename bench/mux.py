@@ -2,6 +2,8 @@
 
 Every rune row here runs the `rune` console script (the fast path) with a multiplexer
 socket directory of the bench's own, so no user's multiplexer is used or left behind.
+The rows run rune as users install it, from the wheel of this tree in a venv of the
+bench's own (bench/installed.py); one more warm row runs the editable install beside it.
 
     python bench/mux.py [--runs 200] [--size-mib 1024]
 """
@@ -24,23 +26,23 @@ if __name__ == "__main__":  # `python bench/mux.py`: the repo root holds bench/
 
 from bench import rows  # noqa: E402
 from bench.context import BenchContext, Sizes  # noqa: E402
+from bench.installed import build_wheel, wheel_venv  # noqa: E402
 from bench.keystroke_echo import ECHO, echo_times  # noqa: E402
 from bench.procs import drain, timed_run, timed_runs  # noqa: E402
 
 SECTION = "6. the CLI multiplexer"
 WARM, NOMUX, COLD = "mux.warm", "mux.nomux", "mux.cold"  # cold: compare with nomux by eye
+WARM_EDITABLE = "mux.warm_editable"
 COLD_RUNS = 20
 
 
 class MuxRuns:
     """`rune` command lines against the bench's stack, with or without a multiplexer."""
 
-    def __init__(self, ctx: BenchContext) -> None:
+    def __init__(self, ctx: BenchContext, script: Path) -> None:
         self.ctx = ctx
         self.folder = tempfile.mkdtemp(prefix="rmux-bench-")
-        script = Path(sys.executable).parent / "rune"
-        self.rune = [str(script)] if script.exists() else [sys.executable, "-m",
-                                                            "rune.cli.main"]
+        self.rune = [str(script)]
         self.env = {**ctx.env, "RUNE_MUX_DIR": self.folder, "RUNE_MUX": "auto"}
 
     def argv(self, *args: str, mux: bool = True) -> list[str]:
@@ -69,13 +71,22 @@ class MuxRuns:
 
 def run(ctx: BenchContext) -> list[dict]:
     n, warmup, size = ctx.sizes.cli_n, ctx.sizes.warmup, ctx.sizes.stream_bytes
-    runs = MuxRuns(ctx)
+    install = ctx.workdir / "wheel-install"
+    install.mkdir(exist_ok=True)
+    wheel_venv(install / "venv", build_wheel(install))
+    runs = MuxRuns(ctx, install / "venv" / "bin" / "rune")
+    editable = MuxRuns(ctx, Path(sys.executable).parent / "rune")
     true = (ctx.target, "true")
     out: list[dict] = []
     try:
-        out.append(_guard(WARM, "`rune exec api true`, warm multiplexer", lambda: rows.latency(
-            WARM, SECTION, "`rune exec api true`, warm multiplexer",
-            timed_runs(runs.argv(*true), n, warmup, runs.env))))
+        warm = "`rune exec api true`, warm multiplexer (wheel install)"
+        out.append(_guard(WARM, warm, lambda: rows.latency(
+            WARM, SECTION, warm, timed_runs(runs.argv(*true), n, warmup, runs.env))))
+        warm_editable = "`rune exec api true`, warm multiplexer (editable install)"
+        out.append(_guard(WARM_EDITABLE, warm_editable, lambda: rows.latency(
+            WARM_EDITABLE, SECTION, warm_editable,
+            timed_runs(editable.argv(*true), n, warmup, editable.env), ref=WARM)))
+        editable.close()
         out.append(_guard(NOMUX, "`rune --no-mux exec api true`", lambda: rows.latency(
             NOMUX, SECTION, "`rune --no-mux exec api true`",
             timed_runs(runs.argv(*true, mux=False), n, warmup, runs.env), ref=WARM)))
@@ -103,6 +114,7 @@ def run(ctx: BenchContext) -> list[dict]:
                                   ctx.sizes.echo_n, warmup, runs.env),
                                   ref=None if mux else "mux.echo")))
     finally:
+        editable.close()
         runs.close()
     return out
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
+from bench.installed import build_wheel, wheel_venv
 from tests.conftest import ROOT
 
 PROGRAMS = ("rune", "rune-apiserver", "rune-agent")
@@ -17,14 +15,7 @@ PROGRAMS = ("rune", "rune-apiserver", "rune-agent")
 
 def test_wheel_installs_under_the_rune_namespace_and_runs(tmp_path: Path):
     """The wheel holds only rune/…; installed in a fresh venv, its three programs start."""
-    dist, source = tmp_path / "dist", tmp_path / "source"
-    # A copy: the wheel build writes build/ and *.egg-info next to the sources.
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "*.egg-info", "__pycache__", "tests", "bench"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(dist), str(source)], check=True, timeout=300,
-                   capture_output=True)
-    wheel = next(dist.glob("rune_exec-*.whl"))
+    wheel = build_wheel(tmp_path)
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"rune"}
     names = zipfile.ZipFile(wheel).namelist()
@@ -42,15 +33,7 @@ def test_wheel_installs_under_the_rune_namespace_and_runs(tmp_path: Path):
         assert module in names
 
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
-                   timeout=120)
-    site = Path(sysconfig.get_path("purelib", vars={"base": str(venv),
-                                                    "platbase": str(venv)}))
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
-                    "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True,
-                   timeout=300, capture_output=True)
-    # The dependencies come from this interpreter's environment, not the project tree.
-    (site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    site = wheel_venv(venv, wheel)
     assert not any((site / name).exists() for name in ("cli", "agent", "apiserver",
                                                        "broker_config"))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
