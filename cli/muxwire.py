@@ -2,7 +2,9 @@
 
 Standard library only: the `rune` fast path imports this and nothing heavy.
 
-A message is a 4-byte big-endian length and a JSON object with a type `t`. The
+A message is a 4-byte big-endian length and a mapping with a type `t`, in the small
+tagged encoding below (not JSON: `json` loads `re` and `enum`, which would cost the
+fast path more than everything else it imports). The
 client's first message (`hello`) carries its stdin, stdout and stderr as SCM_RIGHTS
 descriptors; after it come `signal` messages, and the multiplexer answers
 `accepted` (or `refused` with a reason), `suspended` (after a SIGTSTP, once the
@@ -13,7 +15,6 @@ control requests of `rune mux`.
 from __future__ import annotations
 
 import _socket
-import json
 import os
 import stat
 import struct
@@ -78,9 +79,110 @@ def peer_uid(sock: socket | _socket.socket) -> int:
     return struct.unpack("3i", creds)[1]
 
 
+MAX_DEPTH = 4  # a hello's env is a mapping inside the message: nothing needs more
+
+
+def _put(value: object, out: list[bytes], depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise ValueError("message nested too deeply")
+    if value is None or value is True or value is False:
+        out.append(b"N" if value is None else b"T" if value else b"F")
+    elif isinstance(value, int):
+        out.append(b"i%d;" % value)
+    elif isinstance(value, float):
+        out.append(b"f" + repr(value).encode() + b";")
+    elif isinstance(value, str):
+        # surrogateescape: argv words and environment values need not be UTF-8
+        data = value.encode("utf-8", "surrogateescape")
+        out += (b"s%d:" % len(data), data)
+    elif isinstance(value, (list, tuple)):
+        out.append(b"l%d:" % len(value))
+        for item in value:
+            _put(item, out, depth + 1)
+    elif isinstance(value, dict):
+        out.append(b"d%d:" % len(value))
+        for key, item in value.items():
+            _put(str(key), out, depth + 1)
+            _put(item, out, depth + 1)
+    else:
+        raise TypeError(f"cannot send a {type(value).__name__}")
+
+
 def encode(message: dict) -> bytes:
-    body = json.dumps(message, separators=(",", ":")).encode()
+    parts: list[bytes] = []
+    _put(message, parts, 0)
+    body = b"".join(parts)
+    if len(body) > MAX_MESSAGE:
+        raise ValueError(f"message of {len(body)} bytes is too large")
     return HEADER.pack(len(body)) + body
+
+
+class _Parser:
+    """Reads one encoded value; every count and length is checked against what is there."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.at = 0
+
+    def _number(self, end: bytes) -> bytes:
+        stop = self.body.find(end, self.at, self.at + 32)
+        if stop < 0:
+            raise ValueError("malformed message: a number without its end")
+        word = self.body[self.at:stop]
+        self.at = stop + 1
+        return word
+
+    def _count(self) -> int:
+        word = self._number(b":")
+        if not word.isdigit():
+            raise ValueError("malformed message: a bad length")
+        count = int(word)
+        if count > len(self.body) - self.at:  # each item takes at least one byte
+            raise ValueError("malformed message: a length past its end")
+        return count
+
+    def value(self, depth: int = 0) -> object:
+        if depth > MAX_DEPTH:
+            raise ValueError("message nested too deeply")
+        if self.at >= len(self.body):
+            raise ValueError("malformed message: it ends early")
+        tag = self.body[self.at:self.at + 1]
+        self.at += 1
+        if tag in (b"N", b"T", b"F"):
+            return None if tag == b"N" else tag == b"T"
+        if tag == b"i":
+            word = self._number(b";")
+            if not word.lstrip(b"-").isdigit():
+                raise ValueError("malformed message: a bad integer")
+            return int(word)
+        if tag == b"f":
+            return float(self._number(b";").decode("ascii"))
+        if tag == b"s":
+            size = self._count()
+            data = self.body[self.at:self.at + size]
+            self.at += size
+            return data.decode("utf-8", "surrogateescape")
+        if tag == b"l":
+            return [self.value(depth + 1) for _ in range(self._count())]
+        if tag == b"d":
+            mapping = {}
+            for _ in range(self._count()):
+                key = self.value(depth + 1)
+                if not isinstance(key, str):
+                    raise ValueError("malformed message: a key that is not text")
+                mapping[key] = self.value(depth + 1)
+            return mapping
+        raise ValueError(f"malformed message: unknown tag {tag!r}")
+
+
+def decode(body: bytes) -> dict:
+    parser = _Parser(body)
+    message = parser.value()
+    if not isinstance(message, dict):
+        raise ValueError("a message must be a mapping")
+    if parser.at != len(body):
+        raise ValueError("malformed message: bytes after its end")
+    return message
 
 
 class Reader:
@@ -100,10 +202,7 @@ class Reader:
                 break
             body = bytes(self._buffer[HEADER.size:HEADER.size + size])
             del self._buffer[:HEADER.size + size]
-            message = json.loads(body)
-            if not isinstance(message, dict):
-                raise ValueError("a message must be a JSON object")
-            messages.append(message)
+            messages.append(decode(body))
         return messages
 
 
