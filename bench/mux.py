@@ -24,6 +24,8 @@ from pathlib import Path
 if __name__ == "__main__":  # `python bench/mux.py`: the repo root holds bench/
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from rune.cli import muxwire  # noqa: E402
+
 from bench import rows  # noqa: E402
 from bench.context import BenchContext, Sizes  # noqa: E402
 from bench.installed import build_wheel, wheel_venv  # noqa: E402
@@ -52,7 +54,7 @@ class MuxRuns:
     def stop(self) -> None:
         """Stops the multiplexer (if any) and waits until it has gone."""
         try:
-            pid = int(Path(self.folder, "mux.pid").read_text())
+            pid = int(Path(muxwire.pid_path(self.folder)).read_text())
         except (OSError, ValueError):
             return
         try:
@@ -60,7 +62,7 @@ class MuxRuns:
         except ProcessLookupError:
             return
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and Path(self.folder, "mux.sock").exists():
+        while time.monotonic() < deadline and Path(muxwire.socket_path(self.folder)).exists():
             time.sleep(0.01)
         time.sleep(0.05)
 

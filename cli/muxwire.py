@@ -66,12 +66,18 @@ def private_dir(path: str) -> str:
     return path
 
 
+# In the socket's name: a client never speaks to a multiplexer that cannot parse its
+# messages (one of another encoding would only drop the connection, so it could not
+# be told to step aside). The old one serves its own clients until it idles out.
+PROTOCOL = 2
+
+
 def socket_path(folder: str) -> str:
-    return os.path.join(folder, "mux.sock")
+    return os.path.join(folder, f"mux.{PROTOCOL}.sock")
 
 
 def pid_path(folder: str) -> str:
-    return os.path.join(folder, "mux.pid")
+    return os.path.join(folder, f"mux.{PROTOCOL}.pid")
 
 
 def peer_uid(sock: socket | _socket.socket) -> int:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from rune.cli import muxwire
 from rune.cli.devstack import Stack, free_port, wait_until
 
 # pexpect forks this process (forkpty), which has used gRPC: gRPC's fork handlers would
@@ -34,7 +35,7 @@ os.environ["RUNE_MUX_DIR"] = _mux["dir"]
 
 def mux_pid(folder: str) -> int | None:
     try:
-        return int(Path(folder, "mux.pid").read_text())
+        return int(Path(muxwire.pid_path(str(folder))).read_text())
     except (OSError, ValueError):
         return None
 

@@ -78,7 +78,7 @@ def test_open_socket_directory_is_refused_and_the_command_runs_here(mrune, tmp_p
                             env=env, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL)
     assert result.returncode == 0 and result.stdout == b"here\n"
     assert b"not using the multiplexer" in result.stderr and b"chmod 700" in result.stderr
-    assert not (folder / "mux.sock").exists()
+    assert not Path(muxwire.socket_path(str(folder))).exists()
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another user")
@@ -256,6 +256,24 @@ def test_mux_of_another_install_is_replaced(stack, own_mux_dir):
     new_pid = mux_pid(own_mux_dir)
     assert new_pid and new_pid != old_pid
     _wait(lambda: not _alive(old_pid), "the old multiplexer exiting")
+
+
+def test_mux_of_an_older_encoding_is_left_alone(mrune, own_mux_dir):
+    """A multiplexer of an earlier message encoding listens under another socket name: a
+    current client neither speaks to it (it would only drop the connection) nor falls
+    back to running in-process, but starts a current one beside it."""
+    older = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    older.bind(os.path.join(own_mux_dir, "mux.sock"))  # protocol 1's name
+    older.listen(8)
+    older.settimeout(0.5)
+    try:
+        result = mrune("exec", "api", "echo", "current")
+        assert (result.returncode, result.stdout, result.stderr) == (0, b"current\n", b"")
+        assert mux_pid(own_mux_dir)
+        with pytest.raises(TimeoutError):
+            older.accept()  # nobody knocked on the old socket
+    finally:
+        older.close()
 
 
 def test_status_and_stop(mrune, own_mux_dir):
