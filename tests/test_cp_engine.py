@@ -25,7 +25,7 @@ RESOLVERS = [pytest.param(True, id="openat2"), pytest.param(False, id="walk")]
 
 def copy(src_root: Path, sources: list[str], dst_root: Path, dest: str, *,
          recursive: bool = True, follow: bool = False, preserve: bool = False,
-         limits: CopyLimits | None = None, openat2: bool | None = None):
+         limits: CopyLimits | None = None, openat2: bool | None = None, pack: bool = False):
     """Reads `sources` inside src_root and writes them to `dest` inside dst_root."""
 
     async def run():
@@ -45,7 +45,7 @@ def copy(src_root: Path, sources: list[str], dst_root: Path, dest: str, *,
                     await sink.apply(kind, payload)
 
             sent, _ = await stream_tree(worker, TreeReader(rroot, recursive, follow),
-                                        sources, emit)
+                                        sources, emit, pack=pack)
             got = await sink.finish()
             return sent, got, errors + [str(e) for e in writer.errors]
         finally:
