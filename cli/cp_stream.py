@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 from rune.cli.client import ApiClient
 from rune.cli.cp_progress import CopyProgress
+from rune.cli.cp_wire import copy_stream
 from rune.cli.fanout_output import InstanceResult
 
 from rune.errors import InvalidArgument, Unavailable, from_wire
@@ -29,7 +30,6 @@ from rune.files.safepath import SafeRoot
 from rune.files.worker import FileWorker
 from rune.files.writer import CopyAborted, TreeWriter
 from rune.proto import exec_pb2 as pb
-from rune.proto import exec_pb2_grpc as pb_grpc
 
 Report = Callable[[str], None]
 
@@ -111,7 +111,7 @@ class CopyCall:
         self.plan = plan
         self.report = report
         self.progress = progress
-        self.call = pb_grpc.CopyServiceStub(client.channel).StreamCopy(metadata=client.metadata)
+        self.call = copy_stream(client.channel)(metadata=client.metadata)
         self.members: dict[str, Member] = {}
         self.local_failures = 0
         self._sink: TreeSink | StdoutSink | None = None

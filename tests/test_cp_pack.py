@@ -28,6 +28,7 @@ from rune.files.pack import (
 )
 from rune.files.safepath import SafeRoot
 from rune.files.writer import CapExceeded, CopyAborted, TreeWriter
+from rune.proto import exec_pb2 as pb
 
 
 def entry(path: str, data: bytes = b"", kind: str = "file", **over) -> dict:
@@ -242,3 +243,40 @@ def test_stdout_sink_takes_one_packed_file_and_refuses_more(tmp_path: Path) -> N
 
     with pytest.raises(InvalidArgument):
         asyncio.run(run([entry("a", b"1"), entry("b", b"2")]))
+
+
+@pytest.mark.parametrize("response", [
+    pb.CopyResponse(data=b"chunk" * 1000),
+    pb.CopyResponse(instance_id="api-instance-h1-0", data=bytes(range(256)) * 300),
+    pb.CopyResponse(data=b""),
+    pb.CopyResponse(instance_id="x", header=pb.FileHeader(path="a", kind="file", size=3)),
+    pb.CopyResponse(done=pb.CopyDone(files=2)),
+    pb.CopyResponse(pack=grpcwire.pack_pb([entry("t/a", b"a")])),
+])
+def test_cli_reads_data_responses_as_views_and_the_rest_as_protobuf(response) -> None:
+    from rune.cli.cp_wire import parse_response
+
+    raw = response.SerializeToString()
+    got = parse_response(raw)
+    assert got.WhichOneof("msg") == response.WhichOneof("msg")
+    assert got.instance_id == response.instance_id
+    if response.WhichOneof("msg") == "data":
+        assert bytes(got.data) == response.data
+    else:
+        assert got == response
+
+
+@pytest.mark.parametrize("raw", [b"\x22\x05abc", b"\x22\xff\xff", b"\x0a\x02\xff\xfe\x22\x00",
+                                 b"\x22\x01a\x22\x01b"])
+def test_cli_parses_odd_data_responses_as_protobuf_does(raw: bytes) -> None:
+    from google.protobuf.message import DecodeError
+    from rune.cli.cp_wire import parse_response
+
+    try:
+        want = pb.CopyResponse.FromString(raw)
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            parse_response(raw)
+        return
+    got = parse_response(raw)
+    assert bytes(got.data) == want.data and got.instance_id == want.instance_id
