@@ -280,3 +280,59 @@ def test_cli_parses_odd_data_responses_as_protobuf_does(raw: bytes) -> None:
         return
     got = parse_response(raw)
     assert bytes(got.data) == want.data and got.instance_id == want.instance_id
+
+
+@pytest.mark.parametrize("payload, why", [
+    ("nope", "malformed pack"),
+    ([entry(f"t/f{i}") for i in range(MAX_PACK_ENTRIES + 1)], "entries"),
+    ([entry(f"t/f{i}", bytes(1024 * 1024)) for i in range(5)], "bytes of data"),
+    ([entry("t/a", b"x", size="3")], "bad size"),
+])
+def test_apiserver_refuses_a_hostile_agents_pack(payload: object, why: str) -> None:
+    from rune.apiserver.copy_relay import _agent_pack
+
+    from rune.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match=why):
+        _agent_pack(payload)
+
+
+class _Link:
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, object, int]] = []
+
+    async def send(self, kind: int, payload: object = None, size: int = 0) -> None:
+        self.sent.append((kind, payload, size))
+
+
+def _kind(agent_packs: bool):
+    from rune.apiserver.copy_relay import CopyKind, audit_fields
+
+    kind = CopyKind.__new__(CopyKind)
+    kind.agent_packs = agent_packs
+    kind.summary = audit_fields({}, {})
+    return kind
+
+
+def test_apiserver_recuts_packs_for_the_agent_and_counts_what_passed() -> None:
+    entries = [entry("t", kind="dir")] + [entry(f"t/f{i}", os.urandom(200 * 1024))
+                                          for i in range(12)]
+    kind, link = _kind(True), _Link()
+    asyncio.run(kind._feed_pack(link, entries))
+    assert {k for k, _, _ in link.sent} == {frames.FILE_PACK} and len(link.sent) > 1
+    assert [e for _, p, _ in link.sent for e in p] == entries
+    assert all(0 < size <= PACK_BYTES for _, _, size in link.sent)
+    assert kind.summary["files"] == 12 and kind.summary["bytes"] == 12 * 200 * 1024
+
+
+def test_apiserver_unpacks_for_an_agent_that_takes_no_packs() -> None:
+    """An agent that did not say `packs` on open gets header, data, end per file."""
+    kind, link = _kind(False), _Link()
+    asyncio.run(kind._feed_pack(link, [entry("t", kind="dir"), entry("t/a", b"abc"),
+                                       entry("t/e")]))
+    assert [k for k, _, _ in link.sent] == [
+        frames.FILE_HEADER, frames.FILE_HEADER, frames.FILE_DATA, frames.FILE_END,
+        frames.FILE_HEADER, frames.FILE_END]
+    assert link.sent[2][1] == b"abc"
+    assert link.sent[3][1] == {"size": 3, "sha256": hashlib.sha256(b"abc").hexdigest()}
+    assert kind.summary["files"] == 2
