@@ -23,11 +23,20 @@ from rune import errors, frames
 from rune.errors import InvalidArgument, ResourceExhausted, Unavailable
 from rune.files import grpcwire
 from rune.files.models import CopyOpen
+from rune.files.pack import (
+    MAX_PACK_ENTRIES,
+    PackRefused,
+    check_pack,
+    pack_cost,
+    pack_data,
+    split_pack,
+)
 from rune.models import ExecOpened, InstanceInfo
 from rune.proto import exec_pb2 as pb
 
 COPY_REPLIES = frozenset((frames.FILE_HEADER, frames.FILE_DATA, frames.FILE_END,
-                          frames.FILE_ERROR, frames.COPY_DONE, frames.ERROR))
+                          frames.FILE_PACK, frames.FILE_ERROR, frames.COPY_DONE,
+                          frames.ERROR))
 QUEUE_DEPTH = 4  # messages (of up to ~1 MiB) waiting per member
 _DONE = object()
 
@@ -88,8 +97,13 @@ class Broadcast:
                 size = len(request.data) if which == "data" else request.ByteSize()
                 if size > self.max_message:
                     raise InvalidArgument("message exceeds the maximum message size")
-                if which not in ("header", "data", "end", "done"):
+                if which not in ("header", "data", "end", "pack", "done"):
                     raise InvalidArgument(f"unexpected {which or 'empty'} message in a copy")
+                if which == "pack":
+                    if len(request.pack.entries) > MAX_PACK_ENTRIES:
+                        raise InvalidArgument(f"a pack of more than {MAX_PACK_ENTRIES} "
+                                              "entries")
+                    sent += sum(len(e.data) for e in request.pack.entries)
                 if which == "data":
                     sent += len(request.data)
                     if self.max_bytes and sent > self.max_bytes:
@@ -122,6 +136,7 @@ class CopyKind:
         self.window = window
         self.tag = info.instance_id if run.fanout else ""
         self.session: Session | None = None
+        self.agent_packs = False  # the agent takes FILE_PACK frames (it says so on open)
         self.done: dict | None = None
         # The copy's audit summary, filled in as it goes (the core puts it on the ended or
         # failed event): a copy that never finishes still says what it asked, what passed.
@@ -134,16 +149,19 @@ class CopyKind:
                         instance_id=self.info.instance_id, timeout=session.spec.timeout,
                         user=record.user, window=self.window,
                         heartbeat=self.run.config.heartbeat,
-                        lost_after=self.run.config.lost_after, **self.request)
+                        lost_after=self.run.config.lost_after,
+                        pack=self.run.accept_pack, **self.request)
 
     async def started(self, session: Session, opened: ExecOpened) -> None:
         self.session = session
+        self.agent_packs = opened.packs
         record = session.record
         if not self.run.fanout:
             self.run.context.set_trailing_metadata((("rune-session", record.id),))
         await self.run.write(pb.CopyResponse(instance_id=self.tag, started=pb.Started(
             session_id=record.id, instance_id=self.info.instance_id, host=record.host,
-            agent=self.info.agent, service=self.info.service, runner=self.info.runner)))
+            agent=self.info.agent, service=self.info.service, runner=self.info.runner),
+            accept_pack=True))
 
     async def output(self, session: Session, kind: int, data: bytes) -> None:
         return None  # a copy's frames go through relay()
@@ -172,9 +190,43 @@ class CopyKind:
             elif which == "end":
                 self._passed(item.end.size, item.end.error)
                 await link.send(frames.FILE_END, grpcwire.end_dict(item.end))
+            elif which == "pack":
+                await self._feed_pack(link, grpcwire.pack_entries(item.pack))
             else:
                 await link.send(frames.COPY_DONE, {})
                 return
+
+    async def _feed_pack(self, link: Any, entries: list[dict[str, Any]]) -> None:
+        """A client's pack onto the link: re-cut to fit frames, or unpacked for an agent
+        that takes no packs."""
+        if not self.agent_packs:
+            for entry in entries:
+                await self._feed_unpacked(link, entry)
+            return
+        try:
+            parts = list(split_pack(entries))
+        except PackRefused as exc:
+            raise InvalidArgument(str(exc)) from None
+        for part in parts:
+            for entry in part:
+                if entry["kind"] == "file":
+                    self._passed(entry["size"], "")
+            # Against the credit as the bytes it takes, like data.
+            await link.send(frames.FILE_PACK, part, pack_cost(part))
+
+    async def _feed_unpacked(self, link: Any, entry: dict[str, Any]) -> None:
+        data = entry.pop("data", b"")
+        digest = entry.pop("sha256", "")
+        await link.send(frames.FILE_HEADER, entry)
+        if entry["kind"] != "file":
+            if data:
+                raise InvalidArgument("data packed with a directory or symlink")
+            return
+        for i in range(0, len(data), frames.MAX_DATA):
+            chunk = data[i:i + frames.MAX_DATA]
+            await link.send(frames.FILE_DATA, chunk, len(chunk))
+        self._passed(entry["size"], "")
+        await link.send(frames.FILE_END, {"size": entry["size"], "sha256": digest})
 
     async def relay(self, session: Session) -> None:
         """The agent's frames until its done (or error); done sets the exit and audit."""
@@ -187,11 +239,17 @@ class CopyKind:
             except Unavailable as exc:
                 raise Unavailable(f"{exc}; the copy ended") from None
             record.last_io = time.monotonic()
+            if kind == frames.FILE_PACK:
+                payload = _agent_pack(payload)
             response = self._response(kind, payload)
-            if kind == frames.FILE_DATA:
-                received += len(payload)
+            if kind in (frames.FILE_DATA, frames.FILE_PACK):
+                received += len(payload) if kind == frames.FILE_DATA else pack_data(payload)
                 if cap and received > cap:
                     raise ResourceExhausted(f"copy exceeds its cap of {cap} bytes")
+                if kind == frames.FILE_PACK:
+                    for entry in payload:
+                        if entry.get("kind") == "file":
+                            self._passed(entry.get("size"), "")
             elif kind == frames.ERROR:
                 await link.flush_ack()
                 raise errors.from_wire(payload)
@@ -221,6 +279,12 @@ class CopyKind:
         tag = self.tag
         if kind == frames.FILE_DATA:
             return pb.CopyResponse(instance_id=tag, data=payload)
+        if kind == frames.FILE_PACK:
+            try:
+                return pb.CopyResponse(instance_id=tag, pack=grpcwire.pack_pb(payload))
+            except (ValueError, TypeError) as exc:
+                raise InvalidArgument(f"refused what the instance sent: a malformed pack "
+                                      f"({type(exc).__name__})") from None
         if not isinstance(payload, dict):
             return None
         if kind == frames.FILE_HEADER:
@@ -234,6 +298,19 @@ class CopyKind:
         if kind == frames.COPY_DONE:
             return pb.CopyResponse(instance_id=tag, done=grpcwire.done_pb(payload))
         return None
+
+
+def _agent_pack(payload: object) -> list[dict[str, Any]]:
+    """An agent's pack, its shape checked before it goes to the client (which checks
+    every entry again as it writes)."""
+    try:
+        entries = check_pack(payload)
+        for entry in entries:
+            if not isinstance(entry.get("size", 0), int):
+                raise PackRefused("packed entry with a bad size")
+        return entries
+    except PackRefused as exc:
+        raise InvalidArgument(f"refused what the instance sent: {exc}") from None
 
 
 def asked_fields(kind: str, paths: list[str], dest: str) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from rune.apiserver.fanout import select
 from rune.apiserver.service import ExecService
 
 from rune.errors import InvalidArgument, RuneError
-from rune.files.heap import keep_freed_buffers
 from rune.files.models import COPY_KINDS, check_path
 from rune.models import InstanceInfo
 from rune.proto import exec_pb2 as pb
@@ -76,6 +75,7 @@ class CopyRun:
                                    self.config.max_message, self.config.cp.limits.max_bytes)
         self._lock = asyncio.Lock()
         self.asked = asked_fields(init.kind, list(init.paths), init.dest)
+        self.accept_pack = init.accept_pack  # the client reads packed small files
         self.request = {
             "kind": init.kind, "paths": list(init.paths) if init.kind == "cp-read" else [],
             "dest": init.dest if init.kind == "cp-write" else "",
@@ -93,7 +93,6 @@ class CopyService(pb_grpc.CopyServiceServicer):
         self.core = exec_service.core
         self.admission = exec_service.admission
         self.config = exec_service.config
-        keep_freed_buffers()  # the relay's chunks reuse warm pages (rune/files/heap.py)
 
     async def StreamCopy(self, request_iterator: object,  # noqa: N802 - gRPC's name
                          context: grpc.aio.ServicerContext) -> None:
@@ -138,7 +137,8 @@ class CopyService(pb_grpc.CopyServiceServicer):
             await run.write(pb.CopyResponse(plan=pb.FanoutPlan(instances=[
                 pb.Instance(namespace=i.namespace, service=i.service,
                             instance_id=i.instance_id, state=i.state, host=i.host,
-                            agent=i.agent, runner=i.runner) for i in targets])))
+                            agent=i.agent, runner=i.runner) for i in targets]),
+                accept_pack=True))
             await asyncio.gather(*(self._member(run, identity, spec, i, received)
                                    for i in targets))
         else:

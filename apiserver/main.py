@@ -138,7 +138,9 @@ def main_command(
     if bool(settings.tls_cert) != bool(settings.tls_key):
         _fail("--tls-cert and --tls-key go together")
     from rune.errors import RuneError
+    from rune.files.heap import keep_freed_buffers
 
+    keep_freed_buffers()  # process-wide: relayed chunks reuse warm pages (rune/files/heap.py)
     try:
         run(serve(settings))
     except (OSError, ValueError, RuneError) as exc:

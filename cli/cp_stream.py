@@ -17,18 +17,19 @@ from dataclasses import dataclass, field
 import grpc
 from rune.cli.client import ApiClient
 from rune.cli.cp_progress import CopyProgress
+from rune.cli.cp_wire import copy_stream
 from rune.cli.fanout_output import InstanceResult
 
 from rune.errors import InvalidArgument, Unavailable, from_wire
 from rune.files import grpcwire
 from rune.files.entries import CopyLimits
+from rune.files.pack import PackRefused, check_pack, pack_data
 from rune.files.pump import TreeSink, stream_tree
 from rune.files.reader import CHUNK, TreeReader, safepath_reason
 from rune.files.safepath import SafeRoot
 from rune.files.worker import FileWorker
 from rune.files.writer import CopyAborted, TreeWriter
 from rune.proto import exec_pb2 as pb
-from rune.proto import exec_pb2_grpc as pb_grpc
 
 Report = Callable[[str], None]
 
@@ -67,6 +68,18 @@ class StdoutSink:
         self.errors: list[str] = []
 
     async def apply(self, kind: str, payload: object) -> None:
+        if kind == "pack":
+            try:
+                check_pack(payload)
+            except PackRefused as exc:
+                raise CopyAborted(str(exc)) from None
+            for entry in payload:
+                await self.apply("header", entry)
+                if entry.get("data"):
+                    await self.apply("data", entry["data"])
+                await self.apply("end", {"size": entry.get("size"),
+                                         "sha256": entry.get("sha256")})
+            return
         if kind == "header":
             self.files += 1
             if payload.get("kind") != "file" or self.files > 1:
@@ -98,10 +111,11 @@ class CopyCall:
         self.plan = plan
         self.report = report
         self.progress = progress
-        self.call = pb_grpc.CopyServiceStub(client.channel).StreamCopy(metadata=client.metadata)
+        self.call = copy_stream(client.channel)(metadata=client.metadata)
         self.members: dict[str, Member] = {}
         self.local_failures = 0
         self._sink: TreeSink | StdoutSink | None = None
+        self.server_packs = False  # the server takes packed small files (rune/files/pack.py)
         self.worker = FileWorker()
         self.root = SafeRoot.at("/")
 
@@ -133,7 +147,7 @@ class CopyCall:
                            dest=p.dest if p.upload else "", recursive=p.recursive,
                            follow_links=p.follow, preserve=p.preserve, chown=p.chown,
                            timeout_seconds=p.timeout, all=p.fanout,
-                           multiple=len(p.sources) > 1)
+                           multiple=len(p.sources) > 1, accept_pack=True)
         try:
             await self.call.write(pb.CopyRequest(init=init))
         except asyncio.InvalidStateError:
@@ -143,6 +157,7 @@ class CopyCall:
         first = await self._read()
         if first is None:
             raise Unavailable("the API server closed the stream before the copy started")
+        self.server_packs = first.accept_pack
         if first.WhichOneof("msg") == "error" and not p.fanout:
             raise from_wire({"code": first.error.code, "message": first.error.message})
         if first.WhichOneof("msg") == "plan":
@@ -203,6 +218,10 @@ class CopyCall:
                 self.progress.advance(len(payload))
             elif kind == "end":
                 await self._write(pb.CopyRequest(end=grpcwire.end_pb(payload)))
+            elif kind == "pack":
+                self.progress.expect(sum(e.get("size", 0) for e in payload))
+                await self._write(pb.CopyRequest(pack=grpcwire.pack_pb(payload)))
+                self.progress.advance(pack_data(payload))
             else:
                 self.local_failures += 1
                 self.report(f"{payload['path']}: {payload['message']}")
@@ -211,7 +230,7 @@ class CopyCall:
             await self._send_stdin(emit)
         else:
             reader = TreeReader(self.root, recursive=p.recursive, follow=p.follow)
-            await stream_tree(self.worker, reader, p.sources, emit)
+            await stream_tree(self.worker, reader, p.sources, emit, pack=self.server_packs)
         await self._write(pb.CopyRequest(done=pb.CopyDone()))
         try:
             await self.call.done_writing()
@@ -271,7 +290,7 @@ class CopyCall:
         member = self.members.get(key)
         if member is None:
             return
-        if which in ("header", "data", "end"):
+        if which in ("header", "data", "end", "pack"):
             await self._download(member, which, response)
         elif which == "file_error":
             member.failed += 1
@@ -296,6 +315,10 @@ class CopyCall:
         elif which == "data":
             payload = response.data
             self.progress.advance(len(payload))
+        elif which == "pack":
+            payload = grpcwire.pack_entries(response.pack)
+            self.progress.expect(sum(max(e["size"], 0) for e in payload))
+            self.progress.advance(pack_data(payload))
         else:
             payload = grpcwire.end_dict(response.end)
         try:

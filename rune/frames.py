@@ -27,6 +27,7 @@ FILE_DATA = 31  # payload bytes of the current file
 FILE_END = 32  # payload {"size": int, "sha256": hex}
 FILE_ERROR = 33  # payload {"path": str, "message": str}: one file not copied
 COPY_DONE = 34  # payload {"files", "bytes", "manifest_sha256", ...}: the stream is complete
+FILE_PACK = 35  # payload [entry, ...]: small files whole, dirs, symlinks (rune/files/pack.py)
 # both directions, unsequenced
 ACK = 20  # payload: highest contiguous sequence number consumed
 HEARTBEAT = 21  # payload: highest contiguous sequence number received
@@ -36,6 +37,7 @@ NAMES = {
     STDIN_EOF: "stdin_eof", RESIZE: "resize", SIGNAL: "signal", CLOSE: "close",
     ACK: "ack", HEARTBEAT: "heartbeat", FILE_HEADER: "file_header", FILE_DATA: "file_data",
     FILE_END: "file_end", FILE_ERROR: "file_error", COPY_DONE: "copy_done",
+    FILE_PACK: "file_pack",
 }
 DATA_KINDS = frozenset((STDOUT, STDERR, STDIN, FILE_DATA))
 

@@ -91,6 +91,7 @@ class ExecOpened(BaseModel):
     host: str = ""
     pid: int = 0
     error: dict | None = None
+    packs: bool = False  # a copy: the agent takes FILE_PACK frames (rune/files/pack.py)
 
 
 def first_problem(exc: ValueError) -> str:

@@ -25,7 +25,7 @@ RESOLVERS = [pytest.param(True, id="openat2"), pytest.param(False, id="walk")]
 
 def copy(src_root: Path, sources: list[str], dst_root: Path, dest: str, *,
          recursive: bool = True, follow: bool = False, preserve: bool = False,
-         limits: CopyLimits | None = None, openat2: bool | None = None):
+         limits: CopyLimits | None = None, openat2: bool | None = None, pack: bool = False):
     """Reads `sources` inside src_root and writes them to `dest` inside dst_root."""
 
     async def run():
@@ -45,7 +45,7 @@ def copy(src_root: Path, sources: list[str], dst_root: Path, dest: str, *,
                     await sink.apply(kind, payload)
 
             sent, _ = await stream_tree(worker, TreeReader(rroot, recursive, follow),
-                                        sources, emit)
+                                        sources, emit, pack=pack)
             got = await sink.finish()
             return sent, got, errors + [str(e) for e in writer.errors]
         finally:
@@ -445,3 +445,22 @@ def test_small_files_become_visible_only_once_synced(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     errors = feed(tmp_path, ".", [e for i in range(50) for e in file_entries(f"f{i}", b"y")])
     assert errors == [] and len(list(tmp_path.iterdir())) == 50
+
+
+def test_a_batch_is_renamed_only_after_its_sync_and_a_stop_mid_sync_leaves_no_temp(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While one batch syncs the next is written; the synced batch is in place, the one
+    still syncing when the copy stops is removed, temporary files and all."""
+    import rune.files.writer as writer_module
+
+    monkeypatch.setattr(writer_module, "BATCH_FILES", 10)
+    root = SafeRoot.at(str(tmp_path))
+    writer = TreeWriter(root, ".")
+    for i in range(25):
+        for kind, payload in file_entries(f"f{i:02d}", b"z" * i):
+            getattr(writer, kind)(payload)
+    writer.close()
+    root.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f"f{i:02d}" for i in range(10)]
+    assert all((tmp_path / f"f{i:02d}").read_bytes() == b"z" * i for i in range(10))

@@ -10,7 +10,6 @@ from rune.agent.files.roots import InstanceFiles, container_files, process_files
 from rune.agent.files.session import COPY_ACCEPTS, CopySession
 
 from rune.errors import InvalidArgument, NotFound, NotRunning, ResourceExhausted, RuneError
-from rune.files.heap import keep_freed_buffers
 from rune.files.models import CopyOpen
 from rune.files.worker import FileWorker
 from rune.link import LinkSettings, SessionLink
@@ -30,7 +29,6 @@ class CopyHost:
     def __init__(self, agent: object) -> None:
         self.agent = agent
         self.sessions: dict[str, CopySession] = {}
-        keep_freed_buffers()  # chunks reuse warm pages (rune/files/heap.py)
 
     async def answer(self, data: dict) -> ExecOpened:
         """The reply to one copy request: opened, or why not (never raises)."""
@@ -77,7 +75,7 @@ class CopyHost:
         agent._spawn(session.run())
         log.info("copy %s: %s %s in %s", session.id, request.kind,
                  request.paths or request.dest, request.instance_id)
-        return ExecOpened(ok=True, host=agent.config.host)
+        return ExecOpened(ok=True, host=agent.config.host, packs=True)
 
     async def _files(self, info: object) -> InstanceFiles:
         if info.runner == "docker":

@@ -1,7 +1,8 @@
 """One copy session on the agent: a tree read from, or written into, an instance.
 
 cp-read sends FILE_HEADER / FILE_DATA / FILE_END per file (FILE_ERROR for what could
-not be read), then COPY_DONE; cp-write receives the same and answers FILE_ERROR per
+not be read; small files whole in FILE_PACK frames when the request allows packs), then
+COPY_DONE; cp-write receives the same and answers FILE_ERROR per
 file that could not be written, then COPY_DONE with what was written. Either way the
 data rides the session's reliable link against credit, so memory stays bounded and a
 broker blip is repaired by retransmission. A CLOSE, a lost peer or the timeout ends it;
@@ -20,6 +21,7 @@ from rune.agent.files.roots import InstanceFiles
 from rune import frames
 from rune.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, RuneError
 from rune.files.models import CopyOpen
+from rune.files.pack import pack_cost
 from rune.files.pump import TreeSink, stream_tree
 from rune.files.reader import TreeReader, safepath_reason
 from rune.files.worker import FileWorker
@@ -29,9 +31,9 @@ from rune.link import SessionLink
 log = logging.getLogger(__name__)
 
 COPY_ACCEPTS = frozenset((frames.FILE_HEADER, frames.FILE_DATA, frames.FILE_END,
-                          frames.COPY_DONE, frames.CLOSE))
+                          frames.FILE_PACK, frames.COPY_DONE, frames.CLOSE))
 _KINDS = {"header": frames.FILE_HEADER, "data": frames.FILE_DATA, "end": frames.FILE_END,
-          "error": frames.FILE_ERROR}
+          "error": frames.FILE_ERROR, "pack": frames.FILE_PACK}
 _NAMES = {v: k for k, v in _KINDS.items()}
 
 
@@ -91,12 +93,14 @@ class CopySession:
         reader = TreeReader(self.files.root, recursive=r.recursive, follow=r.follow)
 
         async def emit(kind: str, payload: object) -> None:
-            size = len(payload) if kind == "data" else 0
+            # A pack counts against the credit as the bytes it takes, like data.
+            size = len(payload) if kind == "data" else pack_cost(payload) \
+                if kind == "pack" else 0
             await self.link.send(_KINDS[kind], payload, size)
 
         closed = asyncio.create_task(self._closed_by_peer())
         sending = asyncio.create_task(stream_tree(
-            self.worker, reader, [self.files.path(p) for p in r.paths], emit))
+            self.worker, reader, [self.files.path(p) for p in r.paths], emit, pack=r.pack))
         try:
             done, _ = await asyncio.wait((closed, sending), return_when=asyncio.FIRST_COMPLETED)
             if closed in done:

@@ -1,4 +1,5 @@
-"""Entries (rune/files/entries.py) as the gRPC messages of CopyService, both ways."""
+"""Entries (rune/files/entries.py) and packs (rune/files/pack.py) as the gRPC messages
+of CopyService, both ways."""
 
 from __future__ import annotations
 
@@ -35,3 +36,23 @@ def done_pb(done: dict[str, Any]) -> pb.CopyDone:
     return pb.CopyDone(files=int(done.get("files", 0)), bytes=int(done.get("bytes", 0)),
                        manifest_sha256=str(done.get("manifest_sha256", "")),
                        failed=int(done.get("failed", 0)))
+
+
+def pack_pb(entries: list[dict[str, Any]]) -> pb.FilePack:
+    return pb.FilePack(entries=[
+        pb.PackedEntry(header=header_pb(e), data=e.get("data") or b"",
+                       sha256=str(e.get("sha256", ""))) for e in entries])
+
+
+def pack_entries(pack: pb.FilePack) -> list[dict[str, Any]]:
+    """A pack message as entries (rune/files/pack.py); data and digest for files only."""
+    out = []
+    for e in pack.entries:
+        entry = header_dict(e.header)
+        if entry["kind"] == "file":
+            entry["data"] = e.data
+            entry["sha256"] = e.sha256
+        elif e.data:
+            entry["data"] = e.data  # refused by the receiver's check_pack, not dropped here
+        out.append(entry)
+    return out

@@ -38,6 +38,7 @@ class CopyOpen(BaseModel):
     recursive: bool = False
     follow: bool = False
     preserve: bool = False
+    pack: bool = False  # cp-read: small files may go whole in FILE_PACK frames
     chown: str = ""  # "uid:gid", only where policy allowed it
     timeout: float = 3600.0
     user: str = ""  # the rune user who asked (for audit), not an OS account

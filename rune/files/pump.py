@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from rune.files.entries import Header, Manifest
+from rune.files.pack import pack_events
 from rune.files.reader import ReadError, TreeReader
 from rune.files.worker import FileWorker
 from rune.files.writer import FileFailed, TreeWriter
@@ -25,10 +26,13 @@ def _int(value: object) -> int:
 
 
 async def stream_tree(worker: FileWorker, reader: TreeReader, sources: list[str],
-                      emit: Emit) -> tuple[Manifest, int]:
-    """Emits ("header", dict) ("data", bytes) ("end", dict) ("error", dict); returns
-    what was sent and how many sources or files could not be read."""
+                      emit: Emit, pack: bool = False) -> tuple[Manifest, int]:
+    """Emits ("header", dict) ("data", bytes) ("end", dict) ("error", dict), and with
+    `pack` ("pack", [entry, ...]) for small entries (rune/files/pack.py); returns what
+    was sent and how many sources or files could not be read."""
     events = await worker.call(reader.read, sources)
+    if pack:
+        events = pack_events(events)
     manifest = Manifest()
     failures = 0
     current: Header | None = None
@@ -46,6 +50,12 @@ async def stream_tree(worker: FileWorker, reader: TreeReader, sources: list[str]
                         manifest.add(payload.path, payload.kind, 0, payload.target)
                     await emit(kind, payload.wire())
                 elif kind == "data":
+                    await emit(kind, payload)
+                elif kind == "pack":
+                    for entry in payload:
+                        file = entry["kind"] == "file"
+                        manifest.add(entry["path"], entry["kind"], entry["size"] if file else 0,
+                                     entry["sha256"] if file else entry["target"])
                     await emit(kind, payload)
                 elif kind == "end":
                     if current is not None and payload.get("size", -1) >= 0:
@@ -76,6 +86,10 @@ class TreeSink:
                 and 0 <= _int(payload.get("size")) <= HOLD_MAX:
             await self._release()
             self._held = [("header", payload)]
+            return
+        if kind == "pack":
+            await self._release()
+            await self.worker.call(self.writer.pack, payload)
             return
         if held and kind in ("data", "end") and len(held) < 64:
             held.append((kind, payload))

@@ -47,6 +47,8 @@ def _take(events: Iterator, max_items: int, max_bytes: int) -> list:
         items.append(item)
         if item[0] == "data":
             size += len(item[1])
+        elif item[0] == "pack":
+            size += sum(len(e.get("data") or b"") for e in item[1])
         if len(items) >= max_items or size >= max_bytes:
             break
     return items

@@ -3,7 +3,9 @@
 Every file goes to a temporary name in its own directory (O_EXCL, mode 0600), is
 fsynced, has its size and SHA-256 checked, and only then is renamed over the final
 name: a reader of the destination sees the old file or the whole new one, and a copy
-that fails leaves no partial file. Directories are opened below the destination with
+that fails leaves no partial file. Small files are made durable in batches, one syncfs
+each, on a thread of its own while the next batch is written; a batch is renamed into
+place only once its syncfs returned. Directories are opened below the destination with
 no symlink on the way (rune/files/safepath.py), symlinks are created last, and modes,
 times and owners are applied last, deepest first. The calls block: run them on a thread.
 """
@@ -16,10 +18,12 @@ import hashlib
 import os
 import secrets
 import stat
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from rune.files import safepath
 from rune.files.entries import CopyLimits, EntryRefused, Header, Manifest, parse_end, parse_header
+from rune.files.pack import PackRefused, check_pack
 from rune.files.safepath import O_PATH, PathRefused, SafeRoot
 
 SETID = stat.S_ISUID | stat.S_ISGID
@@ -91,6 +95,9 @@ class TreeWriter:
         self._unsynced: list[tuple[int, str, str, str, int, str]] = []
         self._unsynced_bytes = 0
         self._sync_fd = -1
+        # The batch whose syncfs runs on _syncer: (files, bytes, future)
+        self._syncing: tuple[list, int, Future] | None = None
+        self._syncer: ThreadPoolExecutor | None = None
         self._base, self._rename = self._destination(dest, multiple)
 
     # --- where things go --------------------------------------------------------------
@@ -160,7 +167,8 @@ class TreeWriter:
             path = payload.get("path", "?") if isinstance(payload, dict) else "?"
             self._fail(FileFailed(str(path), str(exc).removeprefix(f"{path}: ")))
             return
-        if self.manifest.files + len(self._unsynced) >= self.limits.max_files:
+        if self.manifest.files + len(self._unsynced) + self._syncing_files() \
+                >= self.limits.max_files:
             raise CapExceeded(f"more than {self.limits.max_files} files in one copy")
         self._cap(header.size if header.size > 0 else 0)
         parts = self._local(header.path)
@@ -238,11 +246,28 @@ class TreeWriter:
                 os.close(current.fd)
                 current.fd = -1
 
+    def pack(self, entries: object) -> None:
+        """A peer's pack: each entry written as its header, data and end would be, with
+        the same checks (a lying size or digest fails that file, as it would there)."""
+        try:
+            check_pack(entries)
+        except PackRefused as exc:
+            raise CopyAborted(str(exc)) from None
+        for entry in entries:
+            self.header(entry)
+            if entry.get("kind") != "file":
+                continue
+            data = entry.get("data") or b""
+            if data:
+                self.data(data)
+            self.end({"size": entry.get("size"), "sha256": entry.get("sha256")})
+
     def finish(self) -> Manifest:
         """Symlinks, then directory modes and times, deepest first; closes everything."""
         self._abort_current()
         try:
             self._flush()
+            self._settle()
             for header in self._links:
                 try:
                     self._symlink(header)
@@ -261,6 +286,13 @@ class TreeWriter:
 
     def close(self) -> None:
         self._abort_current()
+        syncing, self._syncing = self._syncing, None
+        if syncing is not None:
+            wait([syncing[2]])
+            self._unsynced = syncing[0] + self._unsynced
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)
+            self._syncer = None
         for parent, temp, *_ in self._unsynced:  # never renamed: never there
             _unlink(parent, temp)
         self._unsynced, self._unsynced_bytes = [], 0
@@ -281,7 +313,11 @@ class TreeWriter:
             raise CapExceeded(f"copy exceeds its cap of {cap} bytes")
 
     def _pending(self) -> int:
-        return self._unsynced_bytes + (self._current.written if self._current else 0)
+        return self._unsynced_bytes + (self._syncing[1] if self._syncing else 0) + \
+            (self._current.written if self._current else 0)
+
+    def _syncing_files(self) -> int:
+        return len(self._syncing[0]) if self._syncing else 0
 
     def _fail(self, failure: FileFailed) -> None:
         self.errors.append(failure)
@@ -333,21 +369,33 @@ class TreeWriter:
             self._flush()
 
     def _flush(self) -> None:
+        """Starts making the batch durable (syncfs, on a thread of its own: the file
+        work goes on meanwhile) once the batch before it is renamed into place."""
+        self._settle()
         batch, self._unsynced, self._unsynced_bytes = self._unsynced, [], 0
+        fd, self._sync_fd = self._sync_fd, -1
         if not batch:
+            if fd >= 0:
+                os.close(fd)
             return
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(1, thread_name_prefix="rune-files-sync")
+        self._syncing = (batch, sum(b[4] for b in batch), self._syncer.submit(_syncfs, fd))
+
+    def _settle(self) -> None:
+        """Waits for the batch being synced, then renames each of its files into place
+        (here, on the thread with the copy's file-system identity)."""
+        syncing, self._syncing = self._syncing, None
+        if syncing is None:
+            return
+        batch, _, done = syncing
         try:
-            if _libc.syncfs(self._sync_fd) < 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err))
+            done.result()
         except OSError as exc:
             for parent, temp, _, path, _, _ in batch:
                 _unlink(parent, temp)
                 self._fail(FileFailed(path, _why(exc)))
             return
-        finally:
-            os.close(self._sync_fd)
-            self._sync_fd = -1
         for parent, temp, name, path, size, digest in batch:
             try:
                 self._replace(parent, temp, name, path)
@@ -400,6 +448,16 @@ class TreeWriter:
 
     def _discard(self, current: _Open) -> None:
         _unlink(current.parent, current.temp)
+
+
+def _syncfs(fd: int) -> None:
+    """Everything written so far on fd's file system reaches the disk; closes fd."""
+    try:
+        if _libc.syncfs(fd) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
 
 
 def _unlink(parent: int, name: str) -> None:

@@ -528,9 +528,11 @@ class FanoutService:
 
 class CopyServiceStub:
     """--- File copy (`rune cp`): one stream per copy, init first ---
-    cp-write: after `started` the client sends the tree (per file: header, data..., end)
-    and then `done`; the server answers file_error per file not written, then `done`.
-    cp-read: the server sends the tree, file_error per file not read, then `done`.
+    cp-write: after `started` the client sends the tree (per file: header, data..., end;
+    or, where the server said accept_pack, small files whole in `pack`s) and then `done`;
+    the server answers file_error per file not written, then `done`.
+    cp-read: the server sends the tree (packs too where the client set accept_pack),
+    file_error per file not read, then `done`.
     With several instances (fan-out) the first response is a plan, and every response
     names its instance; each instance ends with `done` or `error`.
     """
@@ -550,9 +552,11 @@ class CopyServiceStub:
 
 class CopyServiceServicer:
     """--- File copy (`rune cp`): one stream per copy, init first ---
-    cp-write: after `started` the client sends the tree (per file: header, data..., end)
-    and then `done`; the server answers file_error per file not written, then `done`.
-    cp-read: the server sends the tree, file_error per file not read, then `done`.
+    cp-write: after `started` the client sends the tree (per file: header, data..., end;
+    or, where the server said accept_pack, small files whole in `pack`s) and then `done`;
+    the server answers file_error per file not written, then `done`.
+    cp-read: the server sends the tree (packs too where the client set accept_pack),
+    file_error per file not read, then `done`.
     With several instances (fan-out) the first response is a plan, and every response
     names its instance; each instance ends with `done` or `error`.
     """
@@ -581,9 +585,11 @@ def add_CopyServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class CopyService:
     """--- File copy (`rune cp`): one stream per copy, init first ---
-    cp-write: after `started` the client sends the tree (per file: header, data..., end)
-    and then `done`; the server answers file_error per file not written, then `done`.
-    cp-read: the server sends the tree, file_error per file not read, then `done`.
+    cp-write: after `started` the client sends the tree (per file: header, data..., end;
+    or, where the server said accept_pack, small files whole in `pack`s) and then `done`;
+    the server answers file_error per file not written, then `done`.
+    cp-read: the server sends the tree (packs too where the client set accept_pack),
+    file_error per file not read, then `done`.
     With several instances (fan-out) the first response is a plan, and every response
     names its instance; each instance ends with `done` or `error`.
     """
