@@ -71,8 +71,8 @@ class SessionBoard:
         # apiserver -> its sessions per user and per agent: a limit check is not a scan
         self._counts: dict[str, tuple[Counter[str], Counter[str]]] = {}
         self._heard: dict[str, float] = {}  # apiserver -> wall time its last lease was written
-        # key -> its summary to write, or None to purge it; latest first wins
-        self._writes: dict[str, bytes | None] = {}
+        # key -> the live record to write (summarised when written), or None to purge it
+        self._writes: dict[str, Any] = {}
         self._unwritten: set[str] = set()  # keys added but not written yet
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -106,7 +106,7 @@ class SessionBoard:
 
     def added(self, record: Any) -> None:
         key = f"s.{self.id}.{record.id}"
-        self._writes[key] = json.dumps(summary(record, self.id)).encode()
+        self._writes[key] = record
         self._unwritten.add(key)
         self._wake.set()
 
@@ -210,7 +210,8 @@ class SessionBoard:
                     if value is None:
                         await self.nc.publish(prefix + key, b"", headers=PURGE)
                     else:
-                        await self.nc.publish(prefix + key, value)
+                        await self.nc.publish(prefix + key,
+                                              json.dumps(summary(value, self.id)).encode())
                 except Exception as exc:
                     log.warning("session board: cannot write %s (%s)", key, exc)
 
