@@ -214,11 +214,6 @@ class Session:
         finished = False
         tasks: list[asyncio.Future] = []
         feed: asyncio.Future | None = None
-        # What ends a session from outside (a kill, the idle sweep) resolves this one
-        # future: no watcher task per session (SessionCore.kill, SessionCore._sweep_idle).
-        stop = record.stop = asyncio.get_running_loop().create_future()
-        if record.kill.is_set():
-            stop.set_result(None)
         try:
             opened = None
             if link is not None:
@@ -230,6 +225,11 @@ class Session:
             record.last_io = time.monotonic()
             await self.kind.started(self, opened)
             core.oversight.started(record)
+            # What ends a relaying session from outside (a kill, the idle sweep) resolves
+            # this one future: no watcher task per session (SessionCore.kill, _sweep_idle).
+            stop = record.stop = asyncio.get_running_loop().create_future()
+            if record.kill.is_set():  # killed while opening
+                stop.set_result(None)
             core.watch_idle()
             relay = asyncio.create_task(self.kind.relay(self) if hasattr(self.kind, "relay")
                                         else self._relay_output())
