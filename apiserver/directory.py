@@ -54,6 +54,9 @@ class InstanceDirectory:
         self._beats: dict[str, tuple[float, float]] = {}  # agent -> (last beat, interval)
         self._since = time.monotonic()  # silence before this instant is not held against anyone
         self.lost_agents: set[str] = set()
+        # The agents of the believed entries, rebuilt only after a change: every tick
+        # walking thousands of entries cost a fan-out more the bigger the fleet.
+        self._agents: set[str] | None = None
 
     async def start(self) -> None:
         self._kv = await open_instances_bucket(self._nc, self._subjects)
@@ -105,8 +108,9 @@ class InstanceDirectory:
             if disconnected:
                 disconnected = False
                 self._rewatch()
-            agents = {i.agent for i in self.instances.values()} | set(self._beats)
-            for agent in agents - self.lost_agents:
+            if self._agents is None:  # the entries changed since the last tick
+                self._agents = {i.agent for i in self.instances.values()}
+            for agent in (self._agents | self._beats.keys()) - self.lost_agents:
                 if self._silent_too_long(agent, now):
                     self.lost_agents.add(agent)
                     log.warning("agent %s lost: no liveness beat for %d intervals; its "
@@ -172,6 +176,7 @@ class InstanceDirectory:
         self._settle(info.namespace, info.instance_id)
 
     def forget(self, key: str) -> None:
+        self._agents = None
         gone = self._claimed.pop(key, None)
         self.instances.pop(key, None)
         if gone is not None:
@@ -183,6 +188,7 @@ class InstanceDirectory:
 
     def _settle(self, namespace: str, instance_id: str) -> None:
         """Marks every claim of (namespace, instance id) "conflict" while agents disagree."""
+        self._agents = None
         claims = [self._claimed[k] for k in self._claims.get((namespace, instance_id), ())]
         agents = {i.agent for i in claims}
         for claim in claims:

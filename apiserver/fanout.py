@@ -19,6 +19,7 @@ import logging
 import math
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 
 import grpc
@@ -163,6 +164,7 @@ class FanoutMember:
     """The fan-out member session kind: output tagged with the instance, no stdin."""
 
     name = "fanout"
+    no_input = True  # remote stdin is closed once started: no feed task per member
 
     def __init__(self, run: FanoutRun, info: InstanceInfo, window: int) -> None:
         self.run = run
@@ -188,7 +190,7 @@ class FanoutMember:
         return None  # the result follows once the core has closed the session
 
     async def feed(self, session: Session) -> None:
-        await session.close_stdin()  # fan-out forwards no stdin
+        await session.close_stdin()  # not called (no_input); what it would do
 
 
 class FanoutRun:
@@ -209,6 +211,8 @@ class FanoutRun:
         self.reported: set[str] = set()
         self.started: set[str] = set()
         self.not_ok = 0  # members that ended other than "exited 0"
+        self.tally: Counter[str] = Counter()  # members per status (exited: per code)
+        self.began = time.monotonic()
         self.unstarted = len(targets)
         self.running: set[asyncio.Task] = set()
 
@@ -248,6 +252,11 @@ class FanoutRun:
             await self.out.put(None)
             await writer
         finally:
+            # Its members' starts and ends are logged at debug (oversight.py): this line
+            # and the start line say what the run did.
+            log.info("fan-out %s end: instances=%d reported=%d took=%.3fs %s", self.fanout_id,
+                     len(self.targets), len(self.reported), time.monotonic() - self.began,
+                     " ".join(f"{k}={n}" for k, n in sorted(self.tally.items())))
             await self._stop(schedule)
             writer.cancel()
 
@@ -335,6 +344,7 @@ class FanoutRun:
             result.error.CopyFrom(pb.Error(code=error.code, message=error.message))
         await self.emit(info, result=result)
         self.reported.add(info.instance_id)
+        self.tally[f"{status}:{code}" if status == MemberStatus.EXITED else str(status)] += 1
         if status not in NEVER_RAN and (status != MemberStatus.EXITED or code or signal):
             self.not_ok += 1
             if self.rollout.fail_fast:  # the first failure stops the running ones too

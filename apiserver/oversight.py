@@ -25,6 +25,7 @@ log = logging.getLogger("rune.apiserver.sessions")
 MAX_AUDIT_ARGV = 4096  # bytes of argv an event carries; the rest is cut (and marked)
 DENIALS_PER_SECOND = 5.0  # per user: past this, denials are counted, not each published
 DENIAL_BURST = 20
+QUIET_MEMBER_EVENTS = frozenset((schema.STARTED, schema.ENDED))  # logged at debug
 
 
 def audit_argv(argv: Any) -> tuple[list[str], bool]:
@@ -102,11 +103,18 @@ def _failure_reason(exc: BaseException | None, record: Any) -> tuple[str, str]:
 
 
 def _log(event: dict[str, Any]) -> None:
+    # A fan-out member's start and end are in the audit trail like any session's; the log
+    # says them at debug, as thousands of lines per run cost the apiserver half its time
+    # per member. The fan-out's own start and end lines (apiserver/fanout.py) stay at info.
+    level = logging.DEBUG if event.get("fanout_id") and event["event"] in QUIET_MEMBER_EVENTS \
+        else logging.INFO
+    if not log.isEnabledFor(level):
+        return
     keys = ("session_id", "fanout_id", "user", "namespace", "target", "instance", "agent",
             "argv", "tty", "exit_code", "signal", "duration", "bytes_in", "bytes_out", "code",
             "reason", "suppressed")
     text = " ".join(f"{k}={_shown(event[k])}" for k in keys if k in event)
-    log.info("%s %s", event["event"], text, extra={"fields": event})
+    log.log(level, "%s %s", event["event"], text, extra={"fields": event})
 
 
 def _shown(value: Any) -> str:

@@ -12,12 +12,14 @@ every apiserver's sessions without a request on the exec path:
   for a kill asked of it directly);
 - `max_sessions_per_user/agent` count every apiserver's sessions.
 
-Writes never wait: they go through one queue drained by one task. An apiserver whose
+Writes never wait: they are gathered and written by one task every WRITE_EVERY seconds
+(latest state per key); a session that starts and ends between two writes (a fan-out
+member running `true`) is never written, so the broker does not carry two messages per
+such member to every apiserver. An apiserver whose
 lease is older than LEASE_LOST seconds (by the wall clock: keep the apiservers' clocks
 in sync) is gone: its sessions no longer count or show, and the first apiserver to
-notice purges them. Counts between apiservers lag by the
-broker's latency, so two sessions opened at the same instant on two apiservers may
-pass a cap by one.
+notice purges them. Counts between apiservers lag by WRITE_EVERY and the broker's
+latency, so two sessions opened within that time on two apiservers may pass a cap by one.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 LEASE_EVERY = 2.0
 LEASE_LOST = 6.0  # three leases missed
 KILL_TIMEOUT = 3.0
+WRITE_EVERY = 0.1
 PURGE = {"KV-Operation": "PURGE", "Nats-Rollup": "sub"}  # as nats-py's KeyValue.purge
 
 
@@ -64,8 +68,13 @@ class SessionBoard:
         self._kill_local = kill_local
         self._kv = None
         self._remote: dict[str, dict[str, Any]] = {}  # session id -> summary (others only)
+        # apiserver -> its sessions per user and per agent: a limit check is not a scan
+        self._counts: dict[str, tuple[Counter[str], Counter[str]]] = {}
         self._heard: dict[str, float] = {}  # apiserver -> wall time its last lease was written
-        self._writes: asyncio.Queue[tuple[str, bytes | None]] = asyncio.Queue()
+        # key -> the live record to write (summarised when written), or None to purge it
+        self._writes: dict[str, Any] = {}
+        self._unwritten: set[str] = set()  # keys added but not written yet
+        self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.ready = asyncio.Event()
 
@@ -96,11 +105,21 @@ class SessionBoard:
     # --- this apiserver's sessions -------------------------------------------------------
 
     def added(self, record: Any) -> None:
-        self._writes.put_nowait((f"s.{self.id}.{record.id}",
-                                 json.dumps(summary(record, self.id)).encode()))
+        key = f"s.{self.id}.{record.id}"
+        self._writes[key] = record
+        self._unwritten.add(key)
+        self._wake.set()
 
     def removed(self, record: Any) -> None:
-        self._writes.put_nowait((f"s.{self.id}.{record.id}", None))
+        self._purge(f"s.{self.id}.{record.id}")
+
+    def _purge(self, key: str) -> None:
+        if key in self._unwritten:  # never written: nothing to take back
+            self._unwritten.discard(key)
+            self._writes.pop(key, None)
+            return
+        self._writes[key] = None
+        self._wake.set()
 
     # --- every other apiserver's --------------------------------------------------------
 
@@ -114,9 +133,33 @@ class SessionBoard:
 
     def counts(self, user: str, agent: str) -> tuple[int, int]:
         """How many sessions the other apiservers run for `user`, and on `agent`."""
-        live = self.remote()
-        return (sum(1 for s in live if s["user"] == user),
-                sum(1 for s in live if s["agent"] == agent))
+        users = agents = 0
+        for apiserver, (per_user, per_agent) in self._counts.items():
+            if self.alive(apiserver):
+                users += per_user[user]
+                agents += per_agent[agent]
+        return users, agents
+
+    def _remember(self, session_id: str, session: dict[str, Any]) -> None:
+        self._forget(session_id)
+        self._remote[session_id] = session
+        per_user, per_agent = self._counts.setdefault(session["apiserver"],
+                                                      (Counter(), Counter()))
+        per_user[str(session.get("user"))] += 1
+        per_agent[str(session.get("agent"))] += 1
+
+    def _forget(self, session_id: str) -> None:
+        session = self._remote.pop(session_id, None)
+        if session is None:
+            return
+        per_user, per_agent = self._counts[session["apiserver"]]
+        for counter, key in ((per_user, str(session.get("user"))),
+                             (per_agent, str(session.get("agent")))):
+            counter[key] -= 1
+            if counter[key] <= 0:
+                del counter[key]
+        if not per_user and not per_agent:
+            del self._counts[session["apiserver"]]
 
     def find(self, session_id: str) -> dict[str, Any] | None:
         found = self._remote.get(session_id)
@@ -157,14 +200,20 @@ class SessionBoard:
         must not pay a round trip per member); the lease, acked, says whether writes land."""
         prefix = f"$KV.{self.subjects.sessions_bucket}."
         while True:
-            key, value = await self._writes.get()
-            try:
-                if value is None:
-                    await self.nc.publish(prefix + key, b"", headers=PURGE)
-                else:
-                    await self.nc.publish(prefix + key, value)
-            except Exception as exc:
-                log.warning("session board: cannot write %s (%s)", key, exc)
+            await self._wake.wait()
+            await asyncio.sleep(WRITE_EVERY)  # gather what changes meanwhile
+            self._wake.clear()
+            writes, self._writes = self._writes, {}
+            self._unwritten.clear()
+            for key, value in writes.items():
+                try:
+                    if value is None:
+                        await self.nc.publish(prefix + key, b"", headers=PURGE)
+                    else:
+                        await self.nc.publish(prefix + key,
+                                              json.dumps(summary(value, self.id)).encode())
+                except Exception as exc:
+                    log.warning("session board: cannot write %s (%s)", key, exc)
 
     async def _lease(self) -> None:
         while True:
@@ -180,8 +229,8 @@ class SessionBoard:
         for session_id, s in list(self._remote.items()):
             owner = s["apiserver"]
             if not self.alive(owner) and owner in self._heard:
-                self._writes.put_nowait((f"s.{owner}.{session_id}", None))
-                self._remote.pop(session_id, None)
+                self._purge(f"s.{owner}.{session_id}")
+                self._forget(session_id)
 
     async def _follow(self) -> None:
         while True:
@@ -211,11 +260,11 @@ class SessionBoard:
                 pass
         elif parts[0] == "s" and len(parts) == 3 and parts[1] != self.id:
             if gone:
-                self._remote.pop(parts[2], None)
+                self._forget(parts[2])
                 return
             try:
                 session = json.loads(entry.value)
             except ValueError:
                 return
             if isinstance(session, dict) and session.get("apiserver") == parts[1]:
-                self._remote[parts[2]] = session
+                self._remember(parts[2], session)

@@ -78,6 +78,7 @@ class SessionRecord:
     opened: float = 0.0
     tap: Any = None
     kill: asyncio.Event = field(default_factory=asyncio.Event)
+    stop: asyncio.Future | None = None  # while relaying: resolved to end it (kill, idle)
     kill_reason: str = ""
     retransmits: int = 0
     stalls: int = 0
@@ -94,7 +95,8 @@ class SessionKind(Protocol):
     """What one kind of session (an exec, a fan-out member, …) does differently.
 
     Optional attributes: `on_agent = False` (nothing opened on the agent; `opened` is
-    None), `started_event` (audit event of its start), `accepts`, `open_request(session)`
+    None), `no_input = True` (the core closes stdin once started; `feed` is not called),
+    `started_event` (audit event of its start), `accepts`, `open_request(session)`
     and `relay(session)` (a kind with frames of its own, as a copy)."""
 
     name: str
@@ -211,6 +213,7 @@ class Session:
             await link.open()
         finished = False
         tasks: list[asyncio.Future] = []
+        feed: asyncio.Future | None = None
         try:
             opened = None
             if link is not None:
@@ -222,24 +225,31 @@ class Session:
             record.last_io = time.monotonic()
             await self.kind.started(self, opened)
             core.oversight.started(record)
+            # What ends a relaying session from outside (a kill, the idle sweep) resolves
+            # this one future: no watcher task per session (SessionCore.kill, _sweep_idle).
+            stop = record.stop = asyncio.get_running_loop().create_future()
+            if record.kill.is_set():  # killed while opening
+                stop.set_result(None)
+            core.watch_idle()
             relay = asyncio.create_task(self.kind.relay(self) if hasattr(self.kind, "relay")
                                         else self._relay_output())
-            feed = asyncio.create_task(self.kind.feed(self))
-            killed = asyncio.ensure_future(record.kill.wait())
-            idle = asyncio.create_task(self._idle_watch())
-            tasks = [relay, feed, killed, idle]
+            tasks.append(relay)
+            watching: set[asyncio.Future] = {relay, stop}
+            if getattr(self.kind, "no_input", False):
+                await self.close_stdin()  # a kind that forwards nothing needs no feed task
+            else:
+                feed = asyncio.create_task(self.kind.feed(self))
+                tasks.append(feed)
+                watching.add(feed)
             # The agent enforces the timeout; this backstop covers an agent that never says.
             deadline = time.monotonic() + self.spec.timeout + core.config.heartbeat * 3
-            watching = {relay, feed, killed, idle}
             while True:
                 done, _ = await asyncio.wait(watching, timeout=deadline - time.monotonic(),
                                              return_when=asyncio.FIRST_COMPLETED)
                 if not done:
                     raise DeadlineExceeded(f"command timed out after {self.spec.timeout:g}s")
-                if killed in done:
-                    raise Unavailable(f"session {record.kill_reason}")
-                if idle in done:
-                    raise idle.exception()
+                if stop in done:
+                    raise stop.result() or Unavailable(f"session {record.kill_reason}")
                 if feed in done:
                     if feed.exception() is not None:
                         raise feed.exception()
@@ -248,14 +258,15 @@ class Session:
                     relay.result()
                     finished = True
                     break
-            if not feed.done():
+            if feed is not None and not feed.done():
                 # The client half-closes once it has the exit; wait for that rather than
                 # cancel a pending read, which fails the whole RPC inside grpc.
                 await asyncio.wait((feed,), timeout=FEED_GRACE)
         finally:
+            record.stop = None
             for task in tasks:
                 task.add_done_callback(_retrieve)
-                if task is not tasks[1]:  # the feed's pending read ends with the RPC
+                if task is not feed:  # the feed's pending read ends with the RPC
                     task.cancel()
             if self._resizer is not None:
                 self._resizer.cancel()
@@ -308,20 +319,6 @@ class Session:
                 await link.flush_ack()
                 raise errors.from_wire(payload)
 
-    async def _idle_watch(self) -> None:
-        """Raises IdleTimeout once no byte moved either way for the server's idle timeout."""
-        limit = self.core.config.idle_timeout
-        if limit <= 0:
-            await asyncio.Event().wait()  # off: never fires
-        record = self.record
-        while True:
-            quiet = 0.0 if record.writing else time.monotonic() - record.last_io
-            if quiet >= limit:
-                log.info("session %s: idle for %.1fs; ending it", record.id, quiet)
-                raise IdleTimeout(f"session idle: no input or output for {limit:g}s (the "
-                                  "server's idle timeout); the remote command was stopped")
-            await asyncio.sleep(min(limit - quiet, 1.0) + 0.01)
-
     async def _close_remote(self) -> None:
         try:
             await self.link.send(frames.CLOSE, "client gone")
@@ -345,6 +342,7 @@ class SessionCore:
         self.board: Any = None  # apiserver/peers.py SessionBoard, when sessions are shared
         self.opener = OpenBatcher(nc, subjects, config.open_timeout)
         self.hub = LinkHub(nc)  # one subscription per agent, one timer, for every session
+        self._idle_sweep: asyncio.Task | None = None
 
     async def run(self, identity: Any, spec: SessionSpec, instance: InstanceInfo,
                   kind: SessionKind, fanout_id: str = "",
@@ -421,7 +419,36 @@ class SessionCore:
         self.operator_event(schema.KILLED, operator, record, reason=why)
         record.kill_reason = f"ended by {operator.user}" + (f": {why}" if why else "")
         record.kill.set()
+        if record.stop is not None and not record.stop.done():
+            record.stop.set_result(None)
         return True
+
+    def watch_idle(self) -> None:
+        """Starts the one idle sweep of this apiserver's sessions (when an idle timeout is
+        set and it is not running yet)."""
+        if self.config.idle_timeout > 0 and (self._idle_sweep is None
+                                             or self._idle_sweep.done()):
+            self._idle_sweep = asyncio.create_task(self._sweep_idle())
+
+    async def _sweep_idle(self) -> None:
+        """Ends every relaying session with no byte either way for the idle timeout; runs
+        while there are sessions (one task for all, not one per session)."""
+        limit = self.config.idle_timeout
+        while self.sessions:
+            now = time.monotonic()
+            wait = min(limit, 1.0)
+            for record in list(self.sessions.values()):
+                if record.stop is None or record.stop.done():
+                    continue
+                quiet = 0.0 if record.writing else now - record.last_io
+                if quiet >= limit:
+                    log.info("session %s: idle for %.1fs; ending it", record.id, quiet)
+                    record.stop.set_result(IdleTimeout(
+                        f"session idle: no input or output for {limit:g}s (the server's "
+                        "idle timeout); the remote command was stopped"))
+                else:
+                    wait = min(wait, limit - quiet)
+            await asyncio.sleep(wait + 0.01)
 
     def operator_event(self, event: str, operator: Any, record: SessionRecord,
                        **extra: Any) -> None:
