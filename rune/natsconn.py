@@ -40,8 +40,8 @@ async def publish_parts(nc: NATS, subject: str, parts: Sequence[bytes]) -> None:
     not copied before the kernel's own copy. Anything unusual (not connected, closing,
     too large, a client without that queue) takes publish() itself, with its errors."""
     size = sum(map(len, parts))
-    if (not nc.is_connected or nc.is_draining_pubs or size > nc.max_payload
-            or not _queues_commands(nc) or not _plain_subject(subject)):
+    if (not _queues_commands(nc) or not nc.is_connected or nc.is_draining_pubs
+            or size > nc.max_payload or not _plain_subject(subject)):
         await nc.publish(subject, b"".join(parts))
         return
     head = f"PUB {subject}  {size}\r\n".encode()
