@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import nats
 import nats.aio.client
 from nats.aio.client import Client as NATS
+from nats.protocol.parser import Parser
 
 log = logging.getLogger(__name__)
 # nats-py reads the socket 32 KiB at a time and copies its buffer on every read, so a
@@ -15,6 +16,31 @@ log = logging.getLogger(__name__)
 # module constant (read at connect and on every read). 1 MiB: one frame, one read.
 READ_BUFFER = 1024 * 1024
 _CRLF = b"\r\n"
+
+
+class _SliceBuffer(bytearray):
+    """A bytearray whose slices are bytes: nats-py's parser takes each message out of its
+    buffer as bytes(buf[a:b]), which copies twice (slice, then bytes); with this buffer
+    the slice is the bytes, one copy. Indexing, searching and deleting are bytearray's."""
+
+    def __getitem__(self, index: int | slice) -> int | bytes:
+        if type(index) is slice:
+            with memoryview(self) as view:  # released before the parser deletes the message
+                return view[index].tobytes()
+        return bytearray.__getitem__(self, index)
+
+
+class _OneCopyParser(Parser):
+    def reset(self) -> None:
+        super().reset()
+        self.buf = _SliceBuffer()
+
+
+def _client() -> NATS:
+    nc = NATS()
+    if isinstance(getattr(nc, "_ps", None), Parser) and hasattr(nc._ps, "buf"):
+        nc._ps = _OneCopyParser(nc)
+    return nc
 
 
 def _queues_commands(nc: NATS) -> bool:
@@ -81,7 +107,8 @@ async def connect(
         options["nkeys_seed"] = nkey_seed_file
     if inbox_prefix:
         options["inbox_prefix"] = inbox_prefix
-    return await nats.connect(
+    nc = _client()
+    await nc.connect(
         # A comma-separated list names several cluster nodes: reconnects go to any of them.
         servers=[u.strip() for u in url.split(",") if u.strip()],
         name=name,
@@ -95,3 +122,4 @@ async def connect(
         reconnected_cb=reconnected_cb,
         **options,
     )
+    return nc

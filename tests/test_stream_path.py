@@ -8,14 +8,13 @@ import os
 
 import msgpack
 import pytest
-from nats.aio.client import Client as NATS
 from nats.errors import BadSubjectError
 from rune.agent.runners.process import DEFAULT_PIPE, MAX_PIPE, _grow_pipe, _pipe_size
 from rune.cli.devstack import Stack, free_port
 
 from rune import frames
 from rune.flow import Sender
-from rune.natsconn import _queues_commands, publish_parts
+from rune.natsconn import _queues_commands, _SliceBuffer, connect, publish_parts
 
 SIZES = [0, 1, 255, 256, 65535, 65536, frames.MAX_DATA]
 SEQS = [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**40]
@@ -101,8 +100,7 @@ def nats_url(tmp_path):
 async def test_publish_parts_delivers_whole_messages_in_order(nats_url):
     """Over the real broker: each message is its parts joined, in order, and the installed
     nats-py takes the no-copy path."""
-    nc = NATS()
-    await nc.connect(nats_url)
+    nc = await connect(nats_url, "parts-test")  # its parser, too
     got: list[bytes] = []
     done = asyncio.Event()
 
@@ -124,3 +122,11 @@ async def test_publish_parts_delivers_whole_messages_in_order(nats_url):
     with pytest.raises(BadSubjectError):  # refused as publish() refuses it
         await publish_parts(nc, "bad subject", (b"a", b"b"))
     await nc.close()
+
+
+def test_slice_buffer_slices_are_bytes():
+    """The parser's buffer: slices come out as bytes, the buffer stays a bytearray."""
+    buf = _SliceBuffer(b"MSG a 1 3\r\nabc\r\n")
+    assert buf[11:14] == b"abc" and type(buf[11:14]) is bytes and buf[0] == ord("M")
+    del buf[:16]
+    assert buf == bytearray(b"") and isinstance(buf, bytearray)
