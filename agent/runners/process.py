@@ -200,6 +200,10 @@ class PipeExecution:
             end.close()
 
 
+TTY_FLOWING = 2048
+TTY_CORK = 0.001  # seconds
+
+
 class PtyExecution:
     """A command under a pseudo-terminal, read and written without blocking the loop."""
 
@@ -213,7 +217,29 @@ class PtyExecution:
         self._line_open = False  # input since the last end of line (a pending partial line)
 
     async def read_stdout(self, n: int) -> bytes:
-        return await self._master.read(n)
+        """A terminal hands out at most 4 KiB a read: while output streams (a read of
+        TTY_FLOWING or more), gather what TTY_CORK brings into one frame, so a bulk stream
+        costs the relay a frame per ~100 KiB instead of per 4 KiB. An echo is small and
+        goes at once."""
+        data = await self._master.read(n)
+        if len(data) < TTY_FLOWING or len(data) >= n:
+            return data
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TTY_CORK
+        chunks, size = [data], len(data)
+        while size < n:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                more = await asyncio.wait_for(self._master.read(n - size), left)
+            except TimeoutError:
+                break
+            if not more:
+                break  # EOF: the next read reports it again
+            chunks.append(more)
+            size += len(more)
+        return b"".join(chunks)
 
     async def read_stderr(self, n: int) -> bytes:
         return b""  # a terminal has one output stream
