@@ -86,7 +86,8 @@ async def _nats_receive(url: str, size: int) -> float:
         got += len(payload)
     await link.flush_ack()
     elapsed = time.perf_counter() - began
-    sender.join(30)
+    await nc.flush()  # the last ack must leave before the loop blocks in join
+    await asyncio.get_running_loop().run_in_executor(None, sender.join, 30)
     await link.close()
     await nc.close()
     if got != size:

@@ -5,17 +5,25 @@ instance, ssh and the local pipe run it on the host; rune into the container and
 `docker exec` run the copy inside the bench's container. Each rune row is the reference of
 the baseline doing the same work: ssh and the local floor against rune into a process,
 `docker exec` against rune into the container.
+
+    python bench/throughput.py [--size-mib 256]   (this section alone, bounded)
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from bench import rows
-from bench.context import BenchContext
-from bench.dockerbox import SERVICE
-from bench.procs import drain, drain_local_pty
-from bench.producer import HOST_HEAD
+if __name__ == "__main__":  # `python bench/throughput.py`: the repo root holds bench/
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import rows  # noqa: E402
+from bench.context import BenchContext  # noqa: E402
+from bench.dockerbox import SERVICE  # noqa: E402
+from bench.procs import drain, drain_local_pty  # noqa: E402
+from bench.producer import HOST_HEAD  # noqa: E402
 
 SECTION = "2. stdout throughput"
 Contender = tuple[str, str, Callable[[], float] | None, str | None, str | None]
@@ -76,3 +84,17 @@ def _measure(row_id: str, name: str, measure: Callable[[], float] | None, reason
 
 def _size_label(size: int) -> str:
     return f"{size >> 30} GiB" if size >= 1 << 30 else f"{size >> 20} MiB"
+
+
+def main() -> None:
+    from bench.context import Sizes
+    from bench.harness import standalone
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=1024, help="bytes each row streams")
+    args = parser.parse_args()
+    standalone(run, Sizes(stream_bytes=args.size_mib << 20))
+
+
+if __name__ == "__main__":
+    main()

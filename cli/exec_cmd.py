@@ -53,6 +53,12 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def _retrieve(future: asyncio.Future) -> None:
+    """A write left behind by an ended session (a closed pipe): its error is not news."""
+    if not future.cancelled():
+        future.exception()
+
+
 class SessionEnded(Exception):
     """The session was ended on this side (force quit, SIGTERM/SIGHUP): message and status."""
 
@@ -211,16 +217,30 @@ class ExecCommand:
     async def _relay_output(self, loop: asyncio.AbstractEventLoop,
                             stream: object) -> tuple[int, int]:
         """Shows output until the exit status, which it returns as (code, signal)."""
-        async for kind, payload in stream.events():
-            if kind == "exit":
-                return payload
-            fd = self.inv.stdout if kind == "stdout" else self.inv.stderr
-            if self._inline_output and len(payload) <= INLINE_WRITE:
-                _write_all(fd, payload)
-            else:
-                await loop.run_in_executor(None, _write_all, fd, payload)
-            if payload:
-                self._line_open = payload[-1:] != b"\n"
+        # One write may be in flight on a worker thread while the next message is read:
+        # the thread's write and the loop's gRPC read overlap. Each write waits for the
+        # one before it, so stdout and stderr keep their order.
+        writing: asyncio.Future | None = None
+        try:
+            async for kind, payload in stream.events():
+                if writing is not None:
+                    await writing
+                    writing = None
+                if kind == "exit":
+                    return payload
+                fd = self.inv.stdout if kind == "stdout" else self.inv.stderr
+                if self._inline_output and len(payload) <= INLINE_WRITE:
+                    _write_all(fd, payload)
+                else:
+                    writing = loop.run_in_executor(None, _write_all, fd, payload)
+                if payload:
+                    self._line_open = payload[-1:] != b"\n"
+            if writing is not None:
+                await writing
+                writing = None
+        finally:
+            if writing is not None:
+                writing.add_done_callback(_retrieve)
         raise Unavailable("the output ended without an exit status")
 
     def _end_line(self) -> None:

@@ -23,15 +23,19 @@ from typing import Any
 from rune import frames
 
 Publish = Callable[[bytes], Awaitable[None]]
+# A data frame as (header, payload): sent as two buffers, never joined into one.
+PublishParts = Callable[[tuple[bytes, bytes]], Awaitable[None]]
 
 
 class Sender:
-    def __init__(self, publish: Publish, window: int, rto: float = 1.0) -> None:
+    def __init__(self, publish: Publish, window: int, rto: float = 1.0,
+                 publish_parts: PublishParts | None = None) -> None:
         self._publish = publish
+        self._publish_parts = publish_parts
         self.window = window
         self.rto = rto
         self._next_seq = 1
-        self._unacked: deque[tuple[int, bytes, int]] = deque()
+        self._unacked: deque[tuple[int, bytes | tuple[bytes, bytes], int]] = deque()
         self._unacked_bytes = 0
         self.consumed = 0
         self.received = 0
@@ -63,12 +67,23 @@ class Sender:
                 await self._credit.wait()
         seq = self._next_seq
         self._next_seq += 1
-        frame = frames.encode(kind, seq, payload)
+        frame: bytes | tuple[bytes, bytes]
+        if self._publish_parts is not None and kind in frames.DATA_KINDS \
+                and type(payload) is bytes:
+            frame = (frames.data_header(kind, seq, len(payload)), payload)
+        else:
+            frame = frames.encode(kind, seq, payload)
         if not self._unacked:
             self._last_progress = time.monotonic()
         self._unacked.append((seq, frame, size))
         self._unacked_bytes += size
-        await self._publish(frame)
+        await self._send_frame(frame)
+
+    async def _send_frame(self, frame: bytes | tuple[bytes, bytes]) -> None:
+        if type(frame) is tuple:
+            await self._publish_parts(frame)
+        else:
+            await self._publish(frame)
 
     async def on_ack(self, consumed: int, received: int) -> None:
         consumed = min(consumed, self.sent)
@@ -101,7 +116,7 @@ class Sender:
         for seq, frame, _ in list(self._unacked):
             if seq > self.received:
                 self.retransmits += 1
-                await self._publish(frame)
+                await self._send_frame(frame)
 
 
 class Receiver:

@@ -6,6 +6,7 @@ per-direction sequence number starting at 1; ACK and HEARTBEAT carry 0.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import msgpack
@@ -51,15 +52,66 @@ class MalformedFrame(ValueError):
 
 
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+_DATA_KIND_BYTES = frozenset(DATA_KINDS)
+# msgpack's unsigned int and bin headers: marker byte -> (struct of what follows, its size)
+_UINTS = {0xcc: struct.Struct(">B"), 0xcd: struct.Struct(">H"), 0xce: struct.Struct(">I"),
+          0xcf: struct.Struct(">Q")}
+_BINS = {0xc4: struct.Struct(">B"), 0xc5: struct.Struct(">H"), 0xc6: struct.Struct(">I")}
 
 
 def encode(kind: int, seq: int, payload: Any = None) -> bytes:
     return _packb((kind, seq, payload))
 
 
+def data_header(kind: int, seq: int, size: int) -> bytes:
+    """The first bytes of encode(kind, seq, payload) for a bytes payload of `size`.
+
+    Header and payload go out as two buffers (and are stored so for retransmission):
+    the payload is never copied into a frame. The bytes on the wire are the same
+    msgpack array encode() writes."""
+    if size < 0x100:
+        bin_header = b"\xc4" + size.to_bytes(1, "big")
+    elif size < 0x10000:
+        bin_header = b"\xc5" + size.to_bytes(2, "big")
+    else:
+        bin_header = b"\xc6" + size.to_bytes(4, "big")
+    return b"\x93" + _packb(kind) + _packb(seq) + bin_header
+
+
+def _decode_data(data: bytes) -> tuple[int, int, bytes] | None:
+    """A data frame's fields read from its header, no msgpack object built; None for
+    anything else (which the full decoder then accepts or refuses)."""
+    if len(data) < 5 or data[0] != 0x93 or data[1] not in _DATA_KIND_BYTES:
+        return None
+    pos, marker = 3, data[2]
+    if marker < 0x80:
+        seq = marker
+    elif marker in _UINTS:
+        unpack = _UINTS[marker]
+        if len(data) < pos + unpack.size:
+            return None
+        seq = unpack.unpack_from(data, pos)[0]
+        pos += unpack.size
+    else:
+        return None
+    if len(data) <= pos or data[pos] not in _BINS:
+        return None
+    unpack = _BINS[data[pos]]
+    start = pos + 1 + unpack.size
+    if len(data) < start or unpack.unpack_from(data, pos + 1)[0] != len(data) - start:
+        return None  # cut short or with trailing bytes: the full decoder says which
+    if len(data) - start > MAX_DATA:
+        raise MalformedFrame(f"{NAMES[data[1]]} frame of {len(data) - start} bytes "
+                             f"exceeds {MAX_DATA}")
+    return data[1], seq, data[start:]
+
+
 def decode(data: bytes) -> tuple[int, int, Any]:
     if len(data) > MAX_FRAME:
         raise MalformedFrame(f"frame of {len(data)} bytes exceeds {MAX_FRAME}")
+    fast = _decode_data(data)
+    if fast is not None:
+        return fast
     try:
         frame = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types

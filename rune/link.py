@@ -26,6 +26,7 @@ from nats.aio.client import Client as NATS
 from rune import frames
 from rune.errors import Unavailable
 from rune.flow import Receiver, Sender
+from rune.natsconn import publish_parts
 from rune.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ class SessionLink:
         self._last_probe = 0.0
         self._connected_since = float("-inf")  # set by a reconnect only
         self._accepts = accepts
-        self.sender = Sender(self._publish, self.settings.window, self.settings.rto)
+        self.sender = Sender(self._publish, self.settings.window, self.settings.rto,
+                             publish_parts=self._publish_parts)
         self.receiver = Receiver(self.settings.window)
         self._queue: deque[tuple[int, int, Any]] = deque()
         self._ready = asyncio.Event()
@@ -130,6 +132,13 @@ class SessionLink:
             await self.nc.publish(self.send_subject, data)
         except Exception as exc:
             # Lost frames are retransmitted once the broker is back; acks are re-sent on tick.
+            garbage_log.warning("publish", "publish on %s failed: %s", self.send_subject, exc)
+
+    async def _publish_parts(self, parts: tuple[bytes, bytes]) -> None:
+        self._last_sent = time.monotonic()
+        try:
+            await publish_parts(self.nc, self.send_subject, parts)
+        except Exception as exc:
             garbage_log.warning("publish", "publish on %s failed: %s", self.send_subject, exc)
 
     async def send(self, kind: int, payload: Any = None, size: int = 0) -> None:

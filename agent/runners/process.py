@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
 import signal
 import termios
@@ -199,6 +200,10 @@ class PipeExecution:
             end.close()
 
 
+TTY_FLOWING = 2048
+TTY_CORK = 0.001  # seconds
+
+
 class PtyExecution:
     """A command under a pseudo-terminal, read and written without blocking the loop."""
 
@@ -212,7 +217,29 @@ class PtyExecution:
         self._line_open = False  # input since the last end of line (a pending partial line)
 
     async def read_stdout(self, n: int) -> bytes:
-        return await self._master.read(n)
+        """A terminal hands out at most 4 KiB a read: while output streams (a read of
+        TTY_FLOWING or more), gather what TTY_CORK brings into one frame, so a bulk stream
+        costs the relay a frame per ~100 KiB instead of per 4 KiB. An echo is small and
+        goes at once."""
+        data = await self._master.read(n)
+        if len(data) < TTY_FLOWING or len(data) >= n:
+            return data
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TTY_CORK
+        chunks, size = [data], len(data)
+        while size < n:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                more = await asyncio.wait_for(self._master.read(n - size), left)
+            except TimeoutError:
+                break
+            if not more:
+                break  # EOF: the next read reports it again
+            chunks.append(more)
+            size += len(more)
+        return b"".join(chunks)
 
     async def read_stderr(self, n: int) -> bytes:
         return b""  # a terminal has one output stream
@@ -296,7 +323,7 @@ class ProcessRunner:
                          isolation=context.isolation)
         if request.tty:
             return await _start_pty(plan, request.width or 80, request.height or 24)
-        return await _start_pipes(plan)
+        return await _start_pipes(plan, _pipe_size(request.window))
 
 
 async def _start_pty(plan: ChildPlan, width: int, height: int) -> PtyExecution:
@@ -315,13 +342,35 @@ async def _start_pty(plan: ChildPlan, width: int, height: int) -> PtyExecution:
     return PtyExecution(child, master)
 
 
-async def _start_pipes(plan: ChildPlan) -> PipeExecution:
+# A pipe holds 64 KiB by default: a fast command then fills it between two reads, and a
+# 1 MiB frame costs sixteen reads and a join. A quarter of the session's window (capped
+# at one frame) lets one read take a frame; a fan-out member's small window keeps the
+# default, so a thousand sessions do not pin a thousand large kernel buffers.
+DEFAULT_PIPE = 64 * 1024
+MAX_PIPE = 1024 * 1024
+
+
+def _pipe_size(window: int) -> int:
+    return max(DEFAULT_PIPE, min(MAX_PIPE, window // 4))
+
+
+def _grow_pipe(fd: int, size: int) -> None:
+    if size <= DEFAULT_PIPE:
+        return
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+    except OSError:  # above /proc/sys/fs/pipe-max-size or the user's pipe quota: keep it
+        pass
+
+
+async def _start_pipes(plan: ChildPlan, pipe_size: int = DEFAULT_PIPE) -> PipeExecution:
     ends: list[int] = []
     try:
         stdin_r, stdin_w = os.pipe()
         ends += [stdin_r, stdin_w]
         stdout_r, stdout_w = os.pipe()
         ends += [stdout_r, stdout_w]
+        _grow_pipe(stdout_r, pipe_size)
         stderr_r, stderr_w = os.pipe()
         ends += [stderr_r, stderr_w]
         child = await start_child(plan, (stdin_r, stdout_w, stderr_w))
