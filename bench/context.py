@@ -59,8 +59,14 @@ class BenchContext:
 
     @property
     def env(self) -> dict[str, str]:
-        """The environment for `rune` processes: no user config file gets in the way."""
-        return {**os.environ, "RUNE_CONFIG": str(self.workdir / "no-config.yaml")}
+        """The environment for `rune` processes: no user config file gets in the way, and
+        their multiplexer is the bench's own (never one of the user's, or of another tree)."""
+        return {**os.environ, "RUNE_CONFIG": str(self.workdir / "no-config.yaml"),
+                "RUNE_MUX_DIR": str(self.mux_dir)}
+
+    @property
+    def mux_dir(self) -> Path:
+        return self.workdir / "mux"
 
     def rune_argv(self, *args: str) -> list[str]:
         """`rune exec ARGS...` against the bench's apiserver, as a separate CLI process."""

@@ -139,8 +139,8 @@ def _size_rows(ctx: BenchContext, size: int, name: str) -> list[dict]:
     service = f"fanout{size}"
     procs = start_fleet(ctx.stack, agents, replicas, service=service, id_prefix=f"f{size}x",
                         timeout=300, processes=max(1, agents // 5))
-    # The CLI's multiplexer is per user: one this bench starts, not one another tree left.
-    env = {"RUNE_MUX_DIR": str(ctx.workdir / "mux"), "RUNE_MUX_IDLE": "60", **ctx.env}
+    # ctx.env names the bench's own multiplexer; it need not outlive the fleets for long.
+    env = {"RUNE_MUX_IDLE": "60", **ctx.env}
     try:
         got = measure_size(ctx.stack, ctx.rune_argv(service, "--all", "true"),
                            ctx.sizes.fanout_runs, ctx.sizes.warmup, env)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from rune.cli import muxwire
 from rune.cli.devstack import Stack, free_port
 
 from bench import aio, report, rows
@@ -47,6 +48,8 @@ def bench_context(sizes: Sizes, quick: bool, keep: bool = False) -> Iterator[Ben
         yield ctx
     finally:
         _stop_baselines(ctx)
+        if ctx.mux_dir.is_dir():
+            muxwire.request(str(ctx.mux_dir), {"t": "stop"})
         stack.stop()
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
