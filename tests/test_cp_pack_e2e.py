@@ -12,6 +12,7 @@ import grpc
 import pytest
 from conftest import Rune
 from test_cp_engine import snapshot
+from test_cp_pack import entry
 
 from rune.files import grpcwire
 from rune.files.pack import MAX_PACK_ENTRIES
@@ -19,15 +20,6 @@ from rune.proto import exec_pb2 as pb
 from rune.proto import exec_pb2_grpc as pb_grpc
 
 INSTANCE = "api-instance-a1-0"
-
-
-def entry(path: str, data: bytes = b"", kind: str = "file", **over) -> dict:
-    e = {"path": path, "kind": kind, "size": len(data), "mode": 0o644, "mtime": 0.0,
-         "target": ""}
-    if kind == "file":
-        e.update(data=data, sha256=hashlib.sha256(data).hexdigest())
-    e.update(over)
-    return e
 
 
 def upload_packs(stack, dest: str, packs: list[list[dict]],
