@@ -230,17 +230,20 @@ class Agent:
             execution = await runner.exec(info, request)
         except CommandUnavailable as exc:
             self._spawn(self._report_unavailable(link, exc))
-            return ExecOpened(ok=True, host=self.config.host)
+            return ExecOpened(ok=True, host=self.config.host, stdin_closed=not request.stdin)
         except BaseException:
             await link.close()
             raise
+        if not request.stdin:
+            await execution.close_stdin()  # what a STDIN_EOF frame would do, without one
         session = ExecSession(link, execution, request, self.config.exit_grace,
                               self.config.kill_grace, self._session_done)
         self.sessions[session.id] = session
         self._spawn(session.run())
         log.info("session %s: %s in %s (tty=%s)", session.id, request.argv[0],
                  request.instance_id, request.tty)
-        return ExecOpened(ok=True, host=self.config.host, pid=getattr(execution, "pid", 0))
+        return ExecOpened(ok=True, host=self.config.host, pid=getattr(execution, "pid", 0),
+                          stdin_closed=not request.stdin)
 
     async def _report_unavailable(self, link: SessionLink, exc: CommandUnavailable) -> None:
         """A command that cannot start ends like a shell's: message on stderr, 126 or 127."""

@@ -95,7 +95,8 @@ class SessionKind(Protocol):
     """What one kind of session (an exec, a fan-out member, …) does differently.
 
     Optional attributes: `on_agent = False` (nothing opened on the agent; `opened` is
-    None), `no_input = True` (the core closes stdin once started; `feed` is not called),
+    None), `no_input = True` (stdin is closed once started, by the agent itself where it
+    says so; `feed` is not called),
     `started_event` (audit event of its start), `accepts`, `open_request(session)`
     and `relay(session)` (a kind with frames of its own, as a copy)."""
 
@@ -236,7 +237,10 @@ class Session:
             tasks.append(relay)
             watching: set[asyncio.Future] = {relay, stop}
             if getattr(self.kind, "no_input", False):
-                await self.close_stdin()  # a kind that forwards nothing needs no feed task
+                # A kind that forwards nothing needs no feed task; the agent closed stdin
+                # itself when it says so (one that predates ExecOpen.stdin does not).
+                if opened is not None and not opened.stdin_closed:
+                    await self.close_stdin()
             else:
                 feed = asyncio.create_task(self.kind.feed(self))
                 tasks.append(feed)
@@ -288,7 +292,8 @@ class Session:
             instance_id=record.instance.instance_id, argv=list(spec.argv), env=env,
             workdir=spec.workdir, tty=spec.tty, width=spec.width or 80,
             height=spec.height or 24, timeout=spec.timeout, window=self.kind.window,
-            user=record.user, heartbeat=config.heartbeat, lost_after=config.lost_after)
+            user=record.user, heartbeat=config.heartbeat, lost_after=config.lost_after,
+            stdin=not getattr(self.kind, "no_input", False))
 
     async def _relay_output(self) -> None:
         record, link = self.record, self.link

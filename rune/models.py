@@ -68,6 +68,9 @@ class ExecOpen(BaseModel):
     window: int = 4 * 1024 * 1024
     heartbeat: Seconds = 2.0
     lost_after: int = Field(default=3, ge=1, le=1000)
+    # False: nothing will ever be forwarded (a fan-out member), so the agent closes the
+    # command's stdin itself at once instead of waiting for a STDIN_EOF frame.
+    stdin: bool = True
 
     @field_validator("window")
     @classmethod
@@ -92,6 +95,7 @@ class ExecOpened(BaseModel):
     pid: int = 0
     error: dict | None = None
     packs: bool = False  # a copy: the agent takes FILE_PACK frames (rune/files/pack.py)
+    stdin_closed: bool = False  # the agent closed stdin itself (ExecOpen.stdin was False)
 
 
 def first_problem(exc: ValueError) -> str:

@@ -27,6 +27,7 @@ from rune.apiserver.peers import SessionBoard
 from rune.cli.devstack import Stack, free_port, wait_until
 
 from rune import audit as schema
+from rune import frames
 from rune.audit import BufferedPublisher, event_id, iso_time
 from rune.models import InstanceInfo
 from rune.proto import exec_pb2 as pb
@@ -90,6 +91,43 @@ def test_every_member_is_audited_with_every_field(fleet):
     assert re.search(rf"fan-out {fanout_id} end: instances={total} reported={total} "
                      rf"took=[0-9.]+s exited:0={total}", log)
     assert not re.search(rf"session\.(started|ended) .*fanout_id={fanout_id}", log)
+
+
+def test_members_stdin_is_closed_by_the_agent_without_a_frame(fleet):
+    """A member's stdin is closed by its agent as it starts (ExecOpen.stdin false), so `cat`
+    reads EOF at once everywhere and no STDIN_EOF frame crosses the broker for a member."""
+    seen: list[int] = []
+
+    async def watch_and_run() -> subprocess.CompletedProcess:
+        nc = await nats.connect(fleet.stack.nats_url)
+        try:
+            async def frame(msg: object) -> None:
+                try:
+                    seen.append(frames.decode(msg.data)[0])
+                except frames.MalformedFrame:
+                    seen.append(-1)
+
+            await nc.subscribe("rune.in.>", cb=frame)
+            await nc.flush()
+            result = await asyncio.to_thread(fleet, "exec", "cheap", "--all", "cat",
+                                             timeout=240)
+            await nc.flush()
+            return result
+        finally:
+            await nc.close()
+
+    result = asyncio.run(watch_and_run())
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    fanout_id = _fanout_ids(fleet.stack)[-1]
+    log = (fleet.stack.logs / "apiserver.log").read_text()
+    total = AGENTS * REPLICAS
+    assert re.search(rf"fan-out {fanout_id} end: instances={total} reported={total} "
+                     rf"took=[0-9.]+s exited:0={total}", log)
+    assert seen, "the watch saw no session input at all (acks and credit are input too)"
+    assert frames.STDIN_EOF not in seen and -1 not in seen
+    # The next run is healthy, and a session of its own still gets stdin and its EOF.
+    assert fleet("exec", "cheap-instance-c000-0", "cat", input=b"still here").stdout == \
+        b"still here"
 
 
 def _sessions(stack: Stack) -> list[pb.SessionInfo]:
