@@ -216,13 +216,12 @@ class BufferedPublisher:
         return waiting
 
     async def _publish(self, subject: str, data: bytes, msg_id: str) -> None:
-        if not await self._try_ensure():
-            raise ConnectionError("stream not set up")
+        """One message, once _round has seen the stream set up."""
         if self._js is None:
             self._js = self.nc.jetstream()
         # The id lets JetStream drop a duplicate when an ack was lost and we retry.
         await self._js.publish(subject, data, timeout=self.ack_timeout,
-                                          headers={"Nats-Msg-Id": msg_id})
+                               headers={"Nats-Msg-Id": msg_id})
 
     def _remove(self, msg_id: str) -> bool:
         """Takes one message out of the buffer; False when submit() dropped it meanwhile."""

@@ -52,7 +52,6 @@ class MalformedFrame(ValueError):
 
 
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
-_DATA_KIND_BYTES = frozenset(DATA_KINDS)
 # msgpack's unsigned int and bin headers: marker byte -> (struct of what follows, its size)
 _UINTS = {0xcc: struct.Struct(">B"), 0xcd: struct.Struct(">H"), 0xce: struct.Struct(">I"),
           0xcf: struct.Struct(">Q")}
@@ -81,7 +80,7 @@ def data_header(kind: int, seq: int, size: int) -> bytes:
 def _decode_data(data: bytes) -> tuple[int, int, bytes] | None:
     """A data frame's fields read from its header, no msgpack object built; None for
     anything else (which the full decoder then accepts or refuses)."""
-    if len(data) < 5 or data[0] != 0x93 or data[1] not in _DATA_KIND_BYTES:
+    if len(data) < 5 or data[0] != 0x93 or data[1] not in DATA_KINDS:
         return None
     pos, marker = 3, data[2]
     if marker < 0x80:
