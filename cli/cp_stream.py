@@ -23,7 +23,7 @@ from rune.cli.fanout_output import InstanceResult
 from rune.errors import InvalidArgument, Unavailable, from_wire
 from rune.files import grpcwire
 from rune.files.entries import CopyLimits
-from rune.files.pack import PackRefused, check_pack, pack_data
+from rune.files.pack import PackRefused, pack_data, unpacked
 from rune.files.pump import TreeSink, stream_tree
 from rune.files.reader import CHUNK, TreeReader, safepath_reason
 from rune.files.safepath import SafeRoot
@@ -70,15 +70,10 @@ class StdoutSink:
     async def apply(self, kind: str, payload: object) -> None:
         if kind == "pack":
             try:
-                check_pack(payload)
+                for step, part in unpacked(payload):
+                    await self.apply(step, part)
             except PackRefused as exc:
                 raise CopyAborted(str(exc)) from None
-            for entry in payload:
-                await self.apply("header", entry)
-                if entry.get("data"):
-                    await self.apply("data", entry["data"])
-                await self.apply("end", {"size": entry.get("size"),
-                                         "sha256": entry.get("sha256")})
             return
         if kind == "header":
             self.files += 1

@@ -71,6 +71,19 @@ def check_pack(entries: object) -> list[dict[str, Any]]:
     return entries
 
 
+def unpacked(entries: object) -> Iterator[Event]:
+    """A peer's pack, checked first (PackRefused), as the three-message form it stands
+    for: each entry's header, then for a file its data (when any) and its end."""
+    for entry in check_pack(entries):
+        yield "header", entry
+        if entry.get("kind") != "file":
+            continue
+        data = entry.get("data") or b""
+        if data:
+            yield "data", data
+        yield "end", {"size": entry.get("size"), "sha256": entry.get("sha256")}
+
+
 def split_pack(entries: list[dict[str, Any]],
                limit: int = PACK_BYTES) -> Iterator[list[dict[str, Any]]]:
     """The entries in packs that each fit one frame; PackRefused for an entry too large."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from rune.files import safepath
 from rune.files.entries import CopyLimits, EntryRefused, Header, Manifest, parse_end, parse_header
-from rune.files.pack import PackRefused, check_pack
+from rune.files.pack import PackRefused, unpacked
 from rune.files.safepath import O_PATH, PathRefused, SafeRoot
 
 SETID = stat.S_ISUID | stat.S_ISGID
@@ -249,18 +249,12 @@ class TreeWriter:
     def pack(self, entries: object) -> None:
         """A peer's pack: each entry written as its header, data and end would be, with
         the same checks (a lying size or digest fails that file, as it would there)."""
+        steps = {"header": self.header, "data": self.data, "end": self.end}
         try:
-            check_pack(entries)
+            for kind, payload in unpacked(entries):
+                steps[kind](payload)
         except PackRefused as exc:
             raise CopyAborted(str(exc)) from None
-        for entry in entries:
-            self.header(entry)
-            if entry.get("kind") != "file":
-                continue
-            data = entry.get("data") or b""
-            if data:
-                self.data(data)
-            self.end({"size": entry.get("size"), "sha256": entry.get("sha256")})
 
     def finish(self) -> Manifest:
         """Symlinks, then directory modes and times, deepest first; closes everything."""
