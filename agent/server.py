@@ -29,7 +29,14 @@ from rune.errors import (
 )
 from rune.files.models import COPY_KINDS
 from rune.link import LinkHub, LinkSettings, SessionLink
-from rune.models import ExecOpen, ExecOpened, InstanceInfo, first_problem
+from rune.models import (
+    EXEC_BATCH,
+    MAX_BATCH_OPENS,
+    ExecOpen,
+    ExecOpened,
+    InstanceInfo,
+    first_problem,
+)
 from rune.natsconn import connect
 from rune.subjects import Subjects
 
@@ -38,8 +45,6 @@ log = logging.getLogger(__name__)
 AGENT_ACCEPTS = frozenset((frames.STDIN, frames.STDIN_EOF, frames.RESIZE, frames.SIGNAL,
                            frames.CLOSE))
 ALIVE_INTERVAL = 1.0
-BATCH_KIND = "exec_batch"  # apiserver/open_batch.py: many ExecOpens in one request
-MAX_BATCH_OPENS = 256
 
 
 def _malformed(exc: BaseException) -> ExecOpened:
@@ -142,7 +147,7 @@ class Agent:
         except Exception as exc:  # MalformedFrame: not even msgpack
             await self._reply(msg, _malformed(exc))
             return
-        if isinstance(data, dict) and data.get("kind") == BATCH_KIND:
+        if isinstance(data, dict) and data.get("kind") == EXEC_BATCH:
             await self._respond(msg, {"opened": await self._open_batch(data.get("opens"))})
             return
         await self._reply(msg, await self._answer(data))

@@ -26,10 +26,9 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from rune import frames
 from rune.errors import Unavailable
+from rune.models import EXEC_BATCH, MAX_BATCH_OPENS
 from rune.subjects import Subjects
 
-BATCH_KIND = "exec_batch"
-MAX_OPENS = 256          # per request (the agent refuses more)
 MAX_BATCH_BYTES = 512 * 1024  # well under NATS max_payload (1 MiB)
 
 
@@ -61,7 +60,7 @@ class OpenBatcher:
         for item in waiting:
             if item[1].done():  # its session was cancelled meanwhile: never sent
                 continue
-            if batch and (len(batch) >= MAX_OPENS or size + len(item[0]) > MAX_BATCH_BYTES):
+            if batch and (len(batch) >= MAX_BATCH_OPENS or size + len(item[0]) > MAX_BATCH_BYTES):
                 self._send(agent, batch)
                 batch, size = [], 0
             batch.append(item)
@@ -80,7 +79,7 @@ class OpenBatcher:
             if len(batch) == 1 or len(batch[0][0]) > MAX_BATCH_BYTES:
                 replies = [await self._ask(agent, batch[0][0])]
             else:
-                data = frames.pack({"kind": BATCH_KIND, "opens": [p for p, _ in batch]})
+                data = frames.pack({"kind": EXEC_BATCH, "opens": [p for p, _ in batch]})
                 # The agent answers once every open of the batch has started: allow for
                 # its spawns, as one by one each would have had its own timeout.
                 timeout = self.timeout * min(4.0, 1.0 + len(batch) / 16)

@@ -50,6 +50,12 @@ class InstanceInfo(BaseModel):
         return f"{self.agent}.{self.namespace}.{self.instance_id}"
 
 
+# A batch open on rune.agent.<id>.exec (apiserver/open_batch.py sends it, the agent's
+# server answers it): {"kind": EXEC_BATCH, "opens": [<packed open>, ...]}, at most this many.
+EXEC_BATCH = "exec_batch"
+MAX_BATCH_OPENS = 256
+
+
 class ExecOpen(BaseModel):
     """The apiserver's request to an agent to open a session (rune.agent.<id>.exec)."""
 
