@@ -106,9 +106,8 @@ class Broadcast:
                     sent += sum(len(e.data) for e in request.pack.entries)
                 if which == "data":
                     sent += len(request.data)
-                    if self.max_bytes and sent > self.max_bytes:
-                        raise ResourceExhausted(f"copy exceeds its cap of {self.max_bytes} "
-                                                "bytes")
+                if which in ("data", "pack") and self.max_bytes and sent > self.max_bytes:
+                    raise ResourceExhausted(f"copy exceeds its cap of {self.max_bytes} bytes")
                 await self._put(request)
                 if which == "done":
                     return

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 from conftest import Rune, start_stack
+from test_cp_pack import entry
+from test_cp_pack_e2e import upload_packs
 
 SERVICES = [{"name": "api", "namespace": "default", "replicas": 1,
              "command": ["sh", "-c", "exec sleep 2147483647"]}]
@@ -50,5 +52,20 @@ def test_byte_cap_both_ways(capped, tmp_path: Path) -> None:
     down = cp(capped, f"api:{there}/big", str(back))
     assert down.returncode == 255 and "cap of 1000 bytes" in down.stderr.decode()
     assert list(back.iterdir()) == []
+    (tmp_path / "small").write_bytes(b"s" * 10)
+    assert cp(capped, str(tmp_path / "small"), f"api:{there}/").returncode == 0
+
+
+def test_byte_cap_holds_for_packed_small_files(capped, tmp_path: Path) -> None:
+    """Small files sent whole in packs count against max_bytes as data does: a client's
+    packs past the cap are refused, nothing is written, and the next copy works."""
+    stack, _ = capped
+    there = tmp_path / "there"
+    there.mkdir()
+    packs = [[entry("t", kind="dir"), entry("t/a", b"a" * 600)], [entry("t/b", b"b" * 600)]]
+    responses = upload_packs(stack, str(there), packs)
+    errors = [r.error.message for r in responses if r.WhichOneof("msg") == "error"]
+    assert errors and "cap of 1000 bytes" in errors[0], responses
+    assert not [p for p in there.rglob("*") if p.is_file()]
     (tmp_path / "small").write_bytes(b"s" * 10)
     assert cp(capped, str(tmp_path / "small"), f"api:{there}/").returncode == 0
