@@ -81,6 +81,29 @@ def test_open_socket_directory_is_refused_and_the_command_runs_here(mrune, tmp_p
     assert not Path(muxwire.socket_path(str(folder))).exists()
 
 
+@pytest.mark.parametrize("garbage", [
+    muxwire.HEADER.pack(5) + b"zzzzz",  # an unknown tag
+    muxwire.HEADER.pack(9) + b"d99999:s1",  # a count past its end
+    muxwire.HEADER.pack(muxwire.MAX_MESSAGE + 1),  # oversized, announced
+    b"l1:" * 1000,  # no header at all: read as a huge length
+    muxwire.encode({"t": "hello", "version": "x"})[:-3],  # cut short, then gone
+])
+def test_malformed_messages_leave_the_mux_serving(mrune, own_mux_dir, garbage):
+    """A client that sends garbage is dropped (and logged); the multiplexer keeps serving,
+    the same process, and the next command through it works."""
+    mrune("exec", "api", "true")
+    pid = mux_pid(own_mux_dir)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(muxwire.socket_path(own_mux_dir))
+        sock.sendall(garbage)
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(4096) == b""  # dropped without an answer
+    result = mrune("exec", "api", "echo", "still")
+    assert (result.returncode, result.stdout) == (0, b"still\n")
+    assert mux_pid(own_mux_dir) == pid and _alive(pid)
+
+
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another user")
 def test_another_user_is_refused_by_peer_credentials(mrune, own_mux_dir):
     """Even with the socket made reachable, a peer of another uid gets nothing."""
