@@ -215,10 +215,28 @@ class FanoutRun:
         self.began = time.monotonic()
         self.unstarted = len(targets)
         self.running: set[asyncio.Task] = set()
+        self.queued = 0  # responses put on self.out
+        self.written = 0  # of them, those written to the client's stream
+        self.progress = asyncio.Condition()  # told when `written` grows
+
+    async def _queue(self, response: pb.FanoutResponse) -> None:
+        await self.out.put(response)
+        self.queued += 1
+
+    async def _sent(self, count: int) -> None:
+        self.written += count
+        if self.rollout.batch_wait:
+            async with self.progress:
+                self.progress.notify_all()
+
+    async def _until_written(self, queued: int) -> None:
+        """Returns once the first `queued` responses are on the client's stream."""
+        async with self.progress:
+            await self.progress.wait_for(lambda: self.written >= queued)
 
     async def serve(self, context: grpc.aio.ServicerContext) -> None:
         writer = asyncio.create_task(self._write(context))
-        await self.out.put(pb.FanoutResponse(plan=pb.FanoutPlan(instances=[
+        await self._queue(pb.FanoutResponse(plan=pb.FanoutPlan(instances=[
             pb.Instance(namespace=i.namespace, service=i.service, instance_id=i.instance_id,
                         state=i.state, host=i.host, agent=i.agent, runner=i.runner,
                         labels=i.labels) for i in self.targets])))
@@ -319,6 +337,7 @@ class FanoutRun:
                 return
             if not self.batched or self.out.empty():
                 await context.write(response)
+                await self._sent(1)
                 continue
             responses, size, ended = [response], response.ByteSize(), False
             while not self.out.empty() and size < BATCH_BYTES:
@@ -329,11 +348,12 @@ class FanoutRun:
                 responses.append(more)
                 size += more.ByteSize()
             await context.write(pb.FanoutResponse(batch=pb.FanoutBatch(responses=responses)))
+            await self._sent(len(responses))
             if ended:
                 return
 
     async def emit(self, info: InstanceInfo, **fields: object) -> None:
-        await self.out.put(pb.FanoutResponse(instance_id=info.instance_id, **fields))
+        await self._queue(pb.FanoutResponse(instance_id=info.instance_id, **fields))
 
     async def _result(self, info: InstanceInfo, status: MemberStatus, code: int,
                       duration: float, signal: int = 0, error: RuneError | None = None,
@@ -380,4 +400,7 @@ class FanoutRun:
                                time.monotonic() - began, signal=record.signal,
                                host=record.host)
         if self.rollout.batch_wait and self.unstarted > 0:
-            await asyncio.sleep(self.rollout.batch_wait)  # the slot stays taken meanwhile
+            # The wait runs from when the client was told this member ended, so the next
+            # one's start reaches it no sooner than batch_wait after; the slot stays taken.
+            await self._until_written(self.queued)
+            await asyncio.sleep(self.rollout.batch_wait)
