@@ -125,6 +125,8 @@ class CopyKind:
     """One instance's copy inside the core."""
 
     accepts = COPY_REPLIES
+    # A copy that fails is reported once the agent has discarded what it half wrote.
+    settles_on_close = True
 
     def __init__(self, run: Any, info: InstanceInfo, request: dict[str, Any],
                  window: int) -> None:

@@ -50,6 +50,8 @@ RESIZE_INTERVAL = 0.05
 SIGNALS_PER_SECOND = 20.0
 SIGNAL_BURST = 20
 FEED_GRACE = 2.0
+CLOSE_GRACE = 5.0  # how long an ended session waits for the agent's last word, at most
+_LAST_WORDS = frozenset((frames.ERROR, frames.EXIT, frames.COPY_DONE))
 MAX_KILL_REASON = 256
 
 
@@ -279,7 +281,8 @@ class Session:
                 record.retransmits, record.stalls = link.sender.retransmits, link.sender.stalls
                 record.lost = link.lost is not None
                 if not finished:
-                    await asyncio.shield(self._close_remote())
+                    await asyncio.shield(self._close_remote(
+                        [t for t in tasks if t is not feed]))
                 await link.close()
 
     def _open_request(self) -> ExecOpen:
@@ -324,12 +327,23 @@ class Session:
                 await link.flush_ack()
                 raise errors.from_wire(payload)
 
-    async def _close_remote(self) -> None:
+    async def _close_remote(self, readers: list[asyncio.Future]) -> None:
         try:
             await self.link.send(frames.CLOSE, "client gone")
             await self.link.flush_ack()
+            if getattr(self.kind, "settles_on_close", False):
+                # The client hears of the failure only once the agent has undone its part
+                # (a copy's half-written files): read on, after the kind's own readers.
+                if readers:
+                    await asyncio.wait(readers, timeout=CLOSE_GRACE)
+                await asyncio.wait_for(self._until_remote_ended(), CLOSE_GRACE)
         except Exception:
             pass
+
+    async def _until_remote_ended(self) -> None:
+        while (await self.link.recv())[0] not in _LAST_WORDS:
+            pass
+        await self.link.flush_ack()
 
 
 class SessionCore:
