@@ -12,7 +12,7 @@ from rune.agent.config import load
 from rune.agent.server import Agent
 
 from rune.errors import RuneError
-from rune.files.heap import keep_freed_buffers
+from rune.heap import keep_freed_buffers
 from rune.runtime import configure_logging, run
 
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     args = parser.parse_args(argv)
     configure_logging(args.log_level, args.log_format)
-    keep_freed_buffers()  # process-wide: copy chunks reuse warm pages (rune/files/heap.py)
+    keep_freed_buffers()  # process-wide: copy chunks reuse warm pages (rune/heap.py)
     try:
         run(serve(args.config))
     except (OSError, ValueError, RuneError) as exc:

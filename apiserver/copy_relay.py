@@ -33,6 +33,7 @@ from rune.files.pack import (
 )
 from rune.models import ExecOpened, InstanceInfo
 from rune.proto import exec_pb2 as pb
+from rune.protowire import COPY_DATA_TAG, encode_bytes_field
 
 COPY_REPLIES = frozenset((frames.FILE_HEADER, frames.FILE_DATA, frames.FILE_END,
                           frames.FILE_PACK, frames.FILE_ERROR, frames.COPY_DONE,
@@ -276,10 +277,10 @@ class CopyKind:
             self.summary["files"] += 1
             self.summary["bytes"] += size
 
-    def _response(self, kind: int, payload: Any) -> pb.CopyResponse | None:
+    def _response(self, kind: int, payload: Any) -> pb.CopyResponse | bytes | None:
         tag = self.tag
-        if kind == frames.FILE_DATA:
-            return pb.CopyResponse(instance_id=tag, data=payload)
+        if kind == frames.FILE_DATA:  # pre-encoded: one copy (apiserver/wire.py)
+            return encode_bytes_field(COPY_DATA_TAG, payload, tag)
         if kind == frames.FILE_PACK:
             try:
                 return pb.CopyResponse(instance_id=tag, pack=grpcwire.pack_pb(payload))

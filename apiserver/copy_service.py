@@ -83,7 +83,8 @@ class CopyRun:
             "follow": init.follow_links, "preserve": init.preserve, "chown": init.chown,
             "limits": self.config.cp.limits}
 
-    async def write(self, response: pb.CopyResponse) -> None:
+    async def write(self, response: pb.CopyResponse | bytes) -> None:
+        """A response, or one pre-encoded (apiserver/wire.py)."""
         async with self._lock:  # every member answers on the one stream
             await self.context.write(response)
 

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import grpc
 import typer
 from rune.apiserver.config import ApiServerConfig, load
+from rune.apiserver.wire import register
 
 from rune.runtime import configure_logging, run
 
@@ -83,11 +84,12 @@ async def serve(config: ApiServerConfig) -> None:
         ("grpc.max_send_message_length", config.max_message),
     ]
     server = grpc.aio.server(options=options)
-    pb_grpc.add_ExecServiceServicer_to_server(service, server)
-    pb_grpc.add_FanoutServiceServicer_to_server(FanoutService(service), server)
     from rune.apiserver.copy_service import CopyService
 
-    pb_grpc.add_CopyServiceServicer_to_server(CopyService(service, config), server)
+    # Data responses may be written pre-encoded (apiserver/wire.py).
+    register(pb_grpc.add_ExecServiceServicer_to_server, service, server)
+    register(pb_grpc.add_FanoutServiceServicer_to_server, FanoutService(service), server)
+    register(pb_grpc.add_CopyServiceServicer_to_server, CopyService(service, config), server)
     if tls:
         server.add_secure_port(config.listen, server_credentials(config.tls_cert,
                                                                  config.tls_key))
@@ -138,9 +140,9 @@ def main_command(
     if bool(settings.tls_cert) != bool(settings.tls_key):
         _fail("--tls-cert and --tls-key go together")
     from rune.errors import RuneError
-    from rune.files.heap import keep_freed_buffers
+    from rune.heap import keep_freed_buffers
 
-    keep_freed_buffers()  # process-wide: relayed chunks reuse warm pages (rune/files/heap.py)
+    keep_freed_buffers()  # process-wide: relayed chunks reuse warm pages (rune/heap.py)
     try:
         run(serve(settings))
     except (OSError, ValueError, RuneError) as exc:

@@ -16,6 +16,7 @@ from rune.errors import InvalidArgument, RuneError
 from rune.models import ExecOpened
 from rune.proto import exec_pb2 as pb
 from rune.proto import exec_pb2_grpc as pb_grpc
+from rune.protowire import EXEC_STDERR_TAG, EXEC_STDOUT_TAG, encode_bytes_field
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,8 @@ class ExecStream:
             agent=instance.agent, service=instance.service, runner=instance.runner)))
 
     async def output(self, session: Session, kind: int, data: bytes) -> None:
-        await self.context.write(pb.ExecResponse(stdout=data) if kind == frames.STDOUT
-                                 else pb.ExecResponse(stderr=data))
+        await self.context.write(encode_bytes_field(
+            EXEC_STDOUT_TAG if kind == frames.STDOUT else EXEC_STDERR_TAG, data))
 
     async def exited(self, session: Session, code: int, signal: int) -> None:
         await self.context.write(pb.ExecResponse(exit=pb.Exit(code=code, signal=signal)))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 # gRPC core logs a failed TLS handshake on stderr at INFO; the CLI says it in one line.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc  # noqa: E402
+from rune.cli.wire import DataResponse, exec_stream
 
 from rune.errors import RuneError, Unavailable, from_status
 from rune.proto import exec_pb2 as pb
@@ -256,7 +257,7 @@ class ExecStream:
 
     def __init__(self, client: ApiClient) -> None:
         self.client = client
-        self.call = client.stub.StreamExec(metadata=client.metadata)
+        self.call = exec_stream(client.channel)(metadata=client.metadata)
         self.started: pb.Started | None = None
 
     async def start(self, options: ExecOptions) -> pb.Started:
@@ -307,6 +308,9 @@ class ExecStream:
                 raise self.client.translate(exc, started=True) from None
             if response is grpc.aio.EOF:
                 raise Unavailable("the API server ended the stream without an exit status")
+            if type(response) is DataResponse:  # output, as a view (rune/cli/wire.py)
+                yield response.kind, response.data
+                continue
             kind = response.WhichOneof("msg")
             if kind == "stdout":
                 yield "stdout", response.stdout

@@ -116,7 +116,7 @@ def cp_command(
         from rune.cli.cp_stream import CopyCall, exit_code, stderr_report
         from rune.cli.fanout_output import summary
 
-        from rune.files.heap import keep_freed_buffers
+        from rune.heap import keep_freed_buffers
 
         keep_freed_buffers()
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import grpc
 from rune.cli.client import ApiClient
 from rune.cli.cp_progress import CopyProgress
-from rune.cli.cp_wire import copy_stream
 from rune.cli.fanout_output import InstanceResult
+from rune.cli.wire import copy_stream
 
 from rune.errors import InvalidArgument, Unavailable, from_wire
 from rune.files import grpcwire

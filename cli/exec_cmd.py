@@ -30,6 +30,7 @@ from rune.cli.invocation import Invocation
 from rune.cli.terminal import RawMode, decide_tty, window_size
 
 from rune.errors import RuneError, Unavailable
+from rune.heap import keep_freed_buffers
 
 READ_CHUNK = 256 * 1024
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -232,6 +233,8 @@ class ExecCommand:
                 if self._inline_output and len(payload) <= INLINE_WRITE:
                     _write_all(fd, payload)
                 else:
+                    if len(payload) > INLINE_WRITE:
+                        keep_freed_buffers()  # big output: its messages reuse warm pages
                     writing = loop.run_in_executor(None, _write_all, fd, payload)
                 if payload:
                     self._line_open = payload[-1:] != b"\n"

@@ -254,7 +254,7 @@ def test_stdout_sink_takes_one_packed_file_and_refuses_more(tmp_path: Path) -> N
     pb.CopyResponse(pack=grpcwire.pack_pb([entry("t/a", b"a")])),
 ])
 def test_cli_reads_data_responses_as_views_and_the_rest_as_protobuf(response) -> None:
-    from rune.cli.cp_wire import parse_response
+    from rune.cli.wire import parse_copy_response as parse_response
 
     raw = response.SerializeToString()
     got = parse_response(raw)
@@ -270,7 +270,7 @@ def test_cli_reads_data_responses_as_views_and_the_rest_as_protobuf(response) ->
                                  b"\x22\x01a\x22\x01b"])
 def test_cli_parses_odd_data_responses_as_protobuf_does(raw: bytes) -> None:
     from google.protobuf.message import DecodeError
-    from rune.cli.cp_wire import parse_response
+    from rune.cli.wire import parse_copy_response as parse_response
 
     try:
         want = pb.CopyResponse.FromString(raw)
