@@ -77,7 +77,7 @@ def data_header(kind: int, seq: int, size: int) -> bytes:
     return b"\x93" + _packb(kind) + _packb(seq) + bin_header
 
 
-def _decode_data(data: bytes) -> tuple[int, int, bytes] | None:
+def _decode_data(data: bytes | bytearray) -> tuple[int, int, bytes] | None:
     """A data frame's fields read from its header, no msgpack object built; None for
     anything else (which the full decoder then accepts or refuses)."""
     if len(data) < 5 or data[0] != 0x93 or data[1] not in DATA_KINDS:
@@ -102,10 +102,13 @@ def _decode_data(data: bytes) -> tuple[int, int, bytes] | None:
     if len(data) - start > MAX_DATA:
         raise MalformedFrame(f"{NAMES[data[1]]} frame of {len(data) - start} bytes "
                              f"exceeds {MAX_DATA}")
-    return data[1], seq, data[start:]
+    if type(data) is bytes:
+        return data[1], seq, data[start:]
+    with memoryview(data) as view:  # a frame read in place (rune/natsread.py): one copy
+        return data[1], seq, view[start:].tobytes()
 
 
-def decode(data: bytes) -> tuple[int, int, Any]:
+def decode(data: bytes | bytearray) -> tuple[int, int, Any]:
     if len(data) > MAX_FRAME:
         raise MalformedFrame(f"frame of {len(data)} bytes exceeds {MAX_FRAME}")
     fast = _decode_data(data)

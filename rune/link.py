@@ -26,7 +26,7 @@ from nats.aio.client import Client as NATS
 from rune import frames
 from rune.errors import Unavailable
 from rune.flow import Receiver, Sender
-from rune.natsconn import publish_parts
+from rune.natsconn import publish_parts, subscribe_frames
 from rune.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,8 @@ class SessionLink:
         if self._hub is not None:
             await self._hub.attach(self, self._hub_subject)
             return
-        self._sub = await self.nc.subscribe(
-            self.recv_subject, cb=self._on_msg, pending_bytes_limit=256 * 1024 * 1024
+        self._sub = await subscribe_frames(
+            self.nc, self.recv_subject, cb=self._on_msg, pending_bytes_limit=256 * 1024 * 1024
         )
         self._task = asyncio.create_task(self._maintain())
 
@@ -313,8 +313,8 @@ class LinkHub:
         self._links[link.recv_subject] = link
         entry = self._subs.get(wildcard)
         if entry is None:
-            entry = self._subs[wildcard] = [0, asyncio.ensure_future(self.nc.subscribe(
-                wildcard, cb=self._on_msg, pending_msgs_limit=1 << 20,
+            entry = self._subs[wildcard] = [0, asyncio.ensure_future(subscribe_frames(
+                self.nc, wildcard, cb=self._on_msg, pending_msgs_limit=1 << 20,
                 pending_bytes_limit=1 << 30))]
         entry[0] += 1
         if self._ticker is None or self._ticker.done():

@@ -10,6 +10,8 @@ import nats.aio.client
 from nats.aio.client import Client as NATS
 from nats.protocol.parser import Parser
 
+from rune.natsread import DirectTransport, Message
+
 log = logging.getLogger(__name__)
 # nats-py reads the socket 32 KiB at a time and copies its buffer on every read, so a
 # ~1 MiB frame costs dozens of reads and copies; it has no option for this, only the
@@ -31,15 +33,49 @@ class _SliceBuffer(bytearray):
 
 
 class _OneCopyParser(Parser):
+    """nats-py's parser, also taking what rune/natsread.py's transport already split:
+    messages go to the client as they are, control lines through the parser itself."""
+
     def reset(self) -> None:
         super().reset()
         self.buf = _SliceBuffer()
 
+    async def parse(self, data: bytes | list = b"") -> None:
+        if type(data) is not list:
+            await super().parse(data)  # the stream path (after a TLS upgrade)
+            return
+        nc = self.nc
+        for unit in data:
+            if type(unit) is not Message:
+                await super().parse(unit)
+                continue
+            sid, subject, reply, payload, headers = unit
+            if type(payload) is bytearray and not getattr(nc._subs.get(sid), FRAMES, False):
+                payload = bytes(payload)  # only subscribe_frames() subscribers take these
+            await nc._process_msg(sid, subject, reply, payload, headers)
 
-def _client() -> NATS:
+
+FRAMES = "_rune_frames"  # set on a subscription whose callback takes bytearray payloads
+
+
+async def subscribe_frames(nc: NATS, subject: str, **options: object) -> object:
+    """nc.subscribe(), for a callback that takes any bytes-like payload: a big message
+    then comes as the bytearray the transport read it into (rune/natsread.py), uncopied.
+    Every other subscription gets bytes, as nats-py gives them."""
+    sub = await nc.subscribe(subject, **options)
+    setattr(sub, FRAMES, True)
+    return sub
+
+
+def _client(servers: list[str]) -> NATS:
     nc = NATS()
     if isinstance(getattr(nc, "_ps", None), Parser) and hasattr(nc._ps, "buf"):
         nc._ps = _OneCopyParser(nc)
+        # Our transport for TCP (not WebSocket): nats-py keeps a transport it was given
+        # (it makes one only when it has none) and reconnects through it.
+        if getattr(nc, "_transport", False) is None and not any(
+                s.split("://", 1)[0] in ("ws", "wss") for s in servers if "://" in s):
+            nc._transport = DirectTransport()
     return nc
 
 
@@ -107,10 +143,11 @@ async def connect(
         options["nkeys_seed"] = nkey_seed_file
     if inbox_prefix:
         options["inbox_prefix"] = inbox_prefix
-    nc = _client()
+    # A comma-separated list names several cluster nodes: reconnects go to any of them.
+    servers = [u.strip() for u in url.split(",") if u.strip()]
+    nc = _client(servers)
     await nc.connect(
-        # A comma-separated list names several cluster nodes: reconnects go to any of them.
-        servers=[u.strip() for u in url.split(",") if u.strip()],
+        servers=servers,
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.25,
