@@ -20,6 +20,7 @@ Only what the socket delivered is queued, up to QUEUE_HIGH bytes before reading 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import ssl
 from collections import deque
 from typing import Any
@@ -34,6 +35,20 @@ MAX_LINE = 64 * 1024  # a control line longer than this is a protocol error
 MAX_PAYLOAD = 64 * 1024 * 1024  # a message announced larger than this is one too
 QUEUE_HIGH = 8 * 1024 * 1024  # received and not yet taken: reading pauses above this
 _CRLF = b"\r\n"
+
+
+try:  # CPython's C API: a bytearray of that size whose bytes are not cleared first
+    _new_bytearray = ctypes.pythonapi.PyByteArray_FromStringAndSize
+    _new_bytearray.restype = ctypes.py_object
+    _new_bytearray.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+except AttributeError:  # another interpreter: cleared ones
+    _new_bytearray = None
+
+
+def payload_buffer(size: int) -> bytearray:
+    """A buffer for a payload that is delivered only once every byte was received into
+    it: clearing it first would be one more pass over each byte."""
+    return _new_bytearray(None, size) if _new_bytearray is not None else bytearray(size)
 
 
 class Message(tuple):
@@ -168,7 +183,7 @@ class _Reader(asyncio.BufferedProtocol):
             self._deliver(sid, subject, reply, head_size, payload)
             return True
         if size >= DIRECT_READ:
-            direct = bytearray(size)
+            direct = payload_buffer(size)
             taken = min(have, size)
             with memoryview(self.area) as view:
                 direct[:taken] = view[self.start:self.start + taken]
