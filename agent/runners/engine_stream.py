@@ -29,7 +29,7 @@ BUFFER_SIZE = 1 << 20
 HIGH_WATER = 2 << 20  # unread bytes of one stream that pause reading
 LOW_WATER = 512 << 10
 CORK_BYTES = 1020 << 10  # frames.MAX_DATA: one piece, one frame
-CORK_WINDOW = 0.002  # seconds
+CORK_WINDOW = 0.005  # seconds
 CORK_AFTER = 8 << 10
 
 
