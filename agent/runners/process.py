@@ -95,6 +95,7 @@ class _Fd:
         self._loop = asyncio.get_running_loop()
         self.closed = False
         self._waiters: set[asyncio.Future] = set()
+        self._gather: bytearray | None = None  # see _more
 
     async def _wait(self, add: Callable, remove: Callable) -> None:
         fut = self._loop.create_future()
@@ -122,21 +123,24 @@ class _Fd:
 
     def _more(self, first: bytes, n: int) -> bytes:
         """Adds whatever else is ready: one read gives a pipe's or PTY's chunk, frames
-        want more."""
+        want more. The rest is read into one reused buffer (a PTY gives ~4 KiB a read;
+        a read of its own would allocate n bytes each time) and copied out once."""
         if len(first) >= n or not first:
             return first
-        chunks = [first]
+        if self._gather is None or len(self._gather) < n:
+            self._gather = bytearray(n)
         size = len(first)
-        while size < n:
-            try:
-                more = os.read(self.fd, n - size)
-            except OSError:  # nothing ready now (or EIO, which the next read reports)
-                break
-            if not more:
-                break
-            chunks.append(more)
-            size += len(more)
-        return b"".join(chunks)
+        with memoryview(self._gather) as view:
+            view[:size] = first
+            while size < n:
+                try:
+                    got = os.readv(self.fd, [view[size:n]])
+                except OSError:  # nothing ready now (or EIO, which the next read reports)
+                    break
+                if not got:
+                    break
+                size += got
+            return first if size == len(first) else view[:size].tobytes()
 
     async def write(self, data: bytes) -> None:
         view = memoryview(data)
