@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import grpc
 import typer
 from rune.apiserver.config import ApiServerConfig, load
-from rune.apiserver.wire import register
+from rune.apiserver.wire import COPY_PARSERS, register
 
 from rune.runtime import configure_logging, run
 
@@ -89,7 +89,8 @@ async def serve(config: ApiServerConfig) -> None:
     # Data responses may be written pre-encoded (apiserver/wire.py).
     register(pb_grpc.add_ExecServiceServicer_to_server, service, server)
     register(pb_grpc.add_FanoutServiceServicer_to_server, FanoutService(service), server)
-    register(pb_grpc.add_CopyServiceServicer_to_server, CopyService(service, config), server)
+    register(pb_grpc.add_CopyServiceServicer_to_server, CopyService(service, config), server,
+             COPY_PARSERS)
     if tls:
         server.add_secure_port(config.listen, server_credentials(config.tls_cert,
                                                                  config.tls_key))

@@ -30,6 +30,7 @@ from rune.files.safepath import SafeRoot
 from rune.files.worker import FileWorker
 from rune.files.writer import CopyAborted, TreeWriter
 from rune.proto import exec_pb2 as pb
+from rune.protowire import COPY_REQUEST_DATA_TAG, encode_bytes_field
 
 Report = Callable[[str], None]
 
@@ -209,7 +210,8 @@ class CopyCall:
                 self.progress.expect(payload.get("size", 0))
                 await self._write(pb.CopyRequest(header=grpcwire.header_pb(payload)))
             elif kind == "data":
-                await self._write(pb.CopyRequest(data=payload))
+                # Pre-encoded: one copy, not protobuf's two (rune/protowire.py).
+                await self._write(encode_bytes_field(COPY_REQUEST_DATA_TAG, payload))
                 self.progress.advance(len(payload))
             elif kind == "end":
                 await self._write(pb.CopyRequest(end=grpcwire.end_pb(payload)))

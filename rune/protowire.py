@@ -9,11 +9,14 @@ out as the serialization), and the CLI reads them as a view into what gRPC recei
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 # Length-delimited (wire type 2) tags: (field number << 3) | 2.
 INSTANCE_ID_TAG = 0x0A  # CopyResponse.instance_id (field 1)
 EXEC_STDOUT_TAG = 0x12  # ExecResponse.stdout (field 2)
 EXEC_STDERR_TAG = 0x1A  # ExecResponse.stderr (field 3)
 COPY_DATA_TAG = 0x22  # CopyResponse.data (field 4)
+COPY_REQUEST_DATA_TAG = 0x1A  # CopyRequest.data (field 3)
 
 
 def varint(value: int) -> bytes:
@@ -64,3 +67,45 @@ def bytes_field_view(raw: bytes, tags: frozenset[int], with_id: bool
     except (ValueError, UnicodeDecodeError):
         pass
     return None
+
+
+class BytesMessage:
+    """Such a message as its reader takes a protobuf one: WhichOneof, the instance and
+    the data, a view into the received bytes."""
+
+    __slots__ = ("kind", "instance_id", "data")
+
+    def __init__(self, kind: str, instance_id: str, data: memoryview) -> None:
+        self.kind = kind
+        self.instance_id = instance_id
+        self.data = data
+
+    def WhichOneof(self, group: str) -> str:  # noqa: N802 - protobuf's name
+        return self.kind
+
+
+def view_parser(message_type: type, kinds: dict[int, str], with_id: bool
+                ) -> Callable[[bytes], object]:
+    """A deserializer: a BytesMessage for a message of only one of these fields (by tag),
+    else message_type.FromString."""
+    tags = frozenset(kinds)
+    parse = message_type.FromString
+
+    def parser(raw: bytes) -> object:
+        found = bytes_field_view(raw, tags, with_id)
+        if found is None:
+            return parse(raw)
+        return BytesMessage(kinds[found[0]], found[1], found[2])
+
+    return parser
+
+
+def passing(serialize: Callable[[object], bytes] | None) -> Callable[[object], bytes]:
+    """A serializer that sends bytes as they are (encode_bytes_field's) and serializes
+    anything else as before."""
+    def serializer(message: object) -> bytes:
+        if type(message) is bytes:
+            return message
+        return serialize(message) if serialize is not None else message
+
+    return serializer

@@ -81,3 +81,25 @@ def test_copy_parse_keeps_its_instance() -> None:
     got = parse_copy_response(raw)
     assert type(got) is DataResponse and got.instance_id == "a-instance-b-0"
     assert bytes(got.data) == b"xyz"
+
+
+@pytest.mark.parametrize("request_", [
+    pb.CopyRequest(data=b"chunk" * 1000), pb.CopyRequest(data=b""),
+    pb.CopyRequest(header=pb.FileHeader(path="a", kind="file", size=3)),
+    pb.CopyRequest(done=pb.CopyDone()), pb.CopyRequest(),
+])
+def test_apiserver_reads_upload_data_as_views_and_the_rest_as_protobuf(request_) -> None:
+    """An upload's data request, pre-encoded by the CLI, is what protobuf writes; the
+    apiserver reads it as a view and every other request through protobuf."""
+    from rune.apiserver.wire import COPY_PARSERS
+
+    from rune.protowire import COPY_REQUEST_DATA_TAG, BytesMessage
+
+    raw = request_.SerializeToString()
+    got = COPY_PARSERS["StreamCopy"](raw)
+    if request_.WhichOneof("msg") == "data":
+        assert encode_bytes_field(COPY_REQUEST_DATA_TAG, request_.data) == raw
+        assert type(got) is BytesMessage and bytes(got.data) == request_.data
+        assert got.WhichOneof("msg") == "data"
+    else:
+        assert got == request_
