@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -109,6 +110,9 @@ def parse_instances(items: list[str]) -> list[str]:
     if items and not ids:
         raise ValueError("--instances needs at least one instance id")
     return list(dict.fromkeys(ids))
+
+
+STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class FanoutCommand:
@@ -256,8 +260,32 @@ def fanout_job(target: str, command: list[str], connection: Connection, *,
         timeout=timeout_seconds, max_parallel=max_parallel, fail_fast=fail_fast, **terms)
 
     async def fanout(inv: Invocation) -> int:
-        async with connect(inv, connection) as client:
-            return await FanoutCommand(client, options, json_output, prefix, inv.out_bytes,
-                                       inv.err_bytes, inv.err, inv.env, group).run()
+        # Ctrl+C, SIGTERM, SIGHUP end the run as they end one exec (the members' commands
+        # with it), here or relayed by a multiplexer, whatever the disposition rune was
+        # started with (a shell's background job starts with SIGINT ignored).
+        task = asyncio.current_task()
+        stopped_by: list[int] = []
+
+        def stop(signum: int) -> None:
+            if not stopped_by and task is not None:
+                stopped_by.append(signum)
+                task.cancel()
+
+        for signum in STOPPING_SIGNALS:
+            inv.signals.add(signum, lambda s=signum: stop(s))
+        try:
+            async with connect(inv, connection) as client:
+                return await FanoutCommand(client, options, json_output, prefix,
+                                           inv.out_bytes, inv.err_bytes, inv.err, inv.env,
+                                           group).run()
+        except asyncio.CancelledError:
+            if not stopped_by:
+                raise
+            inv.err.write("Error: interrupted\n")
+            inv.err.flush()
+            return 128 + stopped_by[0]
+        finally:
+            for signum in STOPPING_SIGNALS:
+                inv.signals.remove(signum)
 
     return Job(fanout, "failed to initialize exec session")

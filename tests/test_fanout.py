@@ -213,18 +213,27 @@ def test_unreachable_agent_is_reported_without_hanging(tmp_path):
             assert "agent a2 is not reachable" in " ".join(rows[instance])
 
 
-def test_interrupt_ends_every_remote_command(fleet):
-    """Ctrl-C on the CLI ends the fan-out (exit 130) and every remote command with it."""
+def _disposition(ignored: bool):
+    """The CLI started as a shell starts a foreground command, or a background job (SIGINT
+    ignored), which is how CI runs the suite."""
+    return (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN if ignored else signal.SIG_DFL))
+
+
+@pytest.mark.parametrize("signum, status, ignored", [
+    (signal.SIGINT, 130, False), (signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)])
+def test_interrupt_ends_every_remote_command(fleet, signum, status, ignored):
+    """Ctrl-C (or SIGTERM) on the CLI ends the fan-out (exit 130 / 143) and every remote
+    command with it, also when rune was started with SIGINT ignored."""
     marker = f"rune-fanout-int-{os.getpid()}-{time.monotonic_ns()}"
     proc = fleet.popen("exec", "web", "--all", "python3", "-c",
                        "import time; print('up', flush=True); time.sleep(60)", marker,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       stdin=subprocess.DEVNULL)
+                       stdin=subprocess.DEVNULL, preexec_fn=_disposition(ignored))
     try:
         ups = [proc.stdout.readline() for _ in WEB]
         assert all(line.endswith(b"| up\n") for line in ups)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 130
+        proc.send_signal(signum)
+        assert proc.wait(timeout=20) == status
     finally:
         proc.kill()
         proc.wait()
