@@ -38,6 +38,7 @@ from rune.models import (
     first_problem,
 )
 from rune.natsconn import connect
+from rune.runtime import settle_heap
 from rune.subjects import Subjects
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class Agent:
                                 cb=self._on_ping)
         self.supervisor.start()
         self._spawn(self._announce_alive())
+        settle_heap()
         log.info("agent %s ready on %s", self.config.agent_id, self.config.nats.url)
 
     async def _on_reconnect(self) -> None:

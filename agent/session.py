@@ -38,7 +38,9 @@ class ExecSession:
         self.exit_grace = exit_grace
         self.kill_grace = kill_grace
         self._on_done = on_done
-        self._exited = asyncio.Event()
+        # Resolved once the command has exited: every pump waits on this one future
+        # (no waiter task per pump).
+        self._exited = asyncio.get_running_loop().create_future()
         self.started = time.monotonic()
         self.result: tuple[int, int] | None = None
 
@@ -53,14 +55,14 @@ class ExecSession:
             outcome = await self._until_exit(waiter, inputs)
             if outcome is None:
                 self.result = waiter.result()
-                self._exited.set()
+                self._exit_seen()
                 await asyncio.gather(*pumps)
                 await self.link.send(frames.EXIT, {"code": self.result[0],
                                                    "signal": self.result[1]})
             else:
                 await self.execution.kill() if isinstance(outcome, DeadlineExceeded) \
                     else await self.execution.terminate(self.kill_grace)
-                self._exited.set()
+                self._exit_seen()
                 if isinstance(outcome, DeadlineExceeded):
                     await asyncio.gather(*pumps)
                     await self.link.send(frames.ERROR, outcome.to_wire())
@@ -72,6 +74,10 @@ class ExecSession:
             await self.link.close()
             if self._on_done:
                 await self._on_done(self)
+
+    def _exit_seen(self) -> None:
+        if not self._exited.done():
+            self._exited.set_result(None)
 
     async def _until_exit(self, waiter: asyncio.Task, inputs: asyncio.Task) -> RuneError | None:
         """None when the command exited; otherwise why the session must end early."""
@@ -107,24 +113,21 @@ class ExecSession:
 
     async def _pump(self, read: Callable[[int], Awaitable[bytes]], kind: int) -> None:
         """Forwards output until EOF; after exit, until EOF or `exit_grace` of silence."""
-        exited = asyncio.create_task(self._exited.wait())
-        try:
-            while True:
-                reading = asyncio.ensure_future(read(frames.MAX_DATA))
-                if not self._exited.is_set():
-                    await asyncio.wait((reading, exited), return_when=asyncio.FIRST_COMPLETED)
-                if not reading.done():
-                    # A background child may hold the pipe open forever: do not hang on it.
-                    await asyncio.wait((reading,), timeout=self.exit_grace)
-                if not reading.done():
-                    reading.cancel()
-                    return
-                data = reading.result()
-                if not data:
-                    return
-                await self.link.send(kind, data, len(data))
-        finally:
-            exited.cancel()
+        exited = self._exited
+        while True:
+            reading = asyncio.ensure_future(read(frames.MAX_DATA))
+            if not exited.done():
+                await asyncio.wait((reading, exited), return_when=asyncio.FIRST_COMPLETED)
+            if not reading.done():
+                # A background child may hold the pipe open forever: do not hang on it.
+                await asyncio.wait((reading,), timeout=self.exit_grace)
+            if not reading.done():
+                reading.cancel()
+                return
+            data = reading.result()
+            if not data:
+                return
+            await self.link.send(kind, data, len(data))
 
     async def _apply_input(self) -> RuneError | None:
         """Applies stdin, resizes and signals in order; returns when the peer closes."""

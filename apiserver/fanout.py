@@ -215,6 +215,7 @@ class FanoutRun:
         self.began = time.monotonic()
         self.unstarted = len(targets)
         self.running: set[asyncio.Task] = set()
+        self._slot_freed = asyncio.Event()  # set when a running member ends
         self.queued = 0  # responses put on self.out
         self.written = 0  # of them, those written to the client's stream
         self.progress = asyncio.Condition()  # told when `written` grows
@@ -302,7 +303,10 @@ class FanoutRun:
     async def _start(self, members: list[InstanceInfo]) -> None:
         for index, info in enumerate(members):
             while len(self.running) >= self.rollout.window:
-                await asyncio.wait(self.running, return_when=asyncio.FIRST_COMPLETED)
+                # One event, not asyncio.wait over the whole window: that adds and removes
+                # a callback on every running member each time one slot frees.
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
             why = self._stop_reason()
             if why is not None:
                 status = MemberStatus.CANCELLED if self.rollout.fail_fast \
@@ -312,9 +316,13 @@ class FanoutRun:
             self.unstarted -= 1
             task = asyncio.create_task(self._one(info))
             self.running.add(task)
-            task.add_done_callback(self.running.discard)
+            task.add_done_callback(self._ended)
         while self.running:
             await asyncio.wait(self.running)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        self.running.discard(task)
+        self._slot_freed.set()
 
     def _stop_reason(self) -> str | None:
         if self.rollout.fail_fast and self.not_ok:

@@ -14,7 +14,7 @@ import typer
 from rune.apiserver.config import ApiServerConfig, load
 from rune.apiserver.wire import COPY_PARSERS, register
 
-from rune.runtime import configure_logging, run
+from rune.runtime import configure_logging, run, settle_heap
 
 log = logging.getLogger(__name__)
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
@@ -101,6 +101,7 @@ async def serve(config: ApiServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    settle_heap()
     print(f"rune-apiserver listening on {config.listen} ({'TLS' if tls else 'plaintext'}, "
           f"auth {'on' if config.auth.enabled else 'OFF'})", flush=True)
     await stop.wait()

@@ -133,6 +133,17 @@ class Oversight:
         self.metrics = metrics
         self._requests: dict[str, tuple[Any, Any, float]] = {}
         self.denials = DenialLimiter()
+        # The members of a fan-out share one identity and one spec: their request fields
+        # are worked out once (argv cut, env keys sorted), not twice per member.
+        self._last_request: tuple[Any, Any, dict[str, Any]] | None = None
+
+    def _request_fields(self, identity: Any, spec: Any) -> dict[str, Any]:
+        last = self._last_request
+        if last is not None and last[0] is identity and last[1] is spec:
+            return last[2]
+        fields = request_fields(identity, spec)
+        self._last_request = (identity, spec, fields)
+        return fields
 
     def _emit(self, event: dict[str, Any]) -> None:
         event["source"] = "apiserver"
@@ -168,7 +179,7 @@ class Oversight:
         record.opened = time.time()
         if identity is None:
             return
-        fields = {**request_fields(identity, spec), **session_fields(record),
+        fields = {**self._request_fields(identity, spec), **session_fields(record),
                   **getattr(record, "extra", {}), **getattr(record, "started_extra", {})}
         self._emit(schema.make_event(getattr(record, "started_event", schema.STARTED),
                                      **fields))
@@ -190,7 +201,7 @@ class Oversight:
         if identity is None:
             return
         duration = round(time.time() - record.started, 3)
-        fields = {**request_fields(identity, spec), **session_fields(record),
+        fields = {**self._request_fields(identity, spec), **session_fields(record),
                   **getattr(record, "extra", {}),
                   "duration": duration, "bytes_in": record.bytes_in,
                   "bytes_out": record.bytes_out}

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
+from pydantic import BaseModel
 from rune.apiserver import observe
 from rune.apiserver.admission import SessionSpec
 from rune.apiserver.config import ApiServerConfig
@@ -285,18 +286,17 @@ class Session:
                         [t for t in tasks if t is not feed]))
                 await link.close()
 
-    def _open_request(self) -> ExecOpen:
-        spec, record, config = self.spec, self.record, self.core.config
-        env = dict(spec.env)
-        if spec.tty and spec.term:
-            env.setdefault("TERM", spec.term)
-        return ExecOpen(
-            session_id=record.id, namespace=record.instance.namespace,
-            instance_id=record.instance.instance_id, argv=list(spec.argv), env=env,
-            workdir=spec.workdir, tty=spec.tty, width=spec.width or 80,
-            height=spec.height or 24, timeout=spec.timeout, window=self.kind.window,
-            user=record.user, heartbeat=config.heartbeat, lost_after=config.lost_after,
-            stdin=not getattr(self.kind, "no_input", False))
+    def _open_request(self) -> dict[str, Any]:
+        """The ExecOpen as it goes on the wire. What a session shares with the others of
+        its request (argv, env, limits: a fan-out's members) is validated once, in
+        SessionCore.open_template; what is its own is checked here against the same bounds."""
+        record = self.record
+        instance = record.instance
+        template = self.core.open_template(self.spec, record.user, self.kind.window,
+                                           not getattr(self.kind, "no_input", False))
+        return {**template, "session_id": bounds.name(record.id, "session id"),
+                "namespace": bounds.name(instance.namespace, "namespace"),
+                "instance_id": bounds.name(instance.instance_id, "instance id")}
 
     async def _relay_output(self) -> None:
         record, link = self.record, self.link
@@ -362,6 +362,7 @@ class SessionCore:
         self.opener = OpenBatcher(nc, subjects, config.open_timeout)
         self.hub = LinkHub(nc)  # one subscription per agent, one timer, for every session
         self._idle_sweep: asyncio.Task | None = None
+        self._open_template: tuple[tuple, dict[str, Any]] | None = None
 
     async def run(self, identity: Any, spec: SessionSpec, instance: InstanceInfo,
                   kind: SessionKind, fanout_id: str = "",
@@ -402,10 +403,35 @@ class SessionCore:
             self.oversight.ended(record, outcome)
         return record
 
-    async def open_on_agent(self, instance: InstanceInfo, request: ExecOpen) -> ExecOpened:
+    def open_template(self, spec: SessionSpec, user: str, window: int,
+                      stdin: bool) -> dict[str, Any]:
+        """An ExecOpen validated once for every session of one request, as a map without
+        the fields each session fills in (session_id, namespace, instance_id)."""
+        key = (spec, user, window, stdin)
+        last = self._open_template
+        if last is not None and last[0][0] is spec and last[0][1:] == key[1:]:
+            return last[1]
+        env = dict(spec.env)
+        if spec.tty and spec.term:
+            env.setdefault("TERM", spec.term)
+        config = self.config
+        template = ExecOpen(
+            session_id="x", namespace="x", instance_id="x", argv=list(spec.argv), env=env,
+            workdir=spec.workdir, tty=spec.tty, width=spec.width or 80,
+            height=spec.height or 24, timeout=spec.timeout, window=window, user=user,
+            heartbeat=config.heartbeat, lost_after=config.lost_after,
+            stdin=stdin).model_dump()
+        for own in ("session_id", "namespace", "instance_id"):
+            del template[own]
+        self._open_template = (key, template)
+        return template
+
+    async def open_on_agent(self, instance: InstanceInfo,
+                            request: BaseModel | dict[str, Any]) -> ExecOpened:
         """Asks the owning agent to start the session; Unavailable when it does not answer."""
         # Opens waiting for the same agent leave together, one request (open_batch.py).
-        answer = await self.opener.open(instance.agent, frames.pack(request.model_dump()))
+        fields = request if isinstance(request, dict) else request.model_dump()
+        answer = await self.opener.open(instance.agent, frames.pack(fields))
         try:
             opened = ExecOpened.model_validate(answer)
         except ValueError as exc:

@@ -2,7 +2,9 @@
 
     python bench/fanout.py [--runs 5] [--warmup 3] [--sizes 10,100,500,1000,5000]
 
-Each size prints the whole CLI process's wall time and the cost per instance (wall / n);
+Each size prints the whole CLI process's wall time and the cost per instance (wall / n),
+and the CPU per instance of each part (apiserver, nats-server, agents, their commands, the
+multiplexer where the CLI's work runs): on a shared machine the steadier figure;
 the goals (issue "fleet-scale rollouts"): 1,000 over 100 agents <= 2.0 s, 5,000 over 100
 agents <= 8 s, and the cost per instance flat (+-20 %) from 100 to 5,000 (a last row).
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import subprocess
 import sys
 import threading
@@ -72,6 +75,55 @@ class RssSampler(threading.Thread):
         return self.peak
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """CPU (user + system) a process has used so far; with `children`, that of its reaped
+    children (an agent's commands) instead. 0 for a process that is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    first = 13 if children else 11
+    return (int(fields[first]) + int(fields[first + 1])) / TICKS
+
+
+def mux_pid(mux_dir: str) -> int | None:
+    """The bench's own multiplexer (the CLI's work happens there), found by its --dir."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"rune.cli.muxserver" in argv and mux_dir.encode() in argv:
+            return int(entry.name)
+    return None
+
+
+class CpuMeter:
+    """CPU seconds each part of the stack spends over the timed runs: on a shared machine
+    wall times swing with other work, CPU per process much less."""
+
+    def __init__(self, stack: Stack, fleet: list[subprocess.Popen], mux: int | None) -> None:
+        self.parts = {"apiserver": [stack.procs["apiserver"].pid],
+                      "nats-server": [stack.procs["nats"].pid],
+                      "agents": [p.pid for p in fleet], "multiplexer": [mux] if mux else []}
+        self.began = self._now()
+
+    def _now(self) -> dict[str, float]:
+        now = {name: sum(cpu_seconds(p) for p in pids) for name, pids in self.parts.items()}
+        now["agents' commands"] = sum(cpu_seconds(p, children=True)
+                                      for p in self.parts["agents"])
+        return now
+
+    def spent(self) -> dict[str, float]:
+        now = self._now()
+        return {name: now[name] - self.began[name] for name in now}
+
+
 def fanout_once(argv: list[str], env: dict | None = None) -> tuple[float, float, str]:
     """Wall time of the whole CLI, the slowest instance's session, the summary's tally."""
     began = time.perf_counter()
@@ -86,12 +138,15 @@ def fanout_once(argv: list[str], env: dict | None = None) -> tuple[float, float,
 
 
 def measure_size(stack: Stack, argv: list[str], runs: int, warmup: int,
-                 env: dict | None = None) -> dict:
-    """RUNS fan-outs of ARGV: wall times, slowest session, apiserver RSS before and at peak."""
+                 env: dict | None = None, fleet: list[subprocess.Popen] | None = None) -> dict:
+    """RUNS fan-outs of ARGV: wall times, slowest session, apiserver RSS before and at peak,
+    CPU seconds per part of the stack over the timed runs."""
     for _ in range(warmup):
         fanout_once(argv, env)
     api_pid = stack.procs["apiserver"].pid
     before = rss_kib(api_pid)
+    mux_dir = (env or {}).get("RUNE_MUX_DIR")
+    meter = CpuMeter(stack, fleet or [], mux_pid(mux_dir) if mux_dir else None)
     sampler = RssSampler(api_pid)
     sampler.start()
     times, slowest, tally = [], 0.0, ""
@@ -103,7 +158,7 @@ def measure_size(stack: Stack, argv: list[str], runs: int, warmup: int,
     finally:
         peak = sampler.stop()
     return {"times": times, "slowest_s": slowest, "tally": tally, "rss_before_kib": before,
-            "rss_peak_kib": peak}
+            "rss_peak_kib": peak, "cpu_s": meter.spent()}
 
 
 def run(ctx: BenchContext) -> list[dict]:
@@ -143,7 +198,7 @@ def _size_rows(ctx: BenchContext, size: int, name: str) -> list[dict]:
     env = {"RUNE_MUX_IDLE": "60", **ctx.env}
     try:
         got = measure_size(ctx.stack, ctx.rune_argv(service, "--all", "true"),
-                           ctx.sizes.fanout_runs, ctx.sizes.warmup, env)
+                           ctx.sizes.fanout_runs, ctx.sizes.warmup, env, procs)
     finally:
         _stop_fleet(ctx.stack, procs)
     timing = rows.latency(f"fanout.{size}", SECTION, name, got["times"], ref=SINGLE)
@@ -154,8 +209,15 @@ def _size_rows(ctx: BenchContext, size: int, name: str) -> list[dict]:
     per = rows.figure(f"fanout.{size}.per_instance", SECTION,
                       f"cost per instance, fan-out to {size} over {agents} agents",
                       timing["value"] / size, "ms", instances=size, agents=agents)
+    members = size * len(got["times"])
+    cpu = [rows.figure(f"fanout.{size}.cpu.{part.replace(chr(39), '').replace(' ', '_')}",
+                       SECTION,
+                       f"CPU per instance, fan-out to {size}: {part}",
+                       spent * 1000 / members, "ms")
+           for part, spent in got["cpu_s"].items()]
     return [timing | {"versus": "one `rune exec api true`", "agents": agents,
-                      "slowest_session_s": got["slowest_s"], "tally": got["tally"]}, per, rss]
+                      "slowest_session_s": got["slowest_s"], "tally": got["tally"]}, per,
+            *cpu, rss]
 
 
 def _stop_fleet(stack: Stack, procs: list[subprocess.Popen]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import sys
@@ -32,6 +33,22 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+# A session allocates a few hundred container objects that live until it ends: with the
+# interpreter's default (a young collection every 700), a server running a fan-out spends
+# about a tenth of its time collecting, mostly re-scanning sessions still alive.
+YOUNG_COLLECTION_EVERY = 20_000
+
+
+def settle_heap() -> None:
+    """Once a server has started: what it built so far (modules, config, clients) is moved
+    out of the collector's sight (gc.freeze), and young collections are rarer. Cycles are
+    still collected; only how often the collector looks changes."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_EVERY, middle, old)
 
 
 def run(main: Coroutine) -> object:

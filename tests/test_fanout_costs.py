@@ -130,6 +130,41 @@ def test_members_stdin_is_closed_by_the_agent_without_a_frame(fleet):
         b"still here"
 
 
+def test_each_request_opens_with_its_own_command_env_and_instance(fleet):
+    """The ExecOpen validated once per request: every member still runs its own instance,
+    and the next request (another argv, another env, a single exec between) is not served
+    the previous one's."""
+    script = 'echo "$RUNE_INSTANCE $WHICH $0"'
+    ids = sorted(f"cheap-instance-c{a:03d}-{r}" for a in range(AGENTS) for r in range(REPLICAS))
+    for which in ("first", "second"):
+        result = fleet("exec", "cheap", "--all", "--env", f"WHICH={which}", "--", "sh", "-c",
+                       script, which, timeout=240)
+        assert result.returncode == 0, result.stderr.decode()[-2000:]
+        lines = sorted(line.split(" | ", 1)[1] for line in result.stdout.decode().splitlines())
+        assert lines == sorted(f"{i} {which} {which}" for i in ids)
+        single = fleet("exec", "--env", "WHICH=alone", "cheap-instance-c001-2", "--", "sh",
+                       "-c", script, "alone")
+        assert single.stdout.decode() == "cheap-instance-c001-2 alone alone\n"
+
+
+def test_settled_heap_still_collects_cycles():
+    """settle_heap (run by the apiserver and each agent once started): the start-up heap is
+    frozen and young collections are rarer, yet a cycle made later is still collected."""
+    code = ("import gc, weakref\n"
+            "from rune.runtime import settle_heap, YOUNG_COLLECTION_EVERY\n"
+            "settle_heap()\n"
+            "assert gc.get_freeze_count() > 1000, gc.get_freeze_count()\n"
+            "assert gc.get_threshold()[0] == YOUNG_COLLECTION_EVERY\n"
+            "class Node: pass\n"
+            "a, b = Node(), Node(); a.peer, b.peer = b, a\n"
+            "gone = weakref.ref(a); del a, b\n"
+            "kept = [[] for _ in range(3 * YOUNG_COLLECTION_EVERY)]\n"
+            "assert gone() is None, 'a cycle outlived young collections'\n"
+            "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert result.stdout == b"ok\n", result.stderr.decode()
+
+
 def _sessions(stack: Stack) -> list[pb.SessionInfo]:
     with grpc.insecure_channel(stack.api_address) as channel:
         reply = pb_grpc.ExecServiceStub(channel).ListSessions(
