@@ -266,22 +266,6 @@ def test_cli_reads_data_responses_as_views_and_the_rest_as_protobuf(response) ->
         assert got == response
 
 
-@pytest.mark.parametrize("raw", [b"\x22\x05abc", b"\x22\xff\xff", b"\x0a\x02\xff\xfe\x22\x00",
-                                 b"\x22\x01a\x22\x01b"])
-def test_cli_parses_odd_data_responses_as_protobuf_does(raw: bytes) -> None:
-    from google.protobuf.message import DecodeError
-    from rune.cli.wire import parse_copy_response as parse_response
-
-    try:
-        want = pb.CopyResponse.FromString(raw)
-    except DecodeError:
-        with pytest.raises(DecodeError):
-            parse_response(raw)
-        return
-    got = parse_response(raw)
-    assert bytes(got.data) == want.data and got.instance_id == want.instance_id
-
-
 @pytest.mark.parametrize("payload, why", [
     ("nope", "malformed pack"),
     ([entry(f"t/f{i}") for i in range(MAX_PACK_ENTRIES + 1)], "entries"),

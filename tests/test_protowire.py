@@ -59,21 +59,29 @@ def test_cli_reads_exec_output_as_views_and_the_rest_as_protobuf(response) -> No
         assert got == response
 
 
-@pytest.mark.parametrize("raw", [b"\x12\x05abc", b"\x12\xff\xff", b"\x12\x01a\x12\x01b",
-                                 b"\x12\x01a\x1a\x01b", b"\x12", b"\x1a\x80"])
-def test_cli_reads_odd_exec_responses_as_protobuf_does(raw: bytes) -> None:
-    """Cut short, lying lengths, repeated or mixed fields: protobuf decides."""
+ODD_EXEC = [b"\x12\x05abc", b"\x12\xff\xff", b"\x12\x01a\x12\x01b", b"\x12\x01a\x1a\x01b",
+            b"\x12", b"\x1a\x80"]
+ODD_COPY = [b"\x22\x05abc", b"\x22\xff\xff", b"\x0a\x02\xff\xfe\x22\x00", b"\x22\x01a\x22\x01b"]
+
+
+@pytest.mark.parametrize("message, parse, raw",
+                         [(pb.ExecResponse, parse_exec_response, r) for r in ODD_EXEC]
+                         + [(pb.CopyResponse, parse_copy_response, r) for r in ODD_COPY])
+def test_cli_reads_odd_responses_as_protobuf_does(message, parse, raw: bytes) -> None:
+    """Cut short, lying lengths, repeated or mixed fields, bad UTF-8: protobuf decides."""
     try:
-        want = pb.ExecResponse.FromString(raw)
+        want = message.FromString(raw)
     except DecodeError:
         with pytest.raises(DecodeError):
-            parse_exec_response(raw)
+            parse(raw)
         return
-    got = parse_exec_response(raw)
+    got = parse(raw)
     kind = want.WhichOneof("msg")
     assert got.WhichOneof("msg") == kind
     assert bytes(got.data if type(got) is DataResponse else getattr(got, kind)) == \
         getattr(want, kind)
+    if message is pb.CopyResponse:
+        assert got.instance_id == want.instance_id
 
 
 def test_copy_parse_keeps_its_instance() -> None:
