@@ -185,3 +185,61 @@ async def test_real_broker_frames_subscribers_get_big_payloads_uncopied(nats_url
     await asyncio.wait_for(done.wait(), 20)
     assert nc._transport is transport and plain == sent
     await nc.close()
+
+
+async def test_a_tls_upgrade_falls_back_to_the_stream_path(tmp_path) -> None:
+    """A broker that asks for TLS: the transport upgrades its connection and then reads
+    through nats-py's stream path; big messages still arrive whole."""
+    import shutil
+    import ssl
+    import subprocess
+
+    from rune.cli.devstack import nats_server_binary, wait_until
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl on PATH to make the broker's certificate")
+
+    from rune.natsconn import _client
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    port = free_port()
+    conf = tmp_path / "tls.conf"
+    conf.write_text(f'listen: "127.0.0.1:{port}"\ntls {{\n  cert_file: "{cert}"\n'
+                    f'  key_file: "{key}"\n}}\n')
+    server = subprocess.Popen([nats_server_binary(), "-c", str(conf)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import socket
+
+        def listening() -> bool:
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(listening, "nats-server with TLS", proc=server)
+        context = ssl.create_default_context(cafile=str(cert))
+        url = f"tls://127.0.0.1:{port}"
+        nc = _client([url])
+        assert isinstance(nc._transport, DirectTransport)
+        await nc.connect(servers=[url], tls=context, connect_timeout=5,
+                         allow_reconnect=False)
+        assert nc._transport._streams is not None  # upgraded: nats-py's stream path
+        got: list[bytes] = []
+        done = asyncio.Event()
+
+        async def on_msg(msg) -> None:
+            got.append(msg.data)
+            done.set()
+
+        await subscribe_frames(nc, "tls.data", cb=on_msg)
+        payload = os.urandom(900_000)
+        await nc.publish("tls.data", payload)
+        await asyncio.wait_for(done.wait(), 10)
+        assert got == [payload]
+        await nc.close()
+    finally:
+        server.kill()
+        server.wait()
