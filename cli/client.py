@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 # gRPC core logs a failed TLS handshake on stderr at INFO; the CLI says it in one line.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc  # noqa: E402
-from rune.cli.wire import DataResponse, exec_stream
+from rune.cli.wire import exec_stream
 
 from rune.errors import RuneError, Unavailable, from_status
 from rune.proto import exec_pb2 as pb
 from rune.proto import exec_pb2_grpc as pb_grpc
+from rune.protowire import BytesMessage
 
 MAX_MESSAGE = 4 * 1024 * 1024
 UNARY_TIMEOUT = 30
@@ -308,7 +309,7 @@ class ExecStream:
                 raise self.client.translate(exc, started=True) from None
             if response is grpc.aio.EOF:
                 raise Unavailable("the API server ended the stream without an exit status")
-            if type(response) is DataResponse:  # output, as a view (rune/cli/wire.py)
+            if type(response) is BytesMessage:  # output, as a view (rune/cli/wire.py)
                 yield response.kind, response.data
                 continue
             kind = response.WhichOneof("msg")

@@ -14,12 +14,10 @@ from rune.protowire import (
     COPY_DATA_TAG,
     EXEC_STDERR_TAG,
     EXEC_STDOUT_TAG,
-    BytesMessage,
     passing,
     view_parser,
 )
 
-DataResponse = BytesMessage  # what the readers test a response against
 parse_copy_response = view_parser(pb.CopyResponse, {COPY_DATA_TAG: "data"}, True)
 parse_exec_response = view_parser(
     pb.ExecResponse, {EXEC_STDOUT_TAG: "stdout", EXEC_STDERR_TAG: "stderr"}, False)

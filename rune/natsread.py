@@ -151,7 +151,7 @@ class _Reader(asyncio.BufferedProtocol):
                 self.start += 2
                 self.expect_crlf = False
                 held, self.held = self.held, None
-                self._queue(held, len(held[3]))  # type: ignore[arg-type]
+                self._queue(held)  # type: ignore[arg-type]
                 continue
             if self.header is not None:
                 if not self._take_payload():
@@ -167,7 +167,7 @@ class _Reader(asyncio.BufferedProtocol):
             if line.startswith((b"MSG ", b"MSG\t", b"HMSG ", b"HMSG\t")):
                 self.header = _message_header(line)
             else:
-                self._queue(line, len(line))
+                self._queue(line)
 
     def _take_payload(self) -> bool:
         """The payload announced by self.header, from the area or into its own buffer."""
@@ -180,7 +180,7 @@ class _Reader(asyncio.BufferedProtocol):
             payload = bytes(self.area[at:at + size])
             self.start = at + size + 2
             self.header = None
-            self._deliver(sid, subject, reply, head_size, payload)
+            self._queue(self._message(sid, subject, reply, head_size, payload))
             return True
         if size >= DIRECT_READ:
             direct = payload_buffer(size)
@@ -206,10 +206,6 @@ class _Reader(asyncio.BufferedProtocol):
         except ProtocolError as exc:
             self._fail(exc)
 
-    def _deliver(self, sid: int, subject: bytes, reply: bytes, head_size: int,
-                 payload: bytes | bytearray) -> None:
-        self._queue(self._message(sid, subject, reply, head_size, payload), len(payload))
-
     @staticmethod
     def _message(sid: int, subject: bytes, reply: bytes, head_size: int,
                  payload: bytes | bytearray) -> Message:
@@ -218,9 +214,9 @@ class _Reader(asyncio.BufferedProtocol):
                             bytes(payload[:head_size])))
         return Message((sid, subject, reply, payload, None))
 
-    def _queue(self, unit: bytes | Message, size: int) -> None:
+    def _queue(self, unit: bytes | Message) -> None:
         self.units.append(unit)
-        self.queued += size
+        self.queued += _size(unit)
         if self.queued > QUEUE_HIGH and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
@@ -249,7 +245,7 @@ class _Reader(asyncio.BufferedProtocol):
         await self._wait()
         units = list(self.units)
         self.units.clear()
-        self._taken()
+        self._taken(self.queued)
         return units
 
     async def take_line(self) -> bytes:
@@ -257,17 +253,23 @@ class _Reader(asyncio.BufferedProtocol):
         if not self.units:
             return b""
         unit = self.units.popleft()
-        self._taken()
         if isinstance(unit, Message):
             raise ProtocolError("nats: a message before the handshake ended")
+        self._taken(_size(unit))
         return unit
 
-    def _taken(self) -> None:
-        self.queued = sum(len(u) if not isinstance(u, Message) else len(u[3])
-                          for u in self.units)
+    def _taken(self, size: int) -> None:
+        self.queued -= size
         if self.paused and self.queued <= QUEUE_HIGH // 2 and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
+
+
+def _size(unit: bytes | Message) -> int:
+    """The bytes a unit holds: a line's, or a message's payload and headers."""
+    if isinstance(unit, Message):
+        return len(unit[3]) + len(unit[4] or b"")
+    return len(unit)
 
 
 def _message_header(line: bytes) -> tuple[int, bytes, bytes, int, int]:

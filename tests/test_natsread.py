@@ -173,10 +173,11 @@ async def test_real_broker_frames_subscribers_get_big_payloads_uncopied(nats_url
     proc = nats_url.procs.pop("nats")
     await asyncio.to_thread(stop_pid, proc.pid, 10.0, proc)
     await asyncio.to_thread(nats_url.start_nats)
-    for _ in range(200):
-        if nc.is_connected:
-            break
-        await asyncio.sleep(0.05)
+    async def reconnected() -> None:
+        while not nc.is_connected:
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(reconnected(), 20)
     framed.clear()
     plain.clear()
     done.clear()

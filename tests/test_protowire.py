@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 from google.protobuf.message import DecodeError
-from rune.cli.wire import DataResponse, parse_copy_response, parse_exec_response
+from rune.cli.wire import parse_copy_response, parse_exec_response
 
 from rune.proto import exec_pb2 as pb
 from rune.protowire import (
     COPY_DATA_TAG,
     EXEC_STDERR_TAG,
     EXEC_STDOUT_TAG,
+    BytesMessage,
     encode_bytes_field,
     read_varint,
     varint,
@@ -54,7 +55,7 @@ def test_cli_reads_exec_output_as_views_and_the_rest_as_protobuf(response) -> No
     kind = response.WhichOneof("msg")
     assert got.WhichOneof("msg") == kind
     if kind in ("stdout", "stderr"):
-        assert type(got) is DataResponse and bytes(got.data) == getattr(response, kind)
+        assert type(got) is BytesMessage and bytes(got.data) == getattr(response, kind)
     else:
         assert got == response
 
@@ -78,7 +79,7 @@ def test_cli_reads_odd_responses_as_protobuf_does(message, parse, raw: bytes) ->
     got = parse(raw)
     kind = want.WhichOneof("msg")
     assert got.WhichOneof("msg") == kind
-    assert bytes(got.data if type(got) is DataResponse else getattr(got, kind)) == \
+    assert bytes(got.data if type(got) is BytesMessage else getattr(got, kind)) == \
         getattr(want, kind)
     if message is pb.CopyResponse:
         assert got.instance_id == want.instance_id
@@ -87,7 +88,7 @@ def test_cli_reads_odd_responses_as_protobuf_does(message, parse, raw: bytes) ->
 def test_copy_parse_keeps_its_instance() -> None:
     raw = pb.CopyResponse(instance_id="a-instance-b-0", data=b"xyz").SerializeToString()
     got = parse_copy_response(raw)
-    assert type(got) is DataResponse and got.instance_id == "a-instance-b-0"
+    assert type(got) is BytesMessage and got.instance_id == "a-instance-b-0"
     assert bytes(got.data) == b"xyz"
 
 
@@ -101,7 +102,7 @@ def test_apiserver_reads_upload_data_as_views_and_the_rest_as_protobuf(request_)
     apiserver reads it as a view and every other request through protobuf."""
     from rune.apiserver.wire import COPY_PARSERS
 
-    from rune.protowire import COPY_REQUEST_DATA_TAG, BytesMessage
+    from rune.protowire import COPY_REQUEST_DATA_TAG
 
     raw = request_.SerializeToString()
     got = COPY_PARSERS["StreamCopy"](raw)
