@@ -157,9 +157,24 @@ DEB = "deb"  # its service name
 CONSOLE_SIZE_SINCE = (1, 42)
 
 
+ENGINE_ROUTE = "rune.test.route"  # the label only the engine-route agent adopts
+DEB_ENGINE = "deb-engine"  # its service: the same image, every exec through the engine
+
+
+def _debian_container(docker_engine, service: str, labels: dict[str, str]) -> None:
+    created = docker_engine.client.create_container(
+        DEBIAN_IMAGE, ["sleep", "infinity"],
+        labels={**docker_engine.labels, "rune.namespace": "default", "rune.service": service,
+                **labels},
+        host_config=docker_engine.client.create_host_config(network_mode="none"))
+    docker_engine.client.start(created["Id"])
+
+
 @pytest.fixture(scope="module")
 def debian(docker_stack, docker_engine) -> str:
-    """A container of the Debian test image, adopted by the stack's agent; its API version."""
+    """Two containers of the Debian test image: DEB, whose non-TTY execs the agent runs
+    through the container's runc, and DEB_ENGINE, adopted by a second agent that sends
+    every exec through the engine (direct_exec off). Returns the engine's API version."""
     from docker.errors import ImageNotFound
 
     try:
@@ -169,13 +184,19 @@ def debian(docker_stack, docker_engine) -> str:
         if os.environ.get("RUNE_REQUIRE_DOCKER") == "1":
             pytest.fail(f"Docker tests are required here (RUNE_REQUIRE_DOCKER=1): {reason}")
         pytest.skip(reason)
-    created = docker_engine.client.create_container(
-        DEBIAN_IMAGE, ["sleep", "infinity"],
-        labels={**docker_engine.labels, "rune.namespace": "default", "rune.service": DEB},
-        host_config=docker_engine.client.create_host_config(network_mode="none"))
-    docker_engine.client.start(created["Id"])
+    _debian_container(docker_engine, DEB, {})
+    _debian_container(docker_engine, DEB_ENGINE, {"rune.agent": "a2", ENGINE_ROUTE: "engine"})
+    docker_stack.start_agent("a2", [], {"docker": {
+        "enabled": True, "direct_exec": False,
+        "match_labels": {**docker_engine.labels, ENGINE_ROUTE: "engine"}}}, wait_running=1)
     wait_until(lambda: "running" in _states(docker_stack, DEB).values(), "debian adopted")
     return docker_engine.client.version()["ApiVersion"]
+
+
+@pytest.fixture(params=[DEB, DEB_ENGINE], ids=["runc", "engine"])
+def deb(request, debian) -> str:
+    """The Debian service to run a non-TTY behaviour on: once per exec route."""
+    return request.param
 
 
 def _py(code: str) -> list[str]:
@@ -189,62 +210,62 @@ def _spawn_tty(stack, *command: str, rows: int = 33, cols: int = 101) -> pexpect
                          cwd=str(ROOT), env=env, dimensions=(rows, cols), timeout=30)
 
 
-def test_debian_exit_codes_and_signal_death(rune, debian):
+def test_debian_exit_codes_and_signal_death(rune, deb):
     """The command's exit code is the CLI's; death by SIGKILL is 137."""
-    assert rune("exec", DEB, *_py("import sys; sys.exit(7)")).returncode == 7
-    assert rune("exec", DEB, *_py("import os; os.kill(os.getpid(), 9)")).returncode == 137
-    assert rune("exec", DEB, "true").returncode == 0
+    assert rune("exec", deb, *_py("import sys; sys.exit(7)")).returncode == 7
+    assert rune("exec", deb, *_py("import os; os.kill(os.getpid(), 9)")).returncode == 137
+    assert rune("exec", deb, "true").returncode == 0
 
 
-def test_debian_missing_and_unexecutable_commands(rune, debian):
+def test_debian_missing_and_unexecutable_commands(rune, deb):
     """Missing: 127; not executable or a missing workdir: 126; each with a message."""
-    missing = rune("exec", DEB, "no-such-command-xyz")
+    missing = rune("exec", deb, "no-such-command-xyz")
     assert missing.returncode == 127 and b"no-such-command-xyz" in missing.stderr
-    assert rune("exec", DEB, "/etc/passwd").returncode == 126
-    workdir = rune("exec", "--workdir", "/no/such/dir", DEB, "pwd")
+    assert rune("exec", deb, "/etc/passwd").returncode == 126
+    workdir = rune("exec", "--workdir", "/no/such/dir", deb, "pwd")
     assert workdir.returncode == 126 and b"/no/such/dir" in workdir.stderr
 
 
-def test_debian_stderr_stays_apart_under_volume(rune, debian):
+def test_debian_stderr_stays_apart_under_volume(rune, deb):
     """Megabytes written to stdout and stderr in turns arrive apart and byte-exact."""
     code = ("import os\nfor i in range(64):\n"
             "    os.write(1, b'o' * 65536)\n    os.write(2, bytes([97 + i % 26]) * 40000)\n")
-    result = rune("exec", DEB, *_py(code), timeout=120)
+    result = rune("exec", deb, *_py(code), timeout=120)
     assert result.returncode == 0
     assert result.stdout == b"o" * 65536 * 64
     assert result.stderr == b"".join(bytes([97 + i % 26]) * 40000 for i in range(64))
 
 
-def test_debian_stdin_eof_half_closes(rune, debian):
+def test_debian_stdin_eof_half_closes(rune, deb):
     """stdin's EOF reaches the command, whose output after it still comes back."""
     code = ("import sys, hashlib\ndata = sys.stdin.buffer.read()\n"
             "print(len(data), hashlib.sha256(data).hexdigest())\nprint('after eof')")
     data = os.urandom(300_000)
-    result = rune("exec", DEB, *_py(code), input=data)
+    result = rune("exec", deb, *_py(code), input=data)
     expected = f"{len(data)} {hashlib.sha256(data).hexdigest()}\nafter eof\n".encode()
     assert result.stdout == expected and result.returncode == 0
 
 
-def test_debian_env_and_workdir(rune, debian):
+def test_debian_env_and_workdir(rune, deb):
     """--env adds variables (values may hold '='), --workdir sets the directory."""
-    result = rune("exec", "--env", "A=1", "--env", "B=x=y", "--workdir", "/usr/share", DEB,
+    result = rune("exec", "--env", "A=1", "--env", "B=x=y", "--workdir", "/usr/share", deb,
                   *_py("import os; print(os.environ['A'], os.environ['B'], os.getcwd())"))
     assert result.stdout == b"1 x=y /usr/share\n"
 
 
-def test_debian_trailing_output_is_kept(rune, debian):
+def test_debian_trailing_output_is_kept(rune, deb):
     """GNU head's 3 MB written right before exit all arrive, with the exit code."""
-    result = rune("exec", DEB, "sh", "-c", "head -c 3000000 /dev/zero; exit 3")
+    result = rune("exec", deb, "sh", "-c", "head -c 3000000 /dev/zero; exit 3")
     assert len(result.stdout) == 3_000_000 and result.returncode == 3
 
 
-def test_debian_50mb_stdin_round_trip(rune, debian):
+def test_debian_50mb_stdin_round_trip(rune, deb):
     """50 MB of random bytes through cat come back unchanged, and sha256sum inside agrees."""
     data = os.urandom(50 * 1024 * 1024)
     digest = hashlib.sha256(data).hexdigest()
-    echoed = rune("exec", DEB, "cat", input=data, timeout=180)
+    echoed = rune("exec", deb, "cat", input=data, timeout=180)
     assert echoed.returncode == 0 and hashlib.sha256(echoed.stdout).hexdigest() == digest
-    inside = rune("exec", DEB, "sha256sum", input=data, timeout=180)
+    inside = rune("exec", deb, "sha256sum", input=data, timeout=180)
     assert inside.stdout.split()[0].decode() == digest
 
 
@@ -292,13 +313,13 @@ def test_debian_tty_resize_reaches_the_command(docker_stack, debian):
         child.close(force=True)
 
 
-def test_debian_signal_reaches_a_python_handler(rune, debian):
+def test_debian_signal_reaches_a_python_handler(rune, deb):
     """SIGTERM to the CLI reaches the command's handler, whose exit code comes back."""
     code = ("import signal, sys, time\n"
             "def done(*_):\n    print('got TERM', flush=True); sys.exit(3)\n"
             "signal.signal(signal.SIGTERM, done)\nprint('ready', flush=True)\n"
             "while True: time.sleep(0.1)")
-    proc = rune.popen("exec", DEB, *_py(code), stdout=subprocess.PIPE,
+    proc = rune.popen("exec", deb, *_py(code), stdout=subprocess.PIPE,
                       stdin=subprocess.DEVNULL)
     try:
         assert proc.stdout.readline() == b"ready\n"
@@ -310,13 +331,78 @@ def test_debian_signal_reaches_a_python_handler(rune, debian):
         proc.wait()
 
 
-def test_debian_timeout_kills_the_command(rune, debian):
+def test_debian_timeout_kills_the_command(rune, deb):
     """--timeout ends with 124 and the command is gone from the host's process table."""
     marker = f"rune-timeout-{os.getpid()}-{time.monotonic_ns()}"
-    result = rune("exec", DEB, "--timeout", "1s", *_py("import time; time.sleep(60)"), marker)
+    result = rune("exec", deb, "--timeout", "1s", *_py("import time; time.sleep(60)"), marker)
     assert result.returncode == 124 and "timed out" in result.stderr.decode()
     wait_until(lambda: subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout
                == b"", "the timed-out command gone", timeout=10)
+
+
+def _container_of(docker_engine, service: str) -> str:
+    found = docker_engine.client.containers(filters={"label": [
+        f"{k}={v}" for k, v in {**docker_engine.labels, "rune.service": service}.items()]})
+    assert len(found) == 1
+    return found[0]["Id"]
+
+
+def test_debian_route_is_runc_or_engine(rune, deb, docker_engine):
+    """Through runc the engine holds no exec for the command; through the engine it does."""
+    cid = _container_of(docker_engine, deb)
+    proc = rune.popen("exec", deb, "sh", "-c", "echo ready; exec sleep 60",
+                      stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        execs = docker_engine.client.inspect_container(cid).get("ExecIDs") or []
+        assert len(execs) == (0 if deb == DEB else 1)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+CONFINEMENT = ("grep -E '^(Cap|Seccomp|NoNewPrivs)' /proc/self/status; id; "
+               "for ns in pid mnt net ipc uts cgroup; do "
+               "[ \"$(readlink /proc/self/ns/$ns)\" = \"$(readlink /proc/1/ns/$ns)\" ] "
+               "&& echo \"$ns joined\"; done; "
+               "[ \"$(cat /proc/self/cgroup)\" = \"$(cat /proc/1/cgroup)\" ] && echo cgroup same")
+
+
+def test_debian_runc_exec_is_as_confined_as_the_engines(rune, debian):
+    """The same capabilities, seccomp filter, user, namespaces and cgroup on both routes."""
+    direct = rune("exec", DEB, "sh", "-c", CONFINEMENT)
+    engine = rune("exec", DEB_ENGINE, "sh", "-c", CONFINEMENT)
+    assert direct.returncode == 0 and direct.stdout == engine.stdout
+    lines = direct.stdout.decode().splitlines()
+    assert "Seccomp:\t2" in lines and "cgroup same" in lines
+    assert {f"{ns} joined" for ns in ("pid", "mnt", "net", "ipc", "uts", "cgroup")} <= set(lines)
+    bounding = int(next(v for v in lines if v.startswith("CapBnd:")).split()[1], 16)
+    assert bounding & (1 << 21) == 0  # CAP_SYS_ADMIN stays dropped, as for the container
+
+
+def test_debian_runc_flags_cannot_be_smuggled(rune, debian):
+    """argv and env that look like runc's flags stay the command's own words."""
+    result = rune("exec", "--env", "X=--root=/", DEB, "--", "--pid-file=/etc/x", "-d")
+    assert result.returncode == 127 and b'"--pid-file=/etc/x"' in result.stderr
+    assert not Path("/etc/x").exists()
+    echoed = rune("exec", "--env", "X=--root=/", DEB, "sh", "-c", 'printf %s "$X"', "--help")
+    assert echoed.stdout == b"--root=/" and echoed.returncode == 0
+
+
+def test_debian_paused_container_refuses_and_recovers(rune, deb, docker_stack,
+                                                      docker_engine):
+    """A paused container refuses an exec plainly; unpaused, the next exec works."""
+    cid = _container_of(docker_engine, deb)
+    docker_engine.client.pause(cid)
+    try:
+        wait_until(lambda: "stopped" in _states(docker_stack, deb).values(), "paused seen")
+        refused = rune("exec", deb, "true")
+        assert refused.returncode == 255 and refused.stderr.startswith(b"Error: ")
+        assert b"not running" in refused.stderr
+    finally:
+        docker_engine.client.unpause(cid)
+    wait_until(lambda: "running" in _states(docker_stack, deb).values(), "unpaused seen")
+    assert rune("exec", deb, "echo", "back").stdout == b"back\n"
 
 
 def test_debian_exec_into_a_removed_container_and_the_agent_lives_on(rune, docker_stack,

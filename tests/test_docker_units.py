@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import ROOT
 from rune.agent.runners.docker import derived_instance_id
-from rune.agent.runners.docker_exec import _short_reason, start_failure_code
+from rune.agent.runners.docker_exec import short_reason, start_failure_code
 from rune.agent.runners.engine_api import EngineError, parse_head, read_response
 from rune.agent.runners.engine_stream import HEADER, HIGH_WATER, ExecStream
 
@@ -146,8 +146,8 @@ def test_start_failures_map_to_shell_codes():
     """A missing command is 127; a file without the execute bit or a bad workdir is 126."""
     prefix = "OCI runtime exec failed: exec failed: unable to start container process: "
     missing = prefix + 'exec: "nope": executable file not found in $PATH: unknown'
-    assert start_failure_code(_short_reason(missing)) == 127
-    assert _short_reason(missing) == 'exec: "nope": executable file not found in $PATH'
+    assert start_failure_code(short_reason(missing)) == 127
+    assert short_reason(missing) == 'exec: "nope": executable file not found in $PATH'
     assert start_failure_code(prefix + 'exec: "/no/such": no such file or directory') == 127
     assert start_failure_code(prefix + 'exec: "/etc/passwd": permission denied: unknown') == 126
     assert start_failure_code(prefix + 'chdir to cwd ("/x") set in config.json failed: '
@@ -225,3 +225,25 @@ def test_exec_spec_passes_the_tty_size_at_create_from_api_1_42():
         assert spec["Cmd"] == ["sh", "-c", "stty size"] and spec["WorkingDir"] == "/tmp"
         assert "A=x=y" in spec["Env"] and "TERM=xterm-256color" in spec["Env"]
     assert "ConsoleSize" not in runner._exec_spec(request.model_copy(update={"tty": False}))
+
+
+def test_runc_route_only_where_runc_and_its_state_are(tmp_path, monkeypatch):
+    """No runc binary, no root dir or no state for the id: the engine route instead."""
+    from rune.agent.runners.runc_exec import RuncExec
+
+    assert not RuncExec(str(tmp_path), binary="no-such-runc-xyz").start()
+    assert not RuncExec(str(tmp_path / "missing"), binary="sh").start()
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    route = RuncExec(str(tmp_path), binary="sh")
+    assert route.start()
+    try:
+        (tmp_path / "abc123").mkdir()
+        (tmp_path / "abc123" / "state.json").write_text("{}")
+        (tmp_path / "state.json").write_text("{}")
+        assert route.runs("abc123")
+        assert not route.runs("def456")
+        assert not route.runs("")  # the root's own file is no container's
+        assert not route.runs("../" + tmp_path.name + "/abc123")
+    finally:
+        route.stop()
+    assert not route.runs("abc123")

@@ -9,7 +9,7 @@ import os
 import msgpack
 import pytest
 from nats.errors import BadSubjectError
-from rune.agent.runners.process import DEFAULT_PIPE, MAX_PIPE, _grow_pipe, _pipe_size
+from rune.agent.runners.process import DEFAULT_PIPE, MAX_PIPE, _grow_pipe, pipe_size
 from rune.cli.devstack import Stack, free_port
 
 from rune import frames
@@ -76,12 +76,12 @@ async def test_sender_keeps_parts_and_retransmits_them():
 
 def test_pipe_size_follows_the_window():
     """An exec's 4 MiB window gets a 1 MiB pipe; a fan-out member's keeps the default."""
-    assert _pipe_size(4 << 20) == MAX_PIPE
-    assert _pipe_size(256 << 10) == DEFAULT_PIPE
-    assert _pipe_size(1024) == DEFAULT_PIPE
+    assert pipe_size(4 << 20) == MAX_PIPE
+    assert pipe_size(256 << 10) == DEFAULT_PIPE
+    assert pipe_size(1024) == DEFAULT_PIPE
     read_end, write_end = os.pipe()
     try:
-        _grow_pipe(read_end, _pipe_size(4 << 20))
+        _grow_pipe(read_end, pipe_size(4 << 20))
         assert fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ) >= min(
             MAX_PIPE, int(open("/proc/sys/fs/pipe-max-size").read()))
     finally:

@@ -4,7 +4,8 @@ The docker SDK is synchronous: its calls (listing, creating, events) run on this
 own thread pool, and the engine's event stream is read on one thread and handed to the
 event loop, so the loop never blocks and the registry follows a container within moments
 of a change. Execs, on every session's setup and data path, skip the SDK: engine_api.py
-speaks to the engine's socket from the loop itself.
+speaks to the engine's socket from the loop itself, and a non-TTY exec on this host goes
+to the container's runc without the engine in its data path (runc_exec.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from rune.agent.registry import Registry
 from rune.agent.runners.docker_exec import DockerExecution
 from rune.agent.runners.engine_api import EngineAPI, EngineError, engine_url
 from rune.agent.runners.engine_stream import start_exec
+from rune.agent.runners.runc_exec import RuncExec, RuncExecution
 
 from rune.errors import NotFound, NotRunning, Unavailable
 from rune.models import INSTANCE_MARK, ExecOpen, InstanceInfo
@@ -79,6 +81,7 @@ class DockerRunner:
         self._stream: object | None = None
         self._follower: asyncio.Task | None = None
         self._stopping = False
+        self._runc = RuncExec(self.settings.runc_root) if self.settings.direct_exec else None
 
     async def _call(self, fn: object, *args: object, **kwargs: object) -> object:
         loop = asyncio.get_running_loop()
@@ -94,6 +97,8 @@ class DockerRunner:
             await self.api.negotiate()
         except (DockerException, OSError, EngineError) as exc:
             raise ConnectionError(f"docker engine not reachable: {exc}") from exc
+        if self._runc is not None and not self._runc.start():
+            self._runc = None
         await self._open_events()
         await self._adopt_running()
         for service in self.settings.services:
@@ -115,6 +120,8 @@ class DockerRunner:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.api is not None:
             self.api.close()
+        if self._runc is not None:
+            self._runc.stop()
 
     # --- the engine's event stream ----------------------------------------------------
     def _filters(self) -> dict:
@@ -284,10 +291,17 @@ class DockerRunner:
             await self._set_state(cid, "stopped")
 
     # --- exec -------------------------------------------------------------------------
-    async def exec(self, instance: InstanceInfo, request: ExecOpen) -> DockerExecution:
+    async def exec(self, instance: InstanceInfo,
+                   request: ExecOpen) -> DockerExecution | RuncExecution:
         cid = self.containers.get(instance.key)
         if cid is None:
             raise NotFound(f"instance {instance.instance_id} is not a container of this agent")
+        if not request.tty and self._runc is not None and self._runc.runs(cid):
+            info = self._infos.get(cid)
+            if info is not None and info.state != "running":
+                raise NotRunning(f"instance {instance.instance_id} is not running: "
+                                 f"it is {info.state}")
+            return await self._runc.exec(cid, request)
         began = time.perf_counter()
         try:
             exec_id = await self.api.exec_create(cid, self._exec_spec(request))

@@ -39,7 +39,7 @@ def start_failure_code(message: str) -> int:
     return 126
 
 
-def _short_reason(text: str) -> str:
+def short_reason(text: str) -> str:
     """'OCI runtime exec failed: exec failed: …: exec: "x": not found: unknown' → 'exec: "x": …'."""
     text = text.strip()
     match = re.search(r'exec: "[^"]*": .*', text) or re.search(r"chdir to cwd .*", text)
@@ -79,7 +79,8 @@ def foreground_group(pid: int) -> int:
     return tpgid if tpgid > 0 else pid
 
 
-def _kill(pid: int, signum: int, group: bool) -> None:
+def signal_quietly(pid: int, signum: int, group: bool) -> None:
+    """Sends signum to pid (or its group); one already gone or not ours is no error."""
     try:
         os.killpg(pid, signum) if group else os.kill(pid, signum)
     except (ProcessLookupError, PermissionError):
@@ -141,7 +142,7 @@ class DockerExecution:
             return None
         if info.get("Pid"):
             return None  # the command itself printed that
-        reason = _short_reason(text.decode(errors="replace"))
+        reason = short_reason(text.decode(errors="replace"))
         self._start_status = (start_failure_code(reason), 0)
         self._finish(*self._start_status)
         return f"rune: {reason}\n".encode()
@@ -270,22 +271,22 @@ class DockerExecution:
 
     def _send(self, signum: int) -> None:
         if self.tty:
-            _kill(foreground_group(self.pid), signum, group=True)
+            signal_quietly(foreground_group(self.pid), signum, group=True)
         else:
-            _kill(self.pid, signum, group=True)  # the exec leads its own session and group
+            signal_quietly(self.pid, signum, group=True)  # the exec leads its own session and group
 
     def _kill_tree(self) -> None:
         if not self.pid:
             return
-        _kill(self.pid, signal.SIGKILL, group=True)
+        signal_quietly(self.pid, signal.SIGKILL, group=True)
         for pid in process_tree(self.pid):
-            _kill(pid, signal.SIGKILL, group=False)
+            signal_quietly(pid, signal.SIGKILL, group=False)
 
     async def terminate(self, grace: float) -> None:
         first = signal.SIGHUP if self.tty else signal.SIGTERM
         if not self._exit.done() and await self._learn_pid():
-            _kill(self.pid, first, group=True)
-            _kill(self.pid, signal.SIGCONT, group=True)
+            signal_quietly(self.pid, first, group=True)
+            signal_quietly(self.pid, signal.SIGCONT, group=True)
             try:
                 await asyncio.wait_for(self.wait(), grace)
             except TimeoutError:
@@ -307,7 +308,7 @@ class DockerExecution:
                 _background.add(task)
                 task.add_done_callback(_background.discard)
         elif self.pid:
-            _kill(self.pid, signal.SIGKILL, group=True)  # background children of the command
+            signal_quietly(self.pid, signal.SIGKILL, group=True)  # the command's background
         for task in self._tasks:
             task.cancel()
         self._stream.close()

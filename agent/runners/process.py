@@ -327,7 +327,7 @@ class ProcessRunner:
                          isolation=context.isolation)
         if request.tty:
             return await _start_pty(plan, request.width or 80, request.height or 24)
-        return await _start_pipes(plan, _pipe_size(request.window))
+        return await start_pipes(plan, pipe_size(request.window))
 
 
 async def _start_pty(plan: ChildPlan, width: int, height: int) -> PtyExecution:
@@ -354,7 +354,7 @@ DEFAULT_PIPE = 64 * 1024
 MAX_PIPE = 1024 * 1024
 
 
-def _pipe_size(window: int) -> int:
+def pipe_size(window: int) -> int:
     return max(DEFAULT_PIPE, min(MAX_PIPE, window // 4))
 
 
@@ -367,14 +367,14 @@ def _grow_pipe(fd: int, size: int) -> None:
         pass
 
 
-async def _start_pipes(plan: ChildPlan, pipe_size: int = DEFAULT_PIPE) -> PipeExecution:
+async def start_pipes(plan: ChildPlan, stdout_size: int = DEFAULT_PIPE) -> PipeExecution:
     ends: list[int] = []
     try:
         stdin_r, stdin_w = os.pipe()
         ends += [stdin_r, stdin_w]
         stdout_r, stdout_w = os.pipe()
         ends += [stdout_r, stdout_w]
-        _grow_pipe(stdout_r, pipe_size)
+        _grow_pipe(stdout_r, stdout_size)
         stderr_r, stderr_w = os.pipe()
         ends += [stderr_r, stderr_w]
         child = await start_child(plan, (stdin_r, stdout_w, stderr_w))
