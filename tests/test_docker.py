@@ -389,6 +389,18 @@ def test_debian_runc_flags_cannot_be_smuggled(rune, debian):
     assert echoed.stdout == b"--root=/" and echoed.returncode == 0
 
 
+def test_debian_command_saying_exec_failed_is_not_taken_for_runc(rune, debian):
+    """runc's start-failure words printed by the command itself stay its own output, and a
+    command that goes on writing stderr after them is not stalled (it fills its pipe)."""
+    said = rune("exec", DEB, "sh", "-c", 'echo "exec failed: mine" >&2; exit 255')
+    assert said.returncode == 255 and said.stderr == b"exec failed: mine\n"
+    more = rune("exec", DEB, "sh", "-c",
+                'echo "exec failed: mine" >&2; head -c 300000 /dev/zero >&2; echo done',
+                timeout=60)
+    assert more.returncode == 0 and more.stdout == b"done\n"
+    assert more.stderr == b"exec failed: mine\n" + b"\0" * 300000
+
+
 def test_debian_paused_container_refuses_and_recovers(rune, deb, docker_stack,
                                                       docker_engine):
     """A paused container refuses an exec plainly; unpaused, the next exec works."""

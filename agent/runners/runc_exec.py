@@ -80,8 +80,13 @@ class RuncExecution:
         return data
 
     async def _never_started(self) -> bool:
-        """runc said exec failed: true when it left with 255 and never had a command."""
-        code, _ = await self._pipes.wait()
+        """runc said exec failed: true when it left with 255 and never had a command.
+        runc leaves at once after a failed start; a command that printed those words
+        itself is still running after START_CHECK_WAIT, and its stderr flows on."""
+        try:
+            code, _ = await asyncio.wait_for(self._pipes.wait(), START_CHECK_WAIT)
+        except TimeoutError:
+            return False
         return code == RUNC_FAILED and not self._command_pid()
 
     def _command_pid(self) -> int:
