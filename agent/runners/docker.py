@@ -81,7 +81,7 @@ class DockerRunner:
         self._stream: object | None = None
         self._follower: asyncio.Task | None = None
         self._stopping = False
-        self._runc = RuncExec(self.settings.runc_root) if self.settings.direct_exec else None
+        self._runc: RuncExec | None = None  # the route of non-TTY execs (runc_exec.py)
 
     async def _call(self, fn: object, *args: object, **kwargs: object) -> object:
         loop = asyncio.get_running_loop()
@@ -97,14 +97,25 @@ class DockerRunner:
             await self.api.negotiate()
         except (DockerException, OSError, EngineError) as exc:
             raise ConnectionError(f"docker engine not reachable: {exc}") from exc
-        if self._runc is not None and not self._runc.start():
-            self._runc = None
+        if self.settings.direct_exec:
+            self._runc = await self._runc_route()
         await self._open_events()
         await self._adopt_running()
         for service in self.settings.services:
             for index in range(service.replicas):
                 await self._run_managed(service, index)
         self._follower = asyncio.create_task(self._follow())
+
+    async def _runc_route(self) -> RuncExec | None:
+        """The engine's own runc binary (its `Runtimes` in `docker info`), where usable."""
+        try:
+            info = await self._call(self.client.info)
+        except DockerException as exc:
+            log.info("containers' non-TTY execs go through the engine: %s", exc)
+            return None
+        runtime = (info.get("Runtimes") or {}).get("runc") or {}
+        route = RuncExec(self.settings.runc_root, runtime.get("path") or "runc")
+        return route if route.start() else None
 
     async def stop(self) -> None:
         self._stopping = True
