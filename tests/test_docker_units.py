@@ -229,21 +229,52 @@ def test_exec_spec_passes_the_tty_size_at_create_from_api_1_42():
 
 def test_runc_route_only_where_runc_and_its_state_are(tmp_path, monkeypatch):
     """No runc binary, no root dir or no state for the id: the engine route instead."""
+    import asyncio
+
     from rune.agent.runners.runc_exec import RuncExec
 
-    assert not RuncExec(str(tmp_path), binary="no-such-runc-xyz").start()
-    assert not RuncExec(str(tmp_path / "missing"), binary="sh").start()
-    monkeypatch.setattr("os.geteuid", lambda: 0)
-    route = RuncExec(str(tmp_path), binary="sh")
-    assert route.start()
-    try:
-        (tmp_path / "abc123").mkdir()
-        (tmp_path / "abc123" / "state.json").write_text("{}")
-        (tmp_path / "state.json").write_text("{}")
-        assert route.runs("abc123")
-        assert not route.runs("def456")
-        assert not route.runs("")  # the root's own file is no container's
-        assert not route.runs("../" + tmp_path.name + "/abc123")
-    finally:
-        route.stop()
-    assert not route.runs("abc123")
+    async def check() -> None:
+        assert not RuncExec(str(tmp_path), binary="no-such-runc-xyz").start()
+        assert not RuncExec(str(tmp_path / "missing"), binary="sh").start()
+        monkeypatch.setattr("os.geteuid", lambda: 0)
+        route = RuncExec(str(tmp_path), binary="sh")
+        assert route.start()
+        try:
+            (tmp_path / "abc123").mkdir()
+            (tmp_path / "abc123" / "state.json").write_text("{}")
+            (tmp_path / "state.json").write_text("{}")
+            assert route.runs("abc123")
+            assert not route.runs("def456")
+            assert not route.runs("")  # the root's own file is no container's
+            assert not route.runs("../" + tmp_path.name + "/abc123")
+        finally:
+            route.stop()
+        assert not route.runs("abc123")
+
+    asyncio.run(check())
+
+
+def test_pid_files_tell_each_pid_as_it_is_renamed_into_place():
+    """runc writes .N.pid, then renames it to N.pid: the future of N.pid gets the PID."""
+    import asyncio
+
+    from rune.agent.runners.runc_exec import PidFiles
+
+    async def check() -> None:
+        files = PidFiles()
+        try:
+            first, first_known = files.new()
+            second, second_known = files.new()
+            hidden = os.path.join(files.dir, "." + os.path.basename(second))
+            with open(hidden, "w") as f:
+                f.write("4242")
+            os.rename(hidden, second)
+            assert await asyncio.wait_for(second_known, 5) == 4242
+            assert not first_known.done()
+            files.forget(first)
+            assert first_known.cancelled()
+        finally:
+            files.close()
+        assert not os.path.exists(files.dir)
+
+    asyncio.run(check())

@@ -114,7 +114,8 @@ class DockerRunner:
             log.info("containers' non-TTY execs go through the engine: %s", exc)
             return None
         runtime = (info.get("Runtimes") or {}).get("runc") or {}
-        route = RuncExec(self.settings.runc_root, runtime.get("path") or "runc")
+        route = RuncExec(self.settings.runc_root, runtime.get("path") or "runc",
+                         self.config.exit_grace)
         return route if route.start() else None
 
     async def stop(self) -> None:

@@ -22,11 +22,13 @@ signals and kills go to, since the command leads its own session and process gro
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import itertools
 import logging
 import os
 import shutil
 import signal
+import struct
 import tempfile
 
 from rune.agent.runners.docker_exec import (
@@ -45,6 +47,85 @@ log = logging.getLogger(__name__)
 START_FAILED = b"exec failed: "  # runc's one line on stderr when the command did not start
 RUNC_FAILED = 255
 START_CHECK_WAIT = 2.0
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_IN_MOVED_TO = 0x80
+_INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
+
+
+def _read_pid(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rfind(b")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class PidFiles:
+    """The directory of runc's --pid-files, watched with inotify: each exec learns its
+    command's PID the moment runc renames the file into place, without asking again."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="rune-runc-")
+        self._count = itertools.count()
+        self._waiting: dict[str, asyncio.Future[int]] = {}
+        self._loop = asyncio.get_running_loop()
+        self._fd = _LIBC.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self._fd < 0 or _LIBC.inotify_add_watch(self._fd, os.fsencode(self.dir),
+                                                   _IN_MOVED_TO) < 0:
+            error = ctypes.get_errno()
+            self.close()
+            raise OSError(error, f"inotify: {os.strerror(error)}")
+        self._loop.add_reader(self._fd, self._changed)
+
+    def new(self) -> tuple[str, asyncio.Future[int]]:
+        """A fresh path for runc's --pid-file and the future of the PID it will hold."""
+        name = f"{next(self._count)}.pid"
+        known = self._loop.create_future()
+        self._waiting[name] = known
+        return os.path.join(self.dir, name), known
+
+    def forget(self, path: str) -> None:
+        known = self._waiting.pop(os.path.basename(path), None)
+        if known is not None:
+            known.cancel()
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+    def _changed(self) -> None:
+        try:
+            data = os.read(self._fd, 65536)
+        except BlockingIOError:
+            return
+        offset = 0
+        while offset + _INOTIFY_EVENT.size <= len(data):
+            length = _INOTIFY_EVENT.unpack_from(data, offset)[3]
+            start = offset + _INOTIFY_EVENT.size
+            name = data[start:start + length].rstrip(b"\0").decode(errors="replace")
+            offset = start + length
+            known = self._waiting.pop(name, None)
+            if known is not None and not known.done():
+                known.set_result(_read_pid(os.path.join(self.dir, name)))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        for known in self._waiting.values():
+            known.cancel()
+        self._waiting.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class RuncExecution:
@@ -52,10 +133,14 @@ class RuncExecution:
 
     tty = False
 
-    def __init__(self, pipes: PipeExecution, pid_file: str) -> None:
+    def __init__(self, pipes: PipeExecution, pid_file: str, pid_known: asyncio.Future[int],
+                 pid_files: PidFiles, exit_grace: float) -> None:
         self._pipes = pipes
         self._runc = pipes.pid
         self._pid_file = pid_file
+        self._pid_known = pid_known
+        self._pid_files = pid_files
+        self._exit_grace = exit_grace
         self.pid = 0
         self.read_stdout = pipes.read_stdout
         self.write_stdin = pipes.write_stdin
@@ -63,6 +148,49 @@ class RuncExecution:
         self._start_checked = asyncio.Event()
         self._start_status: tuple[int, int] | None = None
         self._killed_by = 0
+        self._following = asyncio.get_running_loop().create_task(self._follow_command())
+
+    # --- the command's end --------------------------------------------------------------
+    async def _follow_command(self) -> None:
+        """runc waits for its own pipes to drain before it leaves, so a background child
+        still holding stdout would keep the session open after the command is gone. Once
+        the command has ended and runc has not followed within exit_grace, the command's
+        leftovers are killed (as a process runner's are when its session closes), runc's
+        pipes end, and runc reports the command's exit code."""
+        runc_left = asyncio.ensure_future(self._pipes.wait())
+        await asyncio.wait((self._pid_known, runc_left), return_when=asyncio.FIRST_COMPLETED)
+        if runc_left.done() or self._pid_known.cancelled():
+            return
+        pid = self._pid_known.result()
+        if not pid:
+            return
+        self.pid = pid
+        await self._until_gone(pid, runc_left)
+        try:
+            await asyncio.wait_for(asyncio.shield(runc_left), self._exit_grace)
+        except TimeoutError:
+            self._kill_leftovers(pid)
+
+    async def _until_gone(self, pid: int, runc_left: asyncio.Future) -> None:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return  # already gone
+        loop = asyncio.get_running_loop()
+        gone = loop.create_future()
+        loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
+        try:
+            if _parent_of(pid) == self._runc:  # still runc's command, not a reused PID
+                await asyncio.wait((gone, runc_left), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+
+    def _kill_leftovers(self, pid: int) -> None:
+        signal_quietly(pid, signal.SIGKILL, group=True)
+        for member in process_tree(self._runc):  # orphans runc took in as subreaper
+            if member != self._runc:
+                signal_quietly(member, signal.SIGKILL, group=False)
 
     # --- the command's start ------------------------------------------------------------
     async def read_stderr(self, n: int) -> bytes:
@@ -91,11 +219,9 @@ class RuncExecution:
 
     def _command_pid(self) -> int:
         if not self.pid:
-            try:
-                with open(self._pid_file, "rb") as f:
-                    self.pid = int(f.read().strip() or 0)
-            except (OSError, ValueError):
-                pass
+            known = self._pid_known
+            done = known.done() and not known.cancelled()
+            self.pid = known.result() if done else _read_pid(self._pid_file)
         return self.pid
 
     async def wait(self) -> tuple[int, int]:
@@ -150,43 +276,46 @@ class RuncExecution:
             self._kill_tree()
         elif self._command_pid():
             signal_quietly(self.pid, signal.SIGKILL, group=True)  # the command's background
+        self._following.cancel()
         self._pipes.close()
-        try:
-            os.unlink(self._pid_file)
-        except OSError:
-            pass
+        self._pid_files.forget(self._pid_file)
 
 
 class RuncExec:
     """Finds runc and its state for the engine's containers; starts execs through it."""
 
-    def __init__(self, root: str, binary: str = "runc") -> None:
+    def __init__(self, root: str, binary: str = "runc", exit_grace: float = 1.0) -> None:
         self.root = root
         self.binary = shutil.which(binary) or ""
-        self._pids = ""
-        self._count = itertools.count()
+        self.exit_grace = exit_grace
+        self._pids: PidFiles | None = None
 
     def start(self) -> bool:
-        """Usable here: runc found, its root readable (root only), a place for PID files."""
+        """Usable here: runc found, its root readable (root only), a place for PID files.
+        Called on the event loop."""
         if not self.binary or os.geteuid() != 0 or not os.path.isdir(self.root):
             log.info("containers' non-TTY execs go through the engine (runc %s, root %s)",
                      self.binary or "not found", self.root)
             return False
-        self._pids = tempfile.mkdtemp(prefix="rune-runc-")
+        try:
+            self._pids = PidFiles()
+        except OSError as exc:
+            log.warning("containers' non-TTY execs go through the engine: %s", exc)
+            return False
         return True
 
     def stop(self) -> None:
-        if self._pids:
-            shutil.rmtree(self._pids, ignore_errors=True)
-            self._pids = ""
+        if self._pids is not None:
+            self._pids.close()
+            self._pids = None
 
     def runs(self, container_id: str) -> bool:
         """This container's exec can be runc's: it has state under this root."""
-        return bool(self._pids) and container_id.isalnum() and os.path.isfile(
+        return self._pids is not None and container_id.isalnum() and os.path.isfile(
             os.path.join(self.root, container_id, "state.json"))
 
     async def exec(self, container_id: str, request: ExecOpen) -> RuncExecution:
-        pid_file = os.path.join(self._pids, f"{next(self._count)}.pid")
+        pid_file, pid_known = self._pids.new()
         argv = [self.binary, "--root", self.root, "--log", os.devnull, "exec",
                 "--pid-file", pid_file]
         if request.workdir:
@@ -197,5 +326,9 @@ class RuncExec:
         argv += [container_id, *request.argv]
         plan = ChildPlan(argv=argv, env={"PATH": os.environ.get("PATH", os.defpath)},
                          cwd="/", die_with=os.getpid())
-        pipes = await start_pipes(plan, pipe_size(request.window))
-        return RuncExecution(pipes, pid_file)
+        try:
+            pipes = await start_pipes(plan, pipe_size(request.window))
+        except BaseException:
+            self._pids.forget(pid_file)
+            raise
+        return RuncExecution(pipes, pid_file, pid_known, self._pids, self.exit_grace)
