@@ -47,6 +47,13 @@ def short_reason(text: str) -> str:
     return reason.removesuffix(": unknown")
 
 
+def stat_fields(pid: int | str) -> list[bytes]:
+    """/proc/<pid>/stat after the command name: state, ppid, pgrp, session, tty, tpgid, …"""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return stat[stat.rfind(b")") + 2:].split()
+
+
 def process_tree(pid: int) -> list[int]:
     """pid and all its descendants, read from /proc (children of a dead parent included)."""
     children: dict[int, list[int]] = {}
@@ -54,11 +61,9 @@ def process_tree(pid: int) -> list[int]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
+            fields = stat_fields(entry)
         except OSError:
             continue
-        fields = stat[stat.rfind(b")") + 2:].split()
         children.setdefault(int(fields[1]), []).append(int(entry))
     tree, todo = [], [pid]
     while todo and len(tree) < 100000:
@@ -71,9 +76,7 @@ def process_tree(pid: int) -> list[int]:
 def foreground_group(pid: int) -> int:
     """The foreground process group of pid's terminal (tpgid in /proc/pid/stat), else pid."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        tpgid = int(stat[stat.rfind(b")") + 2:].split()[5])
+        tpgid = int(stat_fields(pid)[5])
     except (OSError, ValueError, IndexError):
         return pid
     return tpgid if tpgid > 0 else pid

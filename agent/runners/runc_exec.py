@@ -6,7 +6,8 @@ of CPU per GiB here). The agent runs on the container's host as root, so it can 
 the same runc the same thing: `runc exec` joins the container exactly as the shim's
 call does — its namespaces, cgroup, capabilities, seccomp filter, AppArmor profile, user
 and environment all come from the container's own config.json — and the output flows
-from the command's pipes to the agent with nothing in between but runc's splice.
+from the command's pipes to the agent with nothing in between but runc's own copy
+(runc passes a non-TTY command pipes of its own and copies them to its stdio).
 
 Only where this can be the same exec: a container the engine runs with runc, whose state
 is under this host's runc root (`<root>/<id>/state.json`; another runtime, a remote or
@@ -32,10 +33,12 @@ import struct
 import tempfile
 
 from rune.agent.runners.docker_exec import (
+    START_CHECK_WAIT,
     process_tree,
     short_reason,
     signal_quietly,
     start_failure_code,
+    stat_fields,
 )
 from rune.agent.runners.process import PipeExecution, pipe_size, start_pipes
 from rune.agent.runners.spawn import ChildPlan
@@ -46,7 +49,6 @@ log = logging.getLogger(__name__)
 
 START_FAILED = b"exec failed: "  # runc's one line on stderr when the command did not start
 RUNC_FAILED = 255
-START_CHECK_WAIT = 2.0
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _IN_MOVED_TO = 0x80
 _INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
@@ -62,9 +64,7 @@ def _read_pid(path: str) -> int:
 
 def _parent_of(pid: int) -> int:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return int(stat[stat.rfind(b")") + 2:].split()[1])
+        return int(stat_fields(pid)[1])
     except (OSError, ValueError, IndexError):
         return 0
 
@@ -169,7 +169,7 @@ class RuncExecution:
         try:
             await asyncio.wait_for(asyncio.shield(runc_left), self._exit_grace)
         except TimeoutError:
-            self._kill_leftovers(pid)
+            self._kill_command(runc_too=False)
 
     async def _until_gone(self, pid: int, runc_left: asyncio.Future) -> None:
         try:
@@ -186,10 +186,15 @@ class RuncExecution:
             loop.remove_reader(pidfd)
             os.close(pidfd)
 
-    def _kill_leftovers(self, pid: int) -> None:
-        signal_quietly(pid, signal.SIGKILL, group=True)
-        for member in process_tree(self._runc):  # orphans runc took in as subreaper
-            if member != self._runc:
+    def _kill_command(self, runc_too: bool) -> None:
+        """SIGKILL to the command's group and to everything under runc: the command's tree
+        and the orphans runc took in as subreaper; to runc itself too when asked (a
+        command that never started)."""
+        pid = self._command_pid()
+        if pid:
+            signal_quietly(pid, signal.SIGKILL, group=True)
+        for member in process_tree(self._runc):
+            if member != self._runc or runc_too:
                 signal_quietly(member, signal.SIGKILL, group=False)
 
     # --- the command's start ------------------------------------------------------------
@@ -261,19 +266,11 @@ class RuncExecution:
 
     async def kill(self) -> None:
         self._killed_by = signal.SIGKILL
-        self._kill_tree()
-
-    def _kill_tree(self) -> None:
-        pid = self._command_pid()
-        if pid:
-            signal_quietly(pid, signal.SIGKILL, group=True)
-            for member in process_tree(pid):
-                signal_quietly(member, signal.SIGKILL, group=False)
-        signal_quietly(self._runc, signal.SIGKILL, group=False)  # a command that never started
+        self._kill_command(runc_too=True)
 
     def close(self) -> None:
         if self._pipes.child.returncode is None:
-            self._kill_tree()
+            self._kill_command(runc_too=True)
         elif self._command_pid():
             signal_quietly(self.pid, signal.SIGKILL, group=True)  # the command's background
         self._following.cancel()
