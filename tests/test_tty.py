@@ -194,6 +194,17 @@ def test_one_off_commands_get_no_tty(trune):
     assert "NOTTY" in child.before.decode()
 
 
+def test_bulk_tty_output_arrives_whole(trune):
+    """A terminal streaming far more than it buffers (and than one frame) loses nothing:
+    every byte, in order, and the exit code."""
+    size = 24 * 1024 * 1024 + 4321
+    script = f"head -c {size} /dev/zero | tr '\\0' 'x'; printf END; exit 3"
+    done = trune("exec", "--tty", "api", "sh", "-c", script, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert len(done.stdout) == size + 3 and done.stdout.endswith(b"END")
+    assert done.stdout.count(b"x") == size
+
+
 def test_tty_flags(trune):
     """-t gives a one-off a TTY; --no-tty gives a shell none; -v names the deciding rule."""
     child = spawn(trune, "-t", "api", "sh", "-c", "[ -t 1 ] && echo IS-TTY")

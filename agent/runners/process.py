@@ -27,6 +27,7 @@ from rune.agent.runners.spawn import (
     set_winsize,
 )
 
+from rune import frames
 from rune.errors import NotFound
 from rune.models import ExecOpen, InstanceInfo
 
@@ -142,6 +143,13 @@ class _Fd:
                 size += got
             return first if size == len(first) else view[:size].tobytes()
 
+    def waiting(self, fut: asyncio.Future) -> None:
+        """fut ends (EOF) when this descriptor closes."""
+        self._waiters.add(fut)
+
+    def done_waiting(self, fut: asyncio.Future) -> None:
+        self._waiters.discard(fut)
+
     async def write(self, data: bytes) -> None:
         view = memoryview(data)
         while view and not self.closed:
@@ -206,6 +214,99 @@ class PipeExecution:
 
 TTY_FLOWING = 2048
 TTY_CORK = 0.001  # seconds
+TTY_BUFFER = 64 * 1024  # what an interactive session holds; grows while output streams
+
+
+class TerminalOutput:
+    """A terminal's output, read whenever the terminal has some, into one buffer.
+
+    A terminal hands out ~4 KiB a read and holds little more: read only when a frame is
+    wanted, the command stalls while each frame goes out, and a future, a timeout and a
+    loop registration per read cost more than the read (a TTY stream stopped near
+    30 MB/s). So the loop's reader callback drains the terminal as it fills, into a buffer
+    that grows to one frame; reading pauses while the buffer is full (the command then
+    blocks on its terminal: backpressure) and resumes when a frame is taken."""
+
+    def __init__(self, master: _Fd, limit: int) -> None:
+        self._master = master
+        self._limit = limit
+        self._buffer = bytearray(min(TTY_BUFFER, limit))
+        self._size = 0
+        self._eof = False
+        self._want = 1
+        self._ready: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._reading = False
+        self._resume()
+
+    def _resume(self) -> None:
+        if not self._reading and not self._eof and not self._master.closed:
+            self._loop.add_reader(self._master.fd, self._readable)
+            self._reading = True
+
+    def _pause(self) -> None:
+        if self._reading:
+            self._reading = False
+            if not self._master.closed:
+                self._loop.remove_reader(self._master.fd)
+
+    def _readable(self) -> None:
+        if self._size == len(self._buffer) and len(self._buffer) < self._limit:
+            self._buffer.extend(bytes(min(len(self._buffer), self._limit - len(self._buffer))))
+        with memoryview(self._buffer) as view:
+            while self._size < len(view):
+                try:
+                    got = os.readv(self._master.fd, [view[self._size:]])
+                except BlockingIOError:
+                    break
+                except OSError:  # EIO: every holder of the terminal is gone
+                    got = 0
+                if not got:
+                    self._eof = True
+                    self._pause()
+                    break
+                self._size += got
+        if self._size >= len(self._buffer) and len(self._buffer) >= self._limit:
+            self._pause()
+        if self._size >= self._want or self._eof:
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)
+
+    async def _wait(self, want: int, timeout: float | None) -> None:
+        self._want = want
+        self._ready = self._loop.create_future()
+        self._master.waiting(self._ready)
+        timer = self._loop.call_later(timeout, self._wake) if timeout is not None else None
+        try:
+            await self._ready
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._master.done_waiting(self._ready)
+            self._ready = None
+
+    async def read(self, n: int) -> bytes:
+        """Up to n bytes, b'' at EOF. While output streams (TTY_FLOWING or more waiting),
+        what TTY_CORK more brings goes in the same frame: a frame per ~100 KiB for the
+        relay instead of per 4 KiB. An echo is small and goes at once."""
+        if not self._size and not self._eof and not self._master.closed:
+            await self._wait(1, None)
+        if TTY_FLOWING <= self._size < n and not self._eof and not self._master.closed:
+            await self._wait(n, TTY_CORK)
+        size = min(n, self._size)
+        if not size:
+            return b""
+        with memoryview(self._buffer) as view:
+            data = view[:size].tobytes()
+            rest = self._size - size
+            if rest:
+                view[:rest] = view[size:self._size]
+        self._size = rest
+        self._resume()
+        return data
 
 
 class PtyExecution:
@@ -218,32 +319,9 @@ class PtyExecution:
         self.pid = child.pid
         self.fd = master
         self._master = _Fd(master)
+        self._output = TerminalOutput(self._master, frames.MAX_DATA)
+        self.read_stdout = self._output.read
         self._line_open = False  # input since the last end of line (a pending partial line)
-
-    async def read_stdout(self, n: int) -> bytes:
-        """A terminal hands out at most 4 KiB a read: while output streams (a read of
-        TTY_FLOWING or more), gather what TTY_CORK brings into one frame, so a bulk stream
-        costs the relay a frame per ~100 KiB instead of per 4 KiB. An echo is small and
-        goes at once."""
-        data = await self._master.read(n)
-        if len(data) < TTY_FLOWING or len(data) >= n:
-            return data
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + TTY_CORK
-        chunks, size = [data], len(data)
-        while size < n:
-            left = deadline - loop.time()
-            if left <= 0:
-                break
-            try:
-                more = await asyncio.wait_for(self._master.read(n - size), left)
-            except TimeoutError:
-                break
-            if not more:
-                break  # EOF: the next read reports it again
-            chunks.append(more)
-            size += len(more)
-        return b"".join(chunks)
 
     async def read_stderr(self, n: int) -> bytes:
         return b""  # a terminal has one output stream
