@@ -9,6 +9,7 @@ import signal
 import sys
 
 from rune.agent.config import load
+from rune.agent.runners.reaper import REAPER
 from rune.agent.server import Agent
 
 from rune.errors import RuneError
@@ -22,11 +23,17 @@ async def serve(config_path: str) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    await agent.start()
+    REAPER.enable()  # this process is the agent: it adopts what runc exec -d leaves
+    try:
+        await agent.start()
+    except BaseException:
+        REAPER.disable()
+        raise
     print(f"rune-agent {agent.config.agent_id} ready", flush=True)
     await stop.wait()
     logging.getLogger(__name__).info("stopping")
     await agent.stop()
+    REAPER.disable()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -266,3 +266,21 @@ def docker_stack(tmp_path_factory: pytest.TempPathFactory, docker_engine: Docker
         raise
     yield stack
     stack.stop()
+
+
+def agent_zombies() -> list[int]:
+    """Exited children nobody reaped, of any rune agent on this host."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if fields[0] != b"Z":
+                continue
+            with open(f"/proc/{int(fields[1])}/cmdline", "rb") as f:
+                parent = f.read()
+            if b"rune.agent" in parent or b"rune-agent" in parent:
+                found.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found

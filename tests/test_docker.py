@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from conftest import ROOT, Rune
+from conftest import ROOT, Rune, agent_zombies
 from rune.cli.devstack import wait_until
 
 pytestmark = pytest.mark.docker
@@ -203,10 +203,11 @@ def _py(code: str) -> list[str]:
     return ["python3", "-c", code]
 
 
-def _spawn_tty(stack, *command: str, rows: int = 33, cols: int = 101) -> pexpect.spawn:
+def _spawn_tty(stack, *command: str, rows: int = 33, cols: int = 101,
+               service: str = DEB) -> pexpect.spawn:
     env = {**os.environ, "RUNE_CONFIG": str(Path(stack.state_dir) / "none.yaml")}
     return pexpect.spawn(sys.executable, ["-m", "rune.cli.main", "exec", "--api-server",
-                                          stack.api_address, "-t", DEB, *command],
+                                          stack.api_address, "-t", service, *command],
                          cwd=str(ROOT), env=env, dimensions=(rows, cols), timeout=30)
 
 
@@ -269,12 +270,12 @@ def test_debian_50mb_stdin_round_trip(rune, deb):
     assert inside.stdout.split()[0].decode() == digest
 
 
-def test_debian_tty_size_from_the_first_byte(docker_stack, debian):
+def test_debian_tty_size_from_the_first_byte(docker_stack, debian, deb):
     """Engines with API >= 1.42 get the size at create: the command's first look sees it."""
     if tuple(int(x) for x in debian.split(".")) < CONSOLE_SIZE_SINCE:
         pytest.skip(f"Engine API {debian} takes no ConsoleSize at exec create (1.42+); the "
                     "size follows the start, as with docker exec -t")
-    child = _spawn_tty(docker_stack, "stty", "size")
+    child = _spawn_tty(docker_stack, "stty", "size", service=deb)
     try:
         child.expect(r"33 101")
         child.expect(pexpect.EOF)
@@ -282,11 +283,11 @@ def test_debian_tty_size_from_the_first_byte(docker_stack, debian):
         child.close(force=True)
 
 
-def test_debian_tty_size_is_set_before_the_first_keystroke(docker_stack, debian):
+def test_debian_tty_size_is_set_before_the_first_keystroke(docker_stack, debian, deb):
     """Even where the size follows the start, it is in place before any input arrives."""
     child = _spawn_tty(docker_stack, *_py(
         "import os, sys; sys.stdin.readline(); s = os.get_terminal_size(); "
-        "print('size', s.lines, s.columns)"))
+        "print('size', s.lines, s.columns)"), service=deb)
     try:
         child.sendline("go")
         child.expect(r"size 33 101")
@@ -295,14 +296,14 @@ def test_debian_tty_size_is_set_before_the_first_keystroke(docker_stack, debian)
         child.close(force=True)
 
 
-def test_debian_tty_resize_reaches_the_command(docker_stack, debian):
+def test_debian_tty_resize_reaches_the_command(docker_stack, debian, deb):
     """A local resize becomes SIGWINCH and the new size in the container."""
     child = _spawn_tty(docker_stack, *_py(
         "import os, signal, sys\n"
         "def show(*_):\n    s = os.get_terminal_size(); print('now', s.lines, s.columns, "
         "flush=True)\n"
         "signal.signal(signal.SIGWINCH, show)\nprint('ready', flush=True)\n"
-        "sys.stdin.readline()"))
+        "sys.stdin.readline()"), service=deb)
     try:
         child.expect("ready")
         child.setwinsize(47, 133)
@@ -359,6 +360,85 @@ def test_debian_route_is_runc_or_engine(rune, deb, docker_engine):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_debian_tty_route_is_runc_or_engine(docker_stack, docker_engine, debian, deb):
+    """Under a TTY too, on an engine that cannot size the terminal at create (API < 1.42),
+    the runc route holds no engine exec; where it can, the engine keeps TTY execs."""
+    cid = _container_of(docker_engine, deb)
+    child = _spawn_tty(docker_stack, "sh", "-c", "echo ready; exec sleep 60", service=deb)
+    try:
+        child.expect("ready")
+        execs = docker_engine.client.inspect_container(cid).get("ExecIDs") or []
+        sized_at_create = tuple(int(x) for x in debian.split(".")) >= CONSOLE_SIZE_SINCE
+        assert len(execs) == (0 if deb == DEB and not sized_at_create else 1)
+    finally:
+        child.close(force=True)
+
+
+def test_debian_tty_keys_exit_codes_and_failures(docker_stack, deb):
+    """Ctrl+C typed reaches the foreground program in the container (a trap says so), the
+    exit code comes back, the terminal translates as a terminal does, and a missing
+    command or workdir is 127/126 with rune's message on either route."""
+    child = _spawn_tty(docker_stack, "sh", "-c",
+                       "trap 'echo got-INT; exit 9' INT; echo ready; "
+                       "while :; do sleep 0.1; done", service=deb)
+    try:
+        child.expect("ready\r\n")
+        child.sendintr()
+        child.expect("got-INT")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 9
+    child = _spawn_tty(docker_stack, "no-such-command-xyz", service=deb)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 127 and b"no-such-command-xyz" in child.before
+    assert b"exec failed" not in child.before
+    child = _spawn_tty(docker_stack, "--workdir", "/no/such", "pwd", service=deb)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 126 and b"/no/such" in child.before
+
+
+def test_debian_tty_signal_death_timeout_and_no_zombies(docker_stack, deb):
+    """Under a TTY: death by a signal is 128+N, --timeout kills the command (gone from the
+    host's process table), and the agent leaves nothing unreaped behind its TTY execs."""
+    child = _spawn_tty(docker_stack, "sh", "-c", "kill -TERM $$", service=deb)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 143
+    marker = f"rune-tty-timeout-{os.getpid()}-{time.monotonic_ns()}"
+    child = _spawn_tty(docker_stack, "--timeout", "1s", *_py("import time; time.sleep(60)"),
+                       marker, service=deb)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 124 and b"timed out" in child.before
+    wait_until(lambda: subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout
+               == b"", "the timed-out command gone", timeout=10)
+    for _ in range(5):
+        quick = _spawn_tty(docker_stack, "true", service=deb)
+        quick.expect(pexpect.EOF)
+        quick.close()
+        assert quick.exitstatus == 0
+    wait_until(lambda: not agent_zombies(), "no zombie under an agent", timeout=10)
+
+
+def test_debian_tty_runc_flags_cannot_be_smuggled(docker_stack, debian):
+    """Under a TTY too, argv and env that look like runc's flags (its console socket, its
+    PID file, detach) stay the command's own words; the next TTY exec works."""
+    child = _spawn_tty(docker_stack, "--env", "X=--console-socket=/tmp/rune-evil", "--",
+                       "--pid-file=/etc/x", "-d")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 127 and b'"--pid-file=/etc/x"' in child.before
+    assert not Path("/etc/x").exists() and not Path("/tmp/rune-evil").exists()
+    child = _spawn_tty(docker_stack, "--env", "X=--console-socket=/tmp/rune-evil", "sh", "-c",
+                       'printf "%s|" "$X" "$0"', "--detach")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and child.before == b"--console-socket=/tmp/rune-evil|--detach|"
 
 
 CONFINEMENT = ("grep -E '^(Cap|Seccomp|NoNewPrivs)' /proc/self/status; id; "

@@ -13,7 +13,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import DOCKER_API_WORKDIR, Rune
+from conftest import DOCKER_API_WORKDIR, Rune, agent_zombies
+from rune.cli.devstack import wait_until
 
 RUNNERS = ["process", pytest.param("docker", marks=pytest.mark.docker)]
 
@@ -211,6 +212,18 @@ def test_background_child_does_not_hang_the_session(rune):
     assert result.returncode == 0
     assert result.stdout == b"done\n"
     assert time.monotonic() - start < 15
+
+
+def test_what_a_command_leaves_behind_is_reaped(rune):
+    """A daemon a command starts out of its group outlives the session; where it is the
+    agent's to adopt (a process host), it is reaped once it ends: nothing is left a zombie
+    under the agent, and the next exec works."""
+    result = rune("exec", "api", "sh", "-c",
+                  "setsid sh -c 'sleep 0.5' </dev/null >/dev/null 2>&1 & echo started")
+    assert result.returncode == 0 and result.stdout == b"started\n"
+    time.sleep(0.6)
+    wait_until(lambda: not agent_zombies(), "no zombie under an agent", timeout=10)
+    assert rune("exec", "api", "echo", "next").stdout == b"next\n"
 
 
 def test_bad_flags_are_usage_errors(rune, stack):

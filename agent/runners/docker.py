@@ -4,8 +4,9 @@ The docker SDK is synchronous: its calls (listing, creating, events) run on this
 own thread pool, and the engine's event stream is read on one thread and handed to the
 event loop, so the loop never blocks and the registry follows a container within moments
 of a change. Execs, on every session's setup and data path, skip the SDK: engine_api.py
-speaks to the engine's socket from the loop itself, and a non-TTY exec on this host goes
-to the container's runc without the engine in its data path (runc_exec.py).
+speaks to the engine's socket from the loop itself, and an exec on this host goes to the
+container's runc without the engine in its data path (runc_exec.py): every non-TTY one,
+and TTY ones where the engine could not size the terminal at create either (API < 1.42).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from rune.agent.registry import Registry
 from rune.agent.runners.docker_exec import DockerExecution
 from rune.agent.runners.engine_api import EngineAPI, EngineError, engine_url
 from rune.agent.runners.engine_stream import start_exec
+from rune.agent.runners.process import PtyExecution
 from rune.agent.runners.runc_exec import RuncExec, RuncExecution
 
 from rune.errors import NotFound, NotRunning, Unavailable
@@ -81,7 +83,7 @@ class DockerRunner:
         self._stream: object | None = None
         self._follower: asyncio.Task | None = None
         self._stopping = False
-        self._runc: RuncExec | None = None  # the route of non-TTY execs (runc_exec.py)
+        self._runc: RuncExec | None = None  # the route past the engine (runc_exec.py)
 
     async def _call(self, fn: object, *args: object, **kwargs: object) -> object:
         loop = asyncio.get_running_loop()
@@ -304,11 +306,11 @@ class DockerRunner:
 
     # --- exec -------------------------------------------------------------------------
     async def exec(self, instance: InstanceInfo,
-                   request: ExecOpen) -> DockerExecution | RuncExecution:
+                   request: ExecOpen) -> DockerExecution | RuncExecution | PtyExecution:
         cid = self.containers.get(instance.key)
         if cid is None:
             raise NotFound(f"instance {instance.instance_id} is not a container of this agent")
-        if not request.tty and self._runc is not None and self._runc.runs(cid):
+        if self._runc_takes(request) and self._runc.runs(cid):
             info = self._infos.get(cid)
             if info is not None and info.state != "running":
                 raise NotRunning(f"instance {instance.instance_id} is not running: "
@@ -340,6 +342,14 @@ class DockerRunner:
                   1000 * (created - began), 1000 * (started - created),
                   1000 * (time.perf_counter() - started))
         return execution
+
+    def _runc_takes(self, request: ExecOpen) -> bool:
+        """runc's route, where it is the same exec: without a TTY always; with one where
+        the agent adopts runc's commands and the engine sizes the terminal after the start
+        too (before API 1.42): the agent sizes it as it arrives, where an engine that takes
+        ConsoleSize would have it sized from the first byte."""
+        return self._runc is not None and (not request.tty or (
+            self._runc.takes_tty() and not self.api.console_size_at_create))
 
     def _exec_spec(self, request: ExecOpen) -> dict:
         env = dict(request.env)

@@ -19,6 +19,7 @@ from rune.agent.account import Account
 from rune.agent.environment import exec_environment
 from rune.agent.isolation import Isolation
 from rune.agent.runners.base import wait_status_to_exit
+from rune.agent.runners.reaper import REAPER
 from rune.agent.runners.spawn import (
     ChildPlan,
     fork_child,
@@ -57,6 +58,7 @@ class Child:
         self._loop = asyncio.get_running_loop()
         self._exit: asyncio.Future[tuple[int, int]] = self._loop.create_future()
         self.returncode: int | None = None
+        REAPER.own(pid)  # the agent may be a subreaper (reaper.py): this one is ours to reap
         self._pidfd = os.pidfd_open(pid)
         self._loop.add_reader(self._pidfd, self._reap)
 
@@ -64,6 +66,8 @@ class Child:
         self._loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
         _, status = os.waitpid(self.pid, 0)
+        REAPER.release(self.pid)
+        REAPER.reap_orphans()  # any orphan shown behind this child
         self.returncode = os.waitstatus_to_exitcode(status)
         if not self._exit.done():
             self._exit.set_result(wait_status_to_exit(status))

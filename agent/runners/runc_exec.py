@@ -1,4 +1,4 @@
-"""A container's non-TTY exec run by the container's own runtime (runc), not relayed by the engine.
+"""A container's exec run by the container's own runtime (runc), not relayed by the engine.
 
 `docker exec` asks the engine, which asks containerd's shim, which runs `runc exec` and
 copies every byte of output through the shim and the engine (two more processes, ~7 s
@@ -7,15 +7,17 @@ the same runc the same thing: `runc exec` joins the container exactly as the shi
 call does — its namespaces, cgroup, capabilities, seccomp filter, AppArmor profile, user
 and environment all come from the container's own config.json — and the output flows
 from the command's pipes to the agent with nothing in between but runc's own copy
-(runc passes a non-TTY command pipes of its own and copies them to its stdio).
+(runc passes a non-TTY command pipes of its own and copies them to its stdio). A TTY
+exec gets the container's terminal itself, with no copy at all (runc_console.py).
 
 Only where this can be the same exec: a container the engine runs with runc, whose state
 is under this host's runc root (`<root>/<id>/state.json`; another runtime, a remote or
-rootless engine has none), a running container, and no TTY (a terminal needs the engine's
-console; docker_exec.py does those). The engine does not learn of these execs (no exec
+rootless engine has none), a running container; for a TTY, an agent that adopts what
+runc leaves (reaper.py) on an engine that would size the terminal after the start too
+(API before 1.42; docker.py decides). The engine does not learn of these execs (no exec
 id in `docker inspect`, no exec events); rune's own audit has every one.
 
-runc stays the command's parent: it reports the exit code (128+N for death by signal
+Without a TTY runc stays the command's parent: it reports the exit code (128+N for death by signal
 N) and forwards what it is sent; the command's host PID, from runc's --pid-file, is what
 signals and kills go to, since the command leads its own session and process group.
 """
@@ -40,7 +42,9 @@ from rune.agent.runners.docker_exec import (
     start_failure_code,
     stat_fields,
 )
-from rune.agent.runners.process import PipeExecution, pipe_size, start_pipes
+from rune.agent.runners.process import PipeExecution, PtyExecution, pipe_size, start_pipes
+from rune.agent.runners.reaper import REAPER
+from rune.agent.runners.runc_console import start_console_exec
 from rune.agent.runners.spawn import ChildPlan
 
 from rune.models import ExecOpen
@@ -77,6 +81,7 @@ class PidFiles:
         self.dir = tempfile.mkdtemp(prefix="rune-runc-")
         self._count = itertools.count()
         self._waiting: dict[str, asyncio.Future[int]] = {}
+        self._adopted: set[str] = set()
         self._loop = asyncio.get_running_loop()
         self._fd = _LIBC.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if self._fd < 0 or _LIBC.inotify_add_watch(self._fd, os.fsencode(self.dir),
@@ -84,17 +89,28 @@ class PidFiles:
             error = ctypes.get_errno()
             self.close()
             raise OSError(error, f"inotify: {os.strerror(error)}")
-        self._loop.add_reader(self._fd, self._changed)
+        self._loop.add_reader(self._fd, self.drain)
+        REAPER.before_reaping(self.drain)
 
-    def new(self) -> tuple[str, asyncio.Future[int]]:
-        """A fresh path for runc's --pid-file and the future of the PID it will hold."""
+    def new(self, adopted: bool = False) -> tuple[str, asyncio.Future[int]]:
+        """A fresh path for runc's --pid-file and the future of the PID it will hold.
+        `adopted`: the command will be the agent's child once runc leaves (runc exec -d),
+        so its PID is owned (reaper.py) from the moment it is known."""
         name = f"{next(self._count)}.pid"
         known = self._loop.create_future()
         self._waiting[name] = known
+        if adopted:
+            self._adopted.add(name)
         return os.path.join(self.dir, name), known
 
+    def path(self, suffix: str) -> str:
+        """A fresh path in this private directory (runc's console sockets)."""
+        return os.path.join(self.dir, f"{next(self._count)}.{suffix}")
+
     def forget(self, path: str) -> None:
-        known = self._waiting.pop(os.path.basename(path), None)
+        name = os.path.basename(path)
+        self._adopted.discard(name)
+        known = self._waiting.pop(name, None)
         if known is not None:
             known.cancel()
         try:
@@ -102,7 +118,10 @@ class PidFiles:
         except OSError:
             pass
 
-    def _changed(self) -> None:
+    def drain(self) -> None:
+        """Takes what inotify has queued: each PID file renamed into place."""
+        if self._fd < 0:
+            return
         try:
             data = os.read(self._fd, 65536)
         except BlockingIOError:
@@ -115,9 +134,14 @@ class PidFiles:
             offset = start + length
             known = self._waiting.pop(name, None)
             if known is not None and not known.done():
-                known.set_result(_read_pid(os.path.join(self.dir, name)))
+                pid = _read_pid(os.path.join(self.dir, name))
+                if pid and name in self._adopted:
+                    REAPER.own(pid)
+                known.set_result(pid)
+            self._adopted.discard(name)
 
     def close(self) -> None:
+        REAPER.forget_hook(self.drain)
         if self._fd >= 0:
             self._loop.remove_reader(self._fd)
             os.close(self._fd)
@@ -311,16 +335,28 @@ class RuncExec:
         return self._pids is not None and container_id.isalnum() and os.path.isfile(
             os.path.join(self.root, container_id, "state.json"))
 
-    async def exec(self, container_id: str, request: ExecOpen) -> RuncExecution:
-        pid_file, pid_known = self._pids.new()
-        argv = [self.binary, "--root", self.root, "--log", os.devnull, "exec",
-                "--pid-file", pid_file]
+    def takes_tty(self) -> bool:
+        """TTY execs can be runc's: the agent adopts what `runc exec -d` leaves (reaper.py)."""
+        return self._pids is not None and REAPER.enabled
+
+    def _argv(self, container_id: str, request: ExecOpen, *flags: str) -> list[str]:
+        argv = [self.binary, "--root", self.root, "--log", os.devnull, "exec", *flags]
+        env = dict(request.env)
+        if request.tty:
+            env.setdefault("TERM", "xterm-256color")  # as the engine route's exec
         if request.workdir:
             argv += ["--cwd", request.workdir]
-        for key, value in request.env.items():
+        for key, value in env.items():
             argv += ["--env", f"{key}={value}"]
         # request.user is who asked (for audit): the command runs as the container's user.
-        argv += [container_id, *request.argv]
+        return [*argv, container_id, *request.argv]
+
+    async def exec(self, container_id: str,
+                   request: ExecOpen) -> RuncExecution | PtyExecution:
+        if request.tty:
+            return await self._exec_tty(container_id, request)
+        pid_file, pid_known = self._pids.new()
+        argv = self._argv(container_id, request, "--pid-file", pid_file)
         plan = ChildPlan(argv=argv, env={"PATH": os.environ.get("PATH", os.defpath)},
                          cwd="/", die_with=os.getpid())
         try:
@@ -329,3 +365,16 @@ class RuncExec:
             self._pids.forget(pid_file)
             raise
         return RuncExecution(pipes, pid_file, pid_known, self._pids, self.exit_grace)
+
+    async def _exec_tty(self, container_id: str, request: ExecOpen) -> PtyExecution:
+        """The container's terminal held by the agent (runc_console.py)."""
+        pids = self._pids
+        pid_file, pid_known = pids.new(adopted=True)
+        console = pids.path("console")
+        argv = self._argv(container_id, request, "-d", "--tty", "--console-socket", console,
+                          "--pid-file", pid_file)
+        try:
+            return await start_console_exec(argv, console, pid_known, pids.drain,
+                                            request.width or 80, request.height or 24)
+        finally:
+            pids.forget(pid_file)

@@ -1,0 +1,171 @@
+"""A container's TTY exec in which the agent holds the command's own terminal.
+
+`runc exec -t` in front of a command copies between the container's terminal and its own
+stdio, so every byte crosses a second terminal and runc's copy (a TTY stream stalled near
+26 MB/s here, below `docker exec -t`, whose shim reads the terminal itself). With
+`--console-socket` runc hands the terminal's master to whoever listens on that socket (the
+agent, in its private directory), and with `-d` it leaves once the command runs: the agent
+then reads and writes the container's terminal itself, one hop, as for a process
+instance's. The command keeps everything `runc exec` gives it from the container's
+config.json (namespaces, cgroup, capabilities, seccomp, AppArmor, user); it is the
+session leader of that terminal, and the agent's child by adoption (reaper.py), so its
+exit status comes back exactly. Resizes, signals to the foreground group and the hang-up
+at the end are the agent's terminal's, as for a process instance (process.PtyExecution).
+
+runc sends the master before the command starts, so the agent sizes the terminal as it
+arrives: before the session starts and before any input, though a command's very first
+look may still race it (as with `docker exec -t` before Engine API 1.42).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+
+from rune.agent.runners.base import CommandUnavailable
+from rune.agent.runners.docker_exec import short_reason, start_failure_code
+from rune.agent.runners.process import Child, PtyExecution, start_pipes
+from rune.agent.runners.reaper import REAPER
+from rune.agent.runners.spawn import ChildPlan, set_winsize
+
+from rune.errors import Internal, NotRunning
+
+CONSOLE_WAIT = 5.0  # seconds from runc's exit for its console message, already sent by then
+MESSAGE_LIMIT = 64 * 1024  # what is kept of runc's stderr when it fails
+_PTMX = (5, 2)  # the master of a terminal: /dev/ptmx (major, minor)
+
+
+def is_terminal_master(fd: int) -> bool:
+    """fd is a pseudo-terminal's master, nothing else a peer could pass."""
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        return False
+    return stat.S_ISCHR(info.st_mode) and (os.major(info.st_rdev),
+                                           os.minor(info.st_rdev)) == _PTMX and os.isatty(fd)
+
+
+async def receive_master(listener: socket.socket) -> int:
+    """The one terminal master runc sends on its console socket; anything else is closed."""
+    loop = asyncio.get_running_loop()
+    conn, _ = await loop.sock_accept(listener)
+    try:
+        ready = loop.create_future()
+        loop.add_reader(conn.fileno(), lambda: ready.done() or ready.set_result(None))
+        try:
+            await ready
+        finally:
+            loop.remove_reader(conn.fileno())
+        _, fds, _, _ = socket.recv_fds(conn, 4096, 4)
+    finally:
+        conn.close()
+    master = -1
+    for fd in fds:
+        if master < 0 and is_terminal_master(fd):
+            master = fd
+        else:
+            os.close(fd)
+    if master < 0:
+        raise Internal("runc's console socket passed no terminal")
+    return master
+
+
+async def start_console_exec(argv: list[str], socket_path: str, pid_known: asyncio.Future[int],
+                             learn_pid: Callable[[], None], width: int,
+                             height: int) -> PtyExecution:
+    """Runs `argv` (a `runc exec -d -t --console-socket socket_path --pid-file …`) and
+    returns the command under the container's terminal, sized width × height. pid_known
+    is the PID file's, owned when learnt; learn_pid takes it if it is waiting."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    listener.setblocking(False)
+    master = -1
+    try:
+        listener.bind(socket_path)
+        os.chmod(socket_path, 0o600)
+        listener.listen(1)
+        runc = await start_pipes(ChildPlan(argv=argv, env={"PATH": os.environ.get(
+            "PATH", os.defpath)}, cwd="/", die_with=os.getpid()))
+        try:
+            received = asyncio.ensure_future(receive_master(listener))
+            left = asyncio.ensure_future(runc.wait())
+            try:
+                await asyncio.wait((received, left), return_when=asyncio.FIRST_COMPLETED)
+                if received.done() and not received.exception():
+                    master = received.result()
+                    set_winsize(master, width, height)  # before the command's first look
+                code, _ = await left
+                if code != 0:
+                    raise _start_failure(await _read_all(runc.read_stderr))
+                if master < 0:
+                    try:
+                        master = await asyncio.wait_for(received, CONSOLE_WAIT)
+                    except TimeoutError:
+                        raise Internal("runc started the command but sent no terminal") \
+                            from None
+                    set_winsize(master, width, height)
+                learn_pid()
+            finally:
+                for task in (received, left):
+                    task.cancel()
+                if received.done() and not received.cancelled() and not received.exception() \
+                        and received.result() != master:
+                    os.close(received.result())
+        finally:
+            runc.close()
+        return PtyExecution(_adopt(pid_known), master)
+    except BaseException:
+        if master >= 0:
+            os.close(master)
+        learn_pid()
+        _abandon(pid_known)
+        raise
+    finally:
+        listener.close()
+        try:
+            os.unlink(socket_path)
+        except OSError:
+            pass
+
+
+def _adopt(pid_known: asyncio.Future[int]) -> Child:
+    """The command, the agent's child now that runc has left (owned since its PID file
+    appeared, so no orphan reaping took it)."""
+    pid = pid_known.result() if pid_known.done() and not pid_known.cancelled() else 0
+    if not pid or not REAPER.owns(pid):
+        raise Internal("runc started the command but its PID was not learnt")
+    return Child(pid)
+
+
+def _abandon(pid_known: asyncio.Future[int]) -> None:
+    """A start given up after runc ran the command: it is killed and left to the reaper."""
+    if pid_known.done() and not pid_known.cancelled() and pid_known.result():
+        pid = pid_known.result()
+        if REAPER.owns(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            REAPER.release(pid)
+
+
+async def _read_all(read: Callable[[int], Awaitable[bytes]]) -> bytes:
+    data = b""
+    while len(data) < MESSAGE_LIMIT and (chunk := await read(MESSAGE_LIMIT)):
+        data += chunk
+    return data
+
+
+def _start_failure(stderr: bytes) -> Exception:
+    """runc's words on a failed start as the error the other routes give."""
+    text = stderr.decode(errors="replace").strip()
+    if "exec failed:" in text:
+        reason = short_reason(text.split("exec failed: ", 1)[1].removeprefix(
+            "unable to start container process: "))
+        return CommandUnavailable(start_failure_code(reason), reason)
+    if "not running" in text or "paused" in text or "does not exist" in text:
+        return NotRunning(f"container: {text[:200]}")
+    return Internal(f"runc exec: {text[:500] or 'failed'}")
