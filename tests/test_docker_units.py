@@ -228,17 +228,24 @@ def test_exec_spec_passes_the_tty_size_at_create_from_api_1_42():
 
 
 def test_runc_route_only_where_runc_and_its_state_are(tmp_path, monkeypatch):
-    """No runc binary, no root dir or no state for the id: the engine route instead."""
+    """No runc binary, no root dir, no state for the id, or an agent that does not adopt
+    what runc leaves: the engine route instead."""
     import asyncio
 
+    from rune.agent.runners.reaper import REAPER
     from rune.agent.runners.runc_exec import RuncExec
 
     async def check() -> None:
-        assert not RuncExec(str(tmp_path), binary="no-such-runc-xyz").start()
-        assert not RuncExec(str(tmp_path / "missing"), binary="sh").start()
         monkeypatch.setattr("os.geteuid", lambda: 0)
-        route = RuncExec(str(tmp_path), binary="sh")
-        assert route.start()
+        assert not RuncExec(str(tmp_path), binary="sh").start()  # not a subreaper
+        REAPER.enable()
+        try:
+            assert not RuncExec(str(tmp_path), binary="no-such-runc-xyz").start()
+            assert not RuncExec(str(tmp_path / "missing"), binary="sh").start()
+            route = RuncExec(str(tmp_path), binary="sh")
+            assert route.start()
+        finally:
+            REAPER.disable()
         try:
             (tmp_path / "abc123").mkdir()
             (tmp_path / "abc123" / "state.json").write_text("{}")

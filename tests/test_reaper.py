@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from rune.agent.runners.process import Child, start_child
 from rune.agent.runners.reaper import REAPER
-from rune.agent.runners.runc_console import is_terminal_master, receive_master
+from rune.agent.runners.runc_detached import is_terminal_master, receive_master
 from rune.agent.runners.runc_exec import PidFiles
 from rune.agent.runners.spawn import ChildPlan
 

@@ -28,8 +28,8 @@ from rune.agent.registry import Registry
 from rune.agent.runners.docker_exec import DockerExecution
 from rune.agent.runners.engine_api import EngineAPI, EngineError, engine_url
 from rune.agent.runners.engine_stream import start_exec
-from rune.agent.runners.process import PtyExecution
-from rune.agent.runners.runc_exec import RuncExec, RuncExecution
+from rune.agent.runners.process import PipeExecution, PtyExecution
+from rune.agent.runners.runc_exec import RuncExec
 
 from rune.errors import NotFound, NotRunning, Unavailable
 from rune.models import INSTANCE_MARK, ExecOpen, InstanceInfo
@@ -113,11 +113,10 @@ class DockerRunner:
         try:
             info = await self._call(self.client.info)
         except DockerException as exc:
-            log.info("containers' non-TTY execs go through the engine: %s", exc)
+            log.info("containers' execs go through the engine: %s", exc)
             return None
         runtime = (info.get("Runtimes") or {}).get("runc") or {}
-        route = RuncExec(self.settings.runc_root, runtime.get("path") or "runc",
-                         self.config.exit_grace)
+        route = RuncExec(self.settings.runc_root, runtime.get("path") or "runc")
         return route if route.start() else None
 
     async def stop(self) -> None:
@@ -306,7 +305,7 @@ class DockerRunner:
 
     # --- exec -------------------------------------------------------------------------
     async def exec(self, instance: InstanceInfo,
-                   request: ExecOpen) -> DockerExecution | RuncExecution | PtyExecution:
+                   request: ExecOpen) -> DockerExecution | PipeExecution | PtyExecution:
         cid = self.containers.get(instance.key)
         if cid is None:
             raise NotFound(f"instance {instance.instance_id} is not a container of this agent")
@@ -345,11 +344,11 @@ class DockerRunner:
 
     def _runc_takes(self, request: ExecOpen) -> bool:
         """runc's route, where it is the same exec: without a TTY always; with one where
-        the agent adopts runc's commands and the engine sizes the terminal after the start
-        too (before API 1.42): the agent sizes it as it arrives, where an engine that takes
-        ConsoleSize would have it sized from the first byte."""
-        return self._runc is not None and (not request.tty or (
-            self._runc.takes_tty() and not self.api.console_size_at_create))
+        the engine sizes the terminal after the start too (before API 1.42): the agent
+        sizes it as it arrives, where an engine that takes ConsoleSize would have it
+        sized from the first byte."""
+        return self._runc is not None and (not request.tty
+                                           or not self.api.console_size_at_create)
 
     def _exec_spec(self, request: ExecOpen) -> dict:
         env = dict(request.env)

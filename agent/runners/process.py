@@ -12,7 +12,7 @@ import fcntl
 import os
 import signal
 import termios
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from rune.agent.account import Account
@@ -450,6 +450,16 @@ def _grow_pipe(fd: int, size: int) -> None:
 
 
 async def start_pipes(plan: ChildPlan, stdout_size: int = DEFAULT_PIPE) -> PipeExecution:
+    async def start(stdio: tuple[int, int, int], _stderr: int) -> Child:
+        return await start_child(plan, stdio)
+
+    return await start_on_pipes(start, stdout_size)
+
+
+async def start_on_pipes(start: Callable[[tuple[int, int, int], int], Awaitable[Child]],
+                         stdout_size: int = DEFAULT_PIPE) -> PipeExecution:
+    """The command `start` makes on three new pipes' far ends (given with the read end of
+    stderr, for a starter whose own failure is told there), read and written here."""
     ends: list[int] = []
     try:
         stdin_r, stdin_w = os.pipe()
@@ -459,7 +469,7 @@ async def start_pipes(plan: ChildPlan, stdout_size: int = DEFAULT_PIPE) -> PipeE
         _grow_pipe(stdout_r, stdout_size)
         stderr_r, stderr_w = os.pipe()
         ends += [stderr_r, stderr_w]
-        child = await start_child(plan, (stdin_r, stdout_w, stderr_w))
+        child = await start((stdin_r, stdout_w, stderr_w), stderr_r)
     except BaseException:
         for fd in ends:
             os.close(fd)

@@ -1,6 +1,6 @@
 """The agent as its commands' subreaper: the children it adopts are reaped, its own are not.
 
-A container's TTY exec is started by `runc exec -d` (runc_console.py): runc leaves once
+A container's exec is started by `runc exec -d` (runc_detached.py): runc leaves once
 the command runs, and the command's exit status goes to whoever adopts it. With
 PR_SET_CHILD_SUBREAPER that is the agent, so the exit code comes back exactly, as from
 any child of the agent's. Being a subreaper also makes the agent the new parent of any

@@ -1,17 +1,18 @@
-"""A container's TTY exec in which the agent holds the command's own terminal.
+"""Execs started by `runc exec --detach` and adopted by the agent: pipes or the terminal.
 
-`runc exec -t` in front of a command copies between the container's terminal and its own
-stdio, so every byte crosses a second terminal and runc's copy (a TTY stream stalled near
-26 MB/s here, below `docker exec -t`, whose shim reads the terminal itself). With
-`--console-socket` runc hands the terminal's master to whoever listens on that socket (the
-agent, in its private directory), and with `-d` it leaves once the command runs: the agent
-then reads and writes the container's terminal itself, one hop, as for a process
-instance's. The command keeps everything `runc exec` gives it from the container's
-config.json (namespaces, cgroup, capabilities, seccomp, AppArmor, user); it is the
-session leader of that terminal, and the agent's child by adoption (reaper.py), so its
-exit status comes back exactly. Resizes, signals to the foreground group and the hang-up
-at the end are the agent's terminal's, as for a process instance (process.PtyExecution).
+runc leaves once the command runs; the command becomes the agent's child by adoption
+(reaper.py: its PID is owned from the moment runc's PID file names it) and is read,
+written, signalled and reaped as a process instance's command is. Whether it started is
+runc's exit code: 0, the command runs; anything else, runc's words on stderr say why (a
+missing command or directory becomes 127/126 with the message the other routes give), and
+no command's output can be taken for runc's.
 
+Without a TTY runc passes its stdio through, so the command writes into the agent's own
+pipes. With one, `--console-socket` makes runc hand the terminal's master to whoever
+listens on that socket (the agent, in its private directory): the agent reads and writes
+the container's terminal itself, one hop, as for a process instance's, where `runc exec
+-t` in the foreground would copy every byte through a second terminal (a TTY stream
+stalled near 26 MB/s here, below `docker exec -t`, whose shim reads the terminal itself).
 runc sends the master before the command starts, so the agent sizes the terminal as it
 arrives: before the session starts and before any input, though a command's very first
 look may still race it (as with `docker exec -t` before Engine API 1.42).
@@ -28,7 +29,14 @@ from collections.abc import Awaitable, Callable
 
 from rune.agent.runners.base import CommandUnavailable
 from rune.agent.runners.docker_exec import short_reason, start_failure_code
-from rune.agent.runners.process import Child, PtyExecution, start_pipes
+from rune.agent.runners.process import (
+    Child,
+    PipeExecution,
+    PtyExecution,
+    start_child,
+    start_on_pipes,
+    start_pipes,
+)
 from rune.agent.runners.reaper import REAPER
 from rune.agent.runners.spawn import ChildPlan, set_winsize
 
@@ -74,9 +82,37 @@ async def receive_master(listener: socket.socket) -> int:
     return master
 
 
-async def start_console_exec(argv: list[str], socket_path: str, pid_known: asyncio.Future[int],
-                             learn_pid: Callable[[], None], width: int,
-                             height: int) -> PtyExecution:
+def _plan(argv: list[str]) -> ChildPlan:
+    return ChildPlan(argv=argv, env={"PATH": os.environ.get("PATH", os.defpath)}, cwd="/",
+                     die_with=os.getpid())
+
+
+async def start_with_pipes(argv: list[str], pid_known: asyncio.Future[int],
+                           learn_pid: Callable[[], None], stdout_size: int) -> PipeExecution:
+    """Runs `argv` (a `runc exec -d --pid-file …`) on new pipes, which runc passes to the
+    command; returns the command on them."""
+    async def start(stdio: tuple[int, int, int], stderr: int) -> Child:
+        runc = await start_child(_plan(argv), stdio)
+        try:
+            code, _ = await runc.wait()
+        except BaseException:
+            _kill_group(runc.pid)
+            raise
+        if code != 0:
+            raise _start_failure(_read_available(stderr))
+        learn_pid()
+        return _adopt(pid_known)
+
+    try:
+        return await start_on_pipes(start, stdout_size)
+    except BaseException:
+        learn_pid()
+        _abandon(pid_known)
+        raise
+
+
+async def start_terminal(argv: list[str], socket_path: str, pid_known: asyncio.Future[int],
+                         learn_pid: Callable[[], None], width: int, height: int) -> PtyExecution:
     """Runs `argv` (a `runc exec -d -t --console-socket socket_path --pid-file …`) and
     returns the command under the container's terminal, sized width × height. pid_known
     is the PID file's, owned when learnt; learn_pid takes it if it is waiting."""
@@ -87,8 +123,7 @@ async def start_console_exec(argv: list[str], socket_path: str, pid_known: async
         listener.bind(socket_path)
         os.chmod(socket_path, 0o600)
         listener.listen(1)
-        runc = await start_pipes(ChildPlan(argv=argv, env={"PATH": os.environ.get(
-            "PATH", os.defpath)}, cwd="/", die_with=os.getpid()))
+        runc = await start_pipes(_plan(argv))
         try:
             received = asyncio.ensure_future(receive_master(listener))
             left = asyncio.ensure_future(runc.wait())
@@ -145,11 +180,30 @@ def _abandon(pid_known: asyncio.Future[int]) -> None:
     if pid_known.done() and not pid_known.cancelled() and pid_known.result():
         pid = pid_known.result()
         if REAPER.owns(pid):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
+            _kill_group(pid)
             REAPER.release(pid)
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _read_available(fd: int) -> bytes:
+    """What runc wrote before it left (the write ends may still be open: no EOF)."""
+    os.set_blocking(fd, False)
+    data = b""
+    while len(data) < MESSAGE_LIMIT:
+        try:
+            chunk = os.read(fd, MESSAGE_LIMIT)
+        except (BlockingIOError, OSError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 async def _read_all(read: Callable[[int], Awaitable[bytes]]) -> bytes:
