@@ -24,6 +24,7 @@ class Sizes:
     setup_n: int = 200            # in-process round trips, ssh, docker exec, NATS floor
     cli_n: int = 200              # whole `rune exec` CLI processes
     stream_bytes: int = 1 << 30   # stdout throughput
+    stream_rounds: int = 3        # each contender once a round, taking turns; the median
     echo_n: int = 200             # keystrokes
     fanout: tuple[int, ...] = (10, 100, 500, 1000, 5000)  # 1,000 and 5,000 over 100 agents
     fanout_runs: int = 5          # fan-outs timed at each size
@@ -33,7 +34,8 @@ class Sizes:
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(setup_n=20, cli_n=8, stream_bytes=8 << 20, echo_n=20, fanout=(10,),
+        return cls(setup_n=20, cli_n=8, stream_bytes=8 << 20, stream_rounds=1, echo_n=20,
+                   fanout=(10,),
                    fanout_runs=2, sessions=(10, 20), loaded_setup_n=5, warmup=1)
 
 

@@ -55,10 +55,12 @@ def run(ctx: BenchContext) -> list[dict]:
 
         size = ctx.sizes.stream_bytes
         for tty in (False, True):
-            for row_id, name, measure, reason, ref in throughput._contenders(
-                    ctx, tty, size, throughput._size_label(size)):
-                if row_id.endswith((".rune_container", ".docker")):
-                    out.append(throughput._measure(row_id, name, measure, reason, size, ref))
+            pair = [c for c in throughput._contenders(ctx, tty, size,
+                                                      throughput._size_label(size))
+                    if c[0].endswith((".rune_container", ".docker"))]
+            for (row_id, name, _, reason, ref), runs in zip(
+                    pair, throughput.take_turns(pair, ctx.sizes.stream_rounds), strict=True):
+                out.append(throughput._row(row_id, name, runs, reason, size, ref))
     return out
 
 

@@ -4,9 +4,11 @@ Every contender runs the same static producer (bench/producer.c): rune into a pr
 instance, ssh and the local pipe run it on the host; rune into the container and
 `docker exec` run the copy inside the bench's container. Each rune row is the reference of
 the baseline doing the same work: ssh and the local floor against rune into a process,
-`docker exec` against rune into the container.
+`docker exec` against rune into the container. The contenders of a mode take turns,
+`stream_rounds` rounds (3; --quick 1), and each row gives its median run, so that a drift
+in the machine's load hits all alike.
 
-    python bench/throughput.py [--size-mib 256]   (this section alone, bounded)
+    python bench/throughput.py [--size-mib 256] [--rounds 3]   (this section alone, bounded)
 """
 
 from __future__ import annotations
@@ -34,10 +36,28 @@ def run(ctx: BenchContext) -> list[dict]:
     label = _size_label(size)
     out: list[dict] = []
     for tty in (False, True):
-        for row_id, name, measure, reason, ref in _contenders(ctx, tty, size, label):
-            row = _measure(row_id, name, measure, reason, size, ref)
+        contenders = _contenders(ctx, tty, size, label)
+        for (row_id, name, _, reason, ref), runs in zip(
+                contenders, take_turns(contenders, ctx.sizes.stream_rounds), strict=True):
+            row = _row(row_id, name, runs, reason, size, ref)
             out.append(row | {"floor": True} if row_id.endswith(".local") else row)
     return out
+
+
+def take_turns(contenders: list[Contender], rounds: int) -> list[list[float] | Exception | None]:
+    """Each contender once a round, so that a drift in the machine's load hits all alike:
+    the seconds of every run, or the first failure."""
+    results: list[list[float] | Exception | None] = [
+        [] if measure is not None else None for _, _, measure, _, _ in contenders]
+    for _ in range(rounds):
+        for i, (_, _, measure, _, _) in enumerate(contenders):
+            if not isinstance(results[i], list):
+                continue
+            try:
+                results[i].append(measure())
+            except Exception as exc:  # that contender's row says why; the others go on
+                results[i] = exc
+    return results
 
 
 def _contenders(ctx: BenchContext, tty: bool, size: int, label: str) -> list[Contender]:
@@ -72,14 +92,13 @@ def _contenders(ctx: BenchContext, tty: bool, size: int, label: str) -> list[Con
     ]
 
 
-def _measure(row_id: str, name: str, measure: Callable[[], float] | None, reason: str | None,
-             size: int, ref: str | None) -> dict:
-    if measure is None:
+def _row(row_id: str, name: str, runs: list[float] | Exception | None, reason: str | None,
+         size: int, ref: str | None) -> dict:
+    if runs is None:
         return rows.absent(row_id, SECTION, name, rows.SKIPPED, reason or "unavailable")
-    try:
-        return rows.throughput(row_id, SECTION, name, size, measure(), ref=ref)
-    except Exception as exc:
-        return rows.absent(row_id, SECTION, name, rows.ERROR, f"{type(exc).__name__}: {exc}")
+    if isinstance(runs, Exception):
+        return rows.absent(row_id, SECTION, name, rows.ERROR, f"{type(runs).__name__}: {runs}")
+    return rows.throughput(row_id, SECTION, name, size, runs, ref=ref)
 
 
 def _size_label(size: int) -> str:
@@ -92,8 +111,10 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024, help="bytes each row streams")
+    parser.add_argument("--rounds", type=int, default=Sizes.stream_rounds,
+                        help="runs of each row, taking turns (the median is reported)")
     args = parser.parse_args()
-    standalone(run, Sizes(stream_bytes=args.size_mib << 20))
+    standalone(run, Sizes(stream_bytes=args.size_mib << 20, stream_rounds=args.rounds))
 
 
 if __name__ == "__main__":
