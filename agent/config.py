@@ -90,9 +90,10 @@ class DockerSettings(BaseModel):
         description="adopt only labelled containers that also carry these labels")
     services: list[DockerService] = Field(default_factory=list)
     threads: int = Field(default=32, ge=2, description="threads for the synchronous SDK")
-    direct_exec: bool = Field(default=True, description="non-TTY execs run by the "
-                              "container's runc on this host, not relayed by the engine "
-                              "(agent/runners/runc_exec.py); where it cannot, the engine")
+    direct_exec: bool = Field(default=True, description="execs run by the container's "
+                              "runc on this host and adopted by the agent, not relayed by "
+                              "the engine (agent/runners/runc_exec.py); where it cannot, "
+                              "the engine")
     runc_root: str = Field(default="/run/docker/runtime-runc/moby", description="where the "
                            "engine's runc keeps its containers' state")
 
