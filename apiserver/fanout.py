@@ -44,7 +44,7 @@ from rune.rollout import NEVER_RAN, Amount, MemberStatus
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_PARALLEL = 64
+DEFAULT_MAX_PARALLEL = 256
 # A batched response (FanoutBatch) packs what waits up to this size: one gRPC write costs
 # about a millisecond on this path, far more than the bytes, so a big fan-out writes few.
 BATCH_BYTES = 1 << 20
@@ -116,7 +116,11 @@ class FanoutService(pb_grpc.FanoutServiceServicer):
         try:
             targets = select(self.core.directory.list(spec.namespace), request,
                              spec.namespace)
-            rollout = Rollout.of(request, len(targets), self.config.fanout_max_parallel)
+            # Members past the user's session allowance would only fail: the window paces
+            # them within it instead (at least one, which then says why it cannot start).
+            room = self.core.limits.room(identity.user)
+            cap = self.config.fanout_max_parallel
+            rollout = Rollout.of(request, len(targets), cap if room is None else min(cap, room))
         except RuneError as exc:
             self.admission.deny(identity, spec, exc, fanout_id)
             raise

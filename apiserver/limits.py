@@ -21,6 +21,14 @@ class SessionLimits:
         # The sessions other apiservers run for a user and on an agent (apiserver/peers.py).
         self.elsewhere = elsewhere
 
+    def room(self, user: str) -> int | None:
+        """How many more sessions `user` may open now; None without a per-user cap."""
+        cap = self.limits.max_sessions_per_user
+        if not cap:
+            return None
+        users = (self.elsewhere(user, "")[0] if self.elsewhere else 0) + self.per_user[user]
+        return max(0, cap - users)
+
     def acquire(self, user: str, agent: str) -> None:
         """Counts one more session of `user` on `agent` ("" for one that loads no agent)."""
         cap_user, cap_agent = self.limits.max_sessions_per_user, self.limits.max_sessions_per_agent

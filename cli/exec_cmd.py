@@ -344,7 +344,7 @@ def exec_command(
         "--selector", "-l", metavar="K=V[,K=V]",
         help="fan out to the instances whose labels all match")] = None,
     max_parallel: Annotated[int, typer.Option(metavar="N", help="fan-out: sessions at once",
-                                              min=1)] = 64,
+                                              min=1)] = 256,
     fail_fast: Annotated[bool, typer.Option(
         "--fail-fast", help="fan-out: stop the rest at the first failure")] = False,
     prefix: Annotated[Optional[bool], typer.Option(  # noqa: UP045

@@ -40,7 +40,7 @@ class FanoutOptions:
     env: dict[str, str] = field(default_factory=dict)
     workdir: str = ""
     timeout: float = 300.0
-    max_parallel: int = 64
+    max_parallel: int = 256
     fail_fast: bool = False
     batch: str = ""
     batch_wait: float = 0.0

@@ -164,6 +164,26 @@ def test_per_user_limit_holds_across_apiservers(pair):
     wait_until(lambda: not pair.list_sessions("a"), "nothing left running")
 
 
+def test_fanout_paces_itself_within_the_users_allowance(pair):
+    """One session held through A leaves the user room for three more: a fan-out through B
+    over all four instances that asks for more at once runs them within that room (as
+    many as fit, the next as one ends), and every member succeeds instead of some being
+    refused as too many sessions."""
+    channel, _, session_id = open_exec(pair, "a", ["sleep", "60"])
+    try:
+        wait_until(lambda: session_id in {s.session_id for s in pair.list_sessions("b")},
+                   "B sees A's session")
+        with grpc.insecure_channel(pair.addresses["b"]) as channel_b:
+            results = [r.result for r in pb_grpc.FanoutServiceStub(channel_b).StreamFanout(
+                pb.FanoutRequest(target="api", all=True, max_parallel=1 << 30,
+                                 command=["sh", "-c", "sleep 0.5"]),
+                metadata=pair.metadata(), timeout=60) if r.WhichOneof("msg") == "result"]
+    finally:
+        channel.close()
+    assert [(r.status, r.code) for r in results] == [("exited", 0)] * 4, results
+    wait_until(lambda: not pair.list_sessions("b"), "nothing left running")
+
+
 def test_a_killed_apiserver_mid_fanout_leaves_b_working(pair):
     """kill -9 of A during a fan-out: A's sessions stop counting and showing once its lease
     lapses, and a new run through B succeeds."""

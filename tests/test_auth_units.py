@@ -216,6 +216,21 @@ def test_session_limits_per_user_and_agent():
     limits.acquire("cid", "h1")
 
 
+def test_session_limits_tell_a_users_room_here_and_elsewhere():
+    """The room a fan-out may pace itself in: the cap less the user's sessions on this
+    apiserver and on the others; None without a cap; never below zero."""
+    others = {"ann": 1}
+    limits = SessionLimits(LimitsConfig(max_sessions_per_user=4),
+                           elsewhere=lambda user, agent: (others.get(user, 0), 0))
+    assert limits.room("ann") == 3 and limits.room("bob") == 4
+    limits.acquire("ann", "h1")
+    limits.acquire("ann", "h2")
+    assert limits.room("ann") == 1
+    others["ann"] = 9
+    assert limits.room("ann") == 0
+    assert SessionLimits(LimitsConfig(max_sessions_per_user=0)).room("ann") is None
+
+
 def test_loopback_detection():
     """Only loopback listen addresses may serve plaintext."""
     assert is_loopback("127.0.0.1:1") and is_loopback("localhost:1") and is_loopback("[::1]:1")
