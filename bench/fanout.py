@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -30,6 +31,7 @@ from rune.cli.devstack import Stack, stop_pid  # noqa: E402
 
 from bench import rows  # noqa: E402
 from bench.context import ROOT, BenchContext, Sizes  # noqa: E402
+from bench.procs import timed_run  # noqa: E402
 from tests.multi_agent import start_fleet  # noqa: E402
 
 SECTION = "4. fan-out of `true`"
@@ -170,23 +172,31 @@ def run(ctx: BenchContext) -> list[dict]:
         except Exception as exc:
             out.append(rows.absent(f"fanout.{size}", SECTION, name, rows.ERROR,
                                    f"{type(exc).__name__}: {exc}"))
-    flat = _flatness(out)
+    whole = {r["instances"]: r["value"] for r in out
+             if r["id"].endswith(".per_instance") and r["value"] is not None}
+    flat = _flatness(whole, "fanout.per_instance_spread", "the cost per instance")
     if flat is not None:
         out.append(flat)
+        # The same without what a run costs whatever its size (the CLI, its first session):
+        # (T(n) - T(one exec)) / n, one `rune exec api true` timed here in the same fleet.
+        single = statistics.median(timed_run(ctx.rune_argv(ctx.target, "true"), ctx.env)
+                                   for _ in range(ctx.sizes.fanout_runs)) * 1000
+        marginal = {n: (ms * n - single) / n for n, ms in whole.items()}
+        out.append(_flatness(marginal, "fanout.marginal_spread",
+                             f"the marginal cost per instance ((T(n) - T(1)) / n, T(1) = "
+                             f"{single:.1f} ms)"))
     return out
 
 
-def _flatness(out: list[dict]) -> dict | None:
-    """The spread of the cost per instance over the sizes from 100 up (goal: within 20 %)."""
-    costs = {r["instances"]: r["value"] for r in out
-             if r["id"].endswith(".per_instance") and r.get("instances", 0) >= 100
-             and r["value"] is not None}
+def _flatness(costs: dict[int, float], row_id: str, what: str) -> dict | None:
+    """The spread of a cost per instance over the sizes from 100 up (goal: within 20 %)."""
+    costs = {n: ms for n, ms in costs.items() if n >= 100}
     if len(costs) < 2:
         return None
     low, high = min(costs.values()), max(costs.values())
-    return rows.figure("fanout.per_instance_spread", SECTION,
-                       f"spread of the cost per instance, {min(costs)} to {max(costs)}",
-                       (high / low - 1) * 100, "%", per_instance_ms=costs)
+    return rows.figure(row_id, SECTION, f"spread of {what}, {min(costs)} to {max(costs)}",
+                       (high / low - 1) * 100, "%",
+                       per_instance_ms={n: round(ms, 3) for n, ms in costs.items()})
 
 
 def _size_rows(ctx: BenchContext, size: int, name: str) -> list[dict]:
