@@ -165,3 +165,23 @@ async def test_console_socket_takes_a_terminal_master_and_closes_the_rest():
             assert _open_fds() - before == set()
     for fd in (master, slave, extra_master, extra_slave, read_end, write_end):
         os.close(fd)
+
+
+async def test_a_pid_file_inotify_missed_is_still_learnt_once_runc_left():
+    """Should inotify miss the rename (an overflowed queue), learning the PID once runc
+    has left reads the file itself, and the PID is owned as if inotify had told."""
+    files = PidFiles()
+    try:
+        path, known = files.new(adopted=True)
+        with open(path, "w") as f:  # in place: no IN_MOVED_TO for inotify to tell
+            f.write("424242")
+        files.drain()
+        assert not known.done()
+        files.learn(path)
+        assert known.result() == 424242 and REAPER.owns(424242)
+        REAPER.release(424242)
+        other, unknown = files.new(adopted=True)
+        files.learn(other)  # no file at all: nothing learnt, nothing owned
+        assert not unknown.done()
+    finally:
+        files.close()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import itertools
 import logging
 import os
@@ -81,6 +82,21 @@ class PidFiles:
         if adopted:
             self._adopted.add(name)
         return os.path.join(self.dir, name), known
+
+    def learn(self, path: str) -> None:
+        """Once runc has left: the PID of `path` settled now, from what inotify queued or,
+        should that have missed it (an overflowed queue), from the file itself."""
+        self.drain()
+        name = os.path.basename(path)
+        known = self._waiting.get(name)
+        if known is None or known.done():
+            return
+        pid = _read_pid(path)
+        if pid:
+            del self._waiting[name]
+            if name in self._adopted:
+                REAPER.own(pid)
+            known.set_result(pid)
 
     def path(self, suffix: str) -> str:
         """A fresh path in this private directory (runc's console sockets)."""
@@ -188,10 +204,12 @@ class RuncExec:
                 console = pids.path("console")
                 argv = self._argv(container_id, request, "--tty", "--console-socket",
                                   console, "--pid-file", pid_file)
-                return await start_terminal(argv, console, pid_known, pids.drain,
+                return await start_terminal(argv, console, pid_known,
+                                            functools.partial(pids.learn, pid_file),
                                             request.width or 80, request.height or 24)
             argv = self._argv(container_id, request, "--pid-file", pid_file)
-            return await start_with_pipes(argv, pid_known, pids.drain,
+            return await start_with_pipes(argv, pid_known,
+                                          functools.partial(pids.learn, pid_file),
                                           pipe_size(request.window))
         finally:
             pids.forget(pid_file)
