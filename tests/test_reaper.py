@@ -116,16 +116,18 @@ async def test_without_the_reaper_nothing_is_reaped():
     assert os.waitstatus_to_exitcode(status) == 3
 
 
-async def _send(path: str, fds: list[int], message: bytes = b"/dev/ptmx") -> None:
+async def _send(path: str, fds: list[int] | None, message: bytes = b"/dev/ptmx") -> None:
+    """Connects as runc would and passes fds; None: hangs up without a word."""
     peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await asyncio.get_running_loop().run_in_executor(None, peer.connect, path)
-        socket.send_fds(peer, [message], fds)
+        if fds is not None:
+            socket.send_fds(peer, [message], fds)
     finally:
         peer.close()
 
 
-async def _receive(fds: list[int]) -> int:
+async def _receive(fds: list[int] | None) -> int:
     with tempfile.TemporaryDirectory() as where:
         path = os.path.join(where, "console")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -144,9 +146,10 @@ def _open_fds() -> set[int]:
 
 
 async def test_console_socket_takes_a_terminal_master_and_closes_the_rest():
-    """A master is kept (one only); a pipe, a file, a terminal's slave are refused and
-    every descriptor passed is closed, so a hostile peer can neither feed the agent a
-    stand-in terminal nor leak descriptors into it."""
+    """A master is kept (one only); a pipe, a file, a terminal's slave, no descriptor or a
+    peer that hangs up at once are refused and every descriptor passed is closed, so a
+    hostile peer can neither feed the agent a stand-in terminal nor leak descriptors into
+    it."""
     master, slave = os.openpty()
     extra_master, extra_slave = os.openpty()
     before = _open_fds()
@@ -158,7 +161,7 @@ async def test_console_socket_takes_a_terminal_master_and_closes_the_rest():
         os.close(got)
     read_end, write_end = os.pipe()
     with tempfile.TemporaryFile() as plain:
-        for hostile in ([read_end], [plain.fileno()], [slave], []):
+        for hostile in ([read_end], [plain.fileno()], [slave], [], None):
             before = _open_fds()
             with pytest.raises(Internal, match="no terminal"):
                 await _receive(hostile)

@@ -60,17 +60,20 @@ def is_terminal_master(fd: int) -> bool:
 async def receive_master(listener: socket.socket) -> int:
     """The one terminal master runc sends on its console socket; anything else is closed."""
     loop = asyncio.get_running_loop()
-    conn, _ = await loop.sock_accept(listener)
     try:
-        ready = loop.create_future()
-        loop.add_reader(conn.fileno(), lambda: ready.done() or ready.set_result(None))
+        conn, _ = await loop.sock_accept(listener)
         try:
-            await ready
+            ready = loop.create_future()
+            loop.add_reader(conn.fileno(), lambda: ready.done() or ready.set_result(None))
+            try:
+                await ready
+            finally:
+                loop.remove_reader(conn.fileno())
+            _, fds, _, _ = socket.recv_fds(conn, 4096, 4)
         finally:
-            loop.remove_reader(conn.fileno())
-        _, fds, _, _ = socket.recv_fds(conn, 4096, 4)
-    finally:
-        conn.close()
+            conn.close()
+    except OSError as exc:
+        raise Internal(f"runc's console socket: {exc.strerror or exc}") from None
     master = -1
     for fd in fds:
         if master < 0 and is_terminal_master(fd):
