@@ -265,6 +265,7 @@ def test_pid_files_tell_each_pid_as_it_is_renamed_into_place():
     """runc writes .N.pid, then renames it to N.pid: the future of N.pid gets the PID."""
     import asyncio
 
+    from rune.agent.runners.reaper import REAPER
     from rune.agent.runners.runc_exec import PidFiles
 
     async def check() -> None:
@@ -277,6 +278,7 @@ def test_pid_files_tell_each_pid_as_it_is_renamed_into_place():
                 f.write("4242")
             os.rename(hidden, second)
             assert await asyncio.wait_for(second_known, 5) == 4242
+            REAPER.release(4242)  # owned as a command runc would leave to the agent
             assert not first_known.done()
             files.forget(first)
             assert first_known.cancelled()

@@ -61,7 +61,6 @@ class PidFiles:
         self.dir = tempfile.mkdtemp(prefix="rune-runc-")
         self._count = itertools.count()
         self._waiting: dict[str, asyncio.Future[int]] = {}
-        self._adopted: set[str] = set()
         self._loop = asyncio.get_running_loop()
         self._fd = _LIBC.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if self._fd < 0 or _LIBC.inotify_add_watch(self._fd, os.fsencode(self.dir),
@@ -72,40 +71,36 @@ class PidFiles:
         self._loop.add_reader(self._fd, self.drain)
         REAPER.before_reaping(self.drain)
 
-    def new(self, adopted: bool = False) -> tuple[str, asyncio.Future[int]]:
-        """A fresh path for runc's --pid-file and the future of the PID it will hold.
-        `adopted`: the command will be the agent's child once runc leaves (runc exec -d),
-        so its PID is owned (reaper.py) from the moment it is known."""
+    def new(self) -> tuple[str, asyncio.Future[int]]:
+        """A fresh path for runc's --pid-file and the future of the PID it will hold. The
+        command will be the agent's child once runc leaves (runc exec -d), so its PID is
+        owned (reaper.py) from the moment it is known."""
         name = f"{next(self._count)}.pid"
         known = self._loop.create_future()
         self._waiting[name] = known
-        if adopted:
-            self._adopted.add(name)
         return os.path.join(self.dir, name), known
+
+    def _settle(self, name: str, pid: int) -> None:
+        known = self._waiting.pop(name, None)
+        if known is not None and not known.done():
+            if pid:
+                REAPER.own(pid)
+            known.set_result(pid)
 
     def learn(self, path: str) -> None:
         """Once runc has left: the PID of `path` settled now, from what inotify queued or,
         should that have missed it (an overflowed queue), from the file itself."""
         self.drain()
         name = os.path.basename(path)
-        known = self._waiting.get(name)
-        if known is None or known.done():
-            return
-        pid = _read_pid(path)
-        if pid:
-            del self._waiting[name]
-            if name in self._adopted:
-                REAPER.own(pid)
-            known.set_result(pid)
+        if name in self._waiting and (pid := _read_pid(path)):
+            self._settle(name, pid)
 
     def path(self, suffix: str) -> str:
         """A fresh path in this private directory (runc's console sockets)."""
         return os.path.join(self.dir, f"{next(self._count)}.{suffix}")
 
     def forget(self, path: str) -> None:
-        name = os.path.basename(path)
-        self._adopted.discard(name)
-        known = self._waiting.pop(name, None)
+        known = self._waiting.pop(os.path.basename(path), None)
         if known is not None:
             known.cancel()
         try:
@@ -127,13 +122,8 @@ class PidFiles:
             start = offset + _INOTIFY_EVENT.size
             name = data[start:start + length].rstrip(b"\0").decode(errors="replace")
             offset = start + length
-            known = self._waiting.pop(name, None)
-            if known is not None and not known.done():
-                pid = _read_pid(os.path.join(self.dir, name))
-                if pid and name in self._adopted:
-                    REAPER.own(pid)
-                known.set_result(pid)
-            self._adopted.discard(name)
+            if name in self._waiting:
+                self._settle(name, _read_pid(os.path.join(self.dir, name)))
 
     def close(self) -> None:
         REAPER.forget_hook(self.drain)
@@ -198,7 +188,7 @@ class RuncExec:
                    request: ExecOpen) -> PipeExecution | PtyExecution:
         """The command started in the container and adopted: pipes, or its terminal."""
         pids = self._pids
-        pid_file, pid_known = pids.new(adopted=True)
+        pid_file, pid_known = pids.new()
         try:
             if request.tty:
                 console = pids.path("console")
