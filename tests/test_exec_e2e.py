@@ -214,14 +214,22 @@ def test_background_child_does_not_hang_the_session(rune):
     assert time.monotonic() - start < 15
 
 
-def test_what_a_command_leaves_behind_is_reaped(rune):
+def test_what_a_command_leaves_behind_is_reaped(rune, runner):
     """A daemon a command starts out of its group outlives the session; where it is the
     agent's to adopt (a process host), it is reaped once it ends: nothing is left a zombie
     under the agent, and the next exec works."""
     result = rune("exec", "api", "sh", "-c",
-                  "setsid sh -c 'sleep 0.5' </dev/null >/dev/null 2>&1 & echo started")
-    assert result.returncode == 0 and result.stdout == b"started\n"
-    time.sleep(0.6)
+                  "setsid sh -c 'sleep 0.5' </dev/null >/dev/null 2>&1 & echo $!")
+    assert result.returncode == 0
+    daemon = int(result.stdout)
+    if runner == "process":  # a host PID: gone from /proc only once reaped
+        wait_until(lambda: not os.path.exists(f"/proc/{daemon}"), "the daemon reaped",
+                   timeout=10)
+    else:  # a PID of the container's: ended (the container's init is its parent there)
+        wait_until(lambda: rune("exec", "api", "sh", "-c",
+                                f"grep -qs '^State:.*Z' /proc/{daemon}/status || "
+                                f"! test -e /proc/{daemon}").returncode == 0,
+                   "the daemon ended", timeout=10)
     wait_until(lambda: not agent_zombies(), "no zombie under an agent", timeout=10)
     assert rune("exec", "api", "echo", "next").stdout == b"next\n"
 

@@ -82,7 +82,7 @@ async def test_a_command_learnt_from_its_pid_file_is_never_taken_by_the_reaper()
     with subreaper():
         files = PidFiles()
         try:
-            pid_file, known = files.new(adopted=True)
+            pid_file, known = files.new()
             script = (f'{_AWAY} 0.3 7 >/dev/null & echo $! > {pid_file}.tmp; '
                       f'mv {pid_file}.tmp {pid_file}')
             _, status = await _output(ChildPlan(argv=["sh", "-c", script],
@@ -91,9 +91,12 @@ async def test_a_command_learnt_from_its_pid_file_is_never_taken_by_the_reaper()
             files.drain()
             pid = await asyncio.wait_for(known, 5)
             assert REAPER.owns(pid)
-            for _ in range(8):  # the command ends meanwhile; looking must not take it
+            for _ in range(100):  # until the command has ended: looking must not take it
                 REAPER.reap_orphans()
-                await asyncio.sleep(0.1)
+                if not _alive(pid):
+                    break
+                await asyncio.sleep(0.05)
+            REAPER.reap_orphans()  # once more with the command a zombie: still not taken
             assert _exists(pid) and not _alive(pid)
             assert await asyncio.wait_for(Child(pid).wait(), 5) == (7, 0)
             assert not REAPER.owns(pid)
@@ -175,7 +178,7 @@ async def test_a_pid_file_inotify_missed_is_still_learnt_once_runc_left():
     has left reads the file itself, and the PID is owned as if inotify had told."""
     files = PidFiles()
     try:
-        path, known = files.new(adopted=True)
+        path, known = files.new()
         with open(path, "w") as f:  # in place: no IN_MOVED_TO for inotify to tell
             f.write("424242")
         files.drain()
@@ -183,7 +186,7 @@ async def test_a_pid_file_inotify_missed_is_still_learnt_once_runc_left():
         files.learn(path)
         assert known.result() == 424242 and REAPER.owns(424242)
         REAPER.release(424242)
-        other, unknown = files.new(adopted=True)
+        other, unknown = files.new()
         files.learn(other)  # no file at all: nothing learnt, nothing owned
         assert not unknown.done()
     finally:
