@@ -96,6 +96,10 @@ class DockerSettings(BaseModel):
                               "the engine")
     runc_root: str = Field(default="/run/docker/runtime-runc/moby", description="where the "
                            "engine's runc keeps its containers' state")
+    parked_starts: bool = Field(default=True, description="on the runc route, keep the "
+                                "next exec's start made in advance in each container that "
+                                "had one (agent/runners/parked.py): one small process "
+                                "there, saves runc's ~35 ms per exec")
 
 
 class AgentConfig(BaseModel):

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 if __name__ == "__main__":  # `python bench/docker_vs_rune.py`: the repo root holds bench/
@@ -28,19 +31,52 @@ SECTION = "extra: rune into Docker containers vs docker exec"
 STREAMS = "docker_streams"  # ctx.extra key: also the container rows of section 2
 CONTAINER, PROCESS, DOCKER = "docker.setup.rune", "docker.setup.rune_process", \
     "docker.setup.docker"
+PARKED = "docker.setup.parked"
 
 
-def take_turns(argvs: list[list[str]], envs: list[dict | None], n: int,
-               warmup: int) -> list[list[float]]:
-    """Each command once per round, N rounds, so that load drifts hit every one alike."""
+def take_turns(argvs: list[list[str]], envs: list[dict | None], n: int, warmup: int,
+               settle: dict[int, Callable[[], float]] | None = None
+               ) -> tuple[list[list[float]], dict[int, list[float]]]:
+    """Each command once per round, N rounds, so that load drifts hit every one alike.
+    settle[i], untimed, runs after command i until what it left running in the background
+    is done (so the next command does not pay for it); the seconds each settle took."""
+    settle = settle or {}
     for _ in range(warmup):
-        for argv, env in zip(argvs, envs, strict=True):
+        for i, (argv, env) in enumerate(zip(argvs, envs, strict=True)):
             timed_run(argv, env)
+            if i in settle:
+                settle[i]()
     samples: list[list[float]] = [[] for _ in argvs]
+    settled: dict[int, list[float]] = {i: [] for i in settle}
     for _ in range(n):
         for i, (argv, env) in enumerate(zip(argvs, envs, strict=True)):
             samples[i].append(timed_run(argv, env))
-    return samples
+            if i in settle:
+                settled[i].append(settle[i]())
+    return samples, settled
+
+
+def parked_pids() -> set[int]:
+    """The PIDs of this host's parked starts (the agent's rune-parked, parked.py)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm", "rb") as f:
+                    if f.read().strip() == b"rune-parked":
+                        found.add(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def wait_parked(limit: float = 2.0) -> float:
+    """Seconds until a start is parked again after an exec took the last one (at most
+    limit: none comes where the agent parks nothing)."""
+    began = time.perf_counter()
+    while not parked_pids() and time.perf_counter() - began < limit:
+        time.sleep(0.001)
+    return time.perf_counter() - began
 
 
 def run(ctx: BenchContext) -> list[dict]:
@@ -65,18 +101,24 @@ def run(ctx: BenchContext) -> list[dict]:
 
 
 def _setup(ctx: BenchContext) -> list[dict]:
-    container, process, docker = take_turns(
+    (container, process, docker), settled = take_turns(
         [ctx.rune_argv(SERVICE, "true"), ctx.rune_argv(ctx.target, "true"),
          ctx.docker.argv("true")],
-        [ctx.env, ctx.env, None], ctx.sizes.cli_n, ctx.sizes.warmup)
+        [ctx.env, ctx.env, None], ctx.sizes.cli_n, ctx.sizes.warmup, {0: wait_parked})
+    parked = max(settled[0]) < 2.0
     return [
         rows.latency(CONTAINER, SECTION, f"`rune exec {SERVICE} true` into a container "
-                     "(whole CLI process)", container, ref=PROCESS)
+                     "(whole CLI process)" + (", taking the parked start" if parked else
+                                              ", nothing parked: runc each time"),
+                     container, ref=PROCESS)
         | {"versus": "the time into a process instance"},
         rows.latency(PROCESS, SECTION, f"`rune exec {ctx.target} true` into a process "
                      "instance, same turns (whole CLI process)", process),
         rows.latency(DOCKER, SECTION, "`docker exec CONTAINER true`, same container, "
                      "same turns", docker, ref=CONTAINER),
+        rows.latency(PARKED, SECTION, "after each container exec: until the agent has the "
+                     "next start parked, in the background (untimed above, waited for "
+                     "before the next turn)", settled[0]),
     ]
 
 

@@ -116,7 +116,8 @@ class DockerRunner:
             log.info("containers' execs go through the engine: %s", exc)
             return None
         runtime = (info.get("Runtimes") or {}).get("runc") or {}
-        route = RuncExec(self.settings.runc_root, runtime.get("path") or "runc")
+        route = RuncExec(self.settings.runc_root, runtime.get("path") or "runc",
+                         parked=self.settings.parked_starts)
         return route if route.start() else None
 
     async def stop(self) -> None:

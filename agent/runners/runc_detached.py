@@ -104,13 +104,13 @@ async def start_with_pipes(argv: list[str], pid_known: asyncio.Future[int],
         if code != 0:
             raise _start_failure(_read_available(stderr))
         learn_pid()
-        return _adopt(pid_known)
+        return adopt(pid_known)
 
     try:
         return await start_on_pipes(start, stdout_size)
     except BaseException:
         learn_pid()
-        _abandon(pid_known)
+        abandon(pid_known)
         raise
 
 
@@ -154,12 +154,12 @@ async def start_terminal(argv: list[str], socket_path: str, pid_known: asyncio.F
                     os.close(received.result())
         finally:
             runc.close()
-        return PtyExecution(_adopt(pid_known), master)
+        return PtyExecution(adopt(pid_known), master)
     except BaseException:
         if master >= 0:
             os.close(master)
         learn_pid()
-        _abandon(pid_known)
+        abandon(pid_known)
         raise
     finally:
         listener.close()
@@ -169,7 +169,7 @@ async def start_terminal(argv: list[str], socket_path: str, pid_known: asyncio.F
             pass
 
 
-def _adopt(pid_known: asyncio.Future[int]) -> Child:
+def adopt(pid_known: asyncio.Future[int]) -> Child:
     """The command, the agent's child now that runc has left (owned since its PID file
     appeared, so no orphan reaping took it)."""
     pid = pid_known.result() if pid_known.done() and not pid_known.cancelled() else 0
@@ -178,7 +178,7 @@ def _adopt(pid_known: asyncio.Future[int]) -> Child:
     return Child(pid)
 
 
-def _abandon(pid_known: asyncio.Future[int]) -> None:
+def abandon(pid_known: asyncio.Future[int]) -> None:
     """A start given up after runc ran the command: it is killed and left to the reaper."""
     if pid_known.done() and not pid_known.cancelled() and pid_known.result():
         pid = pid_known.result()

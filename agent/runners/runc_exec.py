@@ -32,6 +32,7 @@ import shutil
 import struct
 import tempfile
 
+from rune.agent.runners.parked import ParkedStarts
 from rune.agent.runners.process import PipeExecution, PtyExecution, pipe_size
 from rune.agent.runners.reaper import REAPER
 from rune.agent.runners.runc_detached import start_terminal, start_with_pipes
@@ -140,10 +141,12 @@ class PidFiles:
 class RuncExec:
     """Finds runc and its state for the engine's containers; starts execs through it."""
 
-    def __init__(self, root: str, binary: str = "runc") -> None:
+    def __init__(self, root: str, binary: str = "runc", parked: bool = True) -> None:
         self.root = root
         self.binary = shutil.which(binary) or ""
         self._pids: PidFiles | None = None
+        self._want_parked = parked
+        self.parked: ParkedStarts | None = None
 
     def start(self) -> bool:
         """Usable here: runc found, its root readable (root only), the agent adopting what
@@ -159,9 +162,17 @@ class RuncExec:
         except OSError as exc:
             log.warning("containers' execs go through the engine: %s", exc)
             return False
+        if self._want_parked:
+            try:
+                self.parked = ParkedStarts(self._park_argv, self._pids)
+            except OSError as exc:  # not built (no C compiler at install), or no memfd
+                log.info("containers' execs start runc each time: %s", exc)
         return True
 
     def stop(self) -> None:
+        if self.parked is not None:
+            self.parked.close()
+            self.parked = None
         if self._pids is not None:
             self._pids.close()
             self._pids = None
@@ -171,9 +182,17 @@ class RuncExec:
         return self._pids is not None and container_id.isalnum() and os.path.isfile(
             os.path.join(self.root, container_id, "state.json"))
 
-    def _argv(self, container_id: str, request: ExecOpen, *flags: str) -> list[str]:
-        argv = [self.binary, "--root", self.root, "--log", os.devnull, "exec", "--detach",
+    def _runc_exec(self, *flags: str) -> list[str]:
+        return [self.binary, "--root", self.root, "--log", os.devnull, "exec", "--detach",
                 *flags]
+
+    def _park_argv(self, container_id: str, pid_file: str) -> list[str]:
+        """runc's start of rune-parked (parked.py), passed on fd 3 with its socket on 4."""
+        return [*self._runc_exec("--preserve-fds", "2", "--pid-file", pid_file),
+                container_id, "/proc/self/fd/3", "rune-parked"]
+
+    def _argv(self, container_id: str, request: ExecOpen, *flags: str) -> list[str]:
+        argv = self._runc_exec(*flags)
         env = dict(request.env)
         if request.tty:
             env.setdefault("TERM", "xterm-256color")  # as the engine route's exec
@@ -186,7 +205,22 @@ class RuncExec:
 
     async def exec(self, container_id: str,
                    request: ExecOpen) -> PipeExecution | PtyExecution:
-        """The command started in the container and adopted: pipes, or its terminal."""
+        """The command started in the container and adopted: pipes, or its terminal.
+        Taken from the container's parked start where there is one; the next is parked
+        once this one runs."""
+        if self.parked is None:
+            return await self._start(container_id, request)
+        started = None
+        try:
+            started = await self.parked.take(container_id, request,
+                                             pipe_size(request.window)) \
+                or await self._start(container_id, request)
+            return started
+        finally:
+            self.parked.park(container_id, started)
+
+    async def _start(self, container_id: str,
+                     request: ExecOpen) -> PipeExecution | PtyExecution:
         pids = self._pids
         pid_file, pid_known = pids.new()
         try:
