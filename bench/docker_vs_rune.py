@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +20,8 @@ from pathlib import Path
 
 if __name__ == "__main__":  # `python bench/docker_vs_rune.py`: the repo root holds bench/
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rune.agent.runners.parked import parked_pids  # noqa: E402
 
 from bench import rows  # noqa: E402
 from bench.context import BenchContext, Sizes  # noqa: E402
@@ -54,20 +55,6 @@ def take_turns(argvs: list[list[str]], envs: list[dict | None], n: int, warmup: 
             if i in settle:
                 settled[i].append(settle[i]())
     return samples, settled
-
-
-def parked_pids() -> set[int]:
-    """The PIDs of this host's parked starts (the agent's rune-parked, parked.py)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/comm", "rb") as f:
-                    if f.read().strip() == b"rune-parked":
-                        found.add(int(entry))
-            except OSError:
-                pass
-    return found
 
 
 def wait_parked(limit: float = 2.0) -> float:

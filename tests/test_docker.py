@@ -14,7 +14,10 @@ from pathlib import Path
 import pexpect
 import pytest
 from conftest import ROOT, Rune, agent_zombies
+from rune.agent.runners.parked import parked_pids
 from rune.cli.devstack import wait_until
+
+from tests.test_audit_e2e import stream_events
 
 pytestmark = pytest.mark.docker
 
@@ -506,6 +509,120 @@ def test_debian_exec_into_a_removed_container_and_the_agent_lives_on(rune, docke
     result = rune("exec", "doomed", "true")
     assert result.returncode == 255 and result.stderr.startswith(b"Error: ")
     assert rune("exec", DEB, "echo", "still here").stdout == b"still here\n"
+
+
+def _parked_in(docker_engine, service: str, other_than: int = 0) -> int:
+    """The host PID of the start parked in the service's container (waited for)."""
+    cid = _container_of(docker_engine, service)
+    init = docker_engine.client.inspect_container(cid)["State"]["Pid"]
+    namespace = os.readlink(f"/proc/{init}/ns/pid")
+    found: list[int] = []
+
+    def look() -> bool:
+        found[:] = []
+        for pid in parked_pids():
+            try:
+                if pid != other_than and os.readlink(f"/proc/{pid}/ns/pid") == namespace:
+                    found.append(pid)
+            except OSError:
+                pass
+        return bool(found)
+
+    wait_until(look, f"a start parked in {service}")
+    return found[0]
+
+
+def _inner_pid(pid: int) -> int:
+    """pid as the container sees it."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("NSpid:")).split()[-1])
+
+
+def test_debian_exec_takes_the_parked_start(rune, debian, docker_engine):
+    """After an exec, the container's next start is made ahead by runc and waits there
+    (rune-parked, run from the agent's memfd); the next exec becomes that very process,
+    scheduled as any command (it was parked idle), and another is parked after it."""
+    assert rune("exec", DEB, "true").returncode == 0
+    pid = _parked_in(docker_engine, DEB)
+    assert os.readlink(f"/proc/{pid}/exe").startswith("/memfd:rune-parked")
+    inner = _inner_pid(pid)
+    result = rune("exec", DEB, *_py("import os; print(os.getpid(), os.sched_getscheduler(0))"))
+    assert result.returncode == 0
+    assert result.stdout.split() == [str(inner).encode(), b"0"]  # SCHED_OTHER
+    assert _parked_in(docker_engine, DEB, other_than=pid) != pid
+
+
+PROBE = ["--env", "HOME=/override", "--env", "NEW=1", "--workdir", "/tmp", DEB, "sh", "-c",
+         "env | grep -v '^PWD=' | sort; pwd; umask; " + CONFINEMENT]
+
+
+def test_debian_parked_and_runc_started_commands_are_alike(rune, debian, docker_engine):
+    """The same environment (overrides winning), directory, umask, user, capabilities,
+    seccomp filter, namespaces and cgroup whether a parked start or runc itself starts
+    the command."""
+    rune("exec", DEB, "true")
+    _parked_in(docker_engine, DEB)
+    parked = rune("exec", *PROBE)
+    again = _parked_in(docker_engine, DEB)
+    os.kill(again, signal.SIGKILL)  # from the host: the next exec finds none and runs runc
+    wait_until(lambda: not os.path.exists(f"/proc/{again}"), "the parked start reaped")
+    started_by_runc = rune("exec", *PROBE)
+    assert parked.returncode == started_by_runc.returncode == 0
+    assert parked.stdout == started_by_runc.stdout
+    lines = parked.stdout.decode().splitlines()
+    assert "HOME=/override" in lines and "NEW=1" in lines and "/tmp" in lines
+    assert "Seccomp:\t2" in lines and "cgroup same" in lines
+
+
+ATTACK = """
+import errno, os, signal, sys, time
+mode, me = sys.argv[1], os.getpid()
+deadline = time.time() + 20
+while time.time() < deadline:
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if open(f"/proc/{entry}/comm").read().strip() != "rune-parked":
+                continue
+        except OSError:
+            continue
+        pid = int(entry)
+        if mode == "write":
+            for flags in (os.O_WRONLY, os.O_RDWR | os.O_TRUNC):
+                try:
+                    os.close(os.open(f"/proc/{pid}/exe", flags))
+                    print("opened", flush=True)
+                except OSError as exc:
+                    print("refused", errno.errorcode[exc.errno], flush=True)
+        else:
+            os.kill(pid, signal.SIGSTOP if mode == "stop" else signal.SIGKILL)
+            print(mode, pid, flush=True)
+        sys.exit(0)
+    time.sleep(0.01)
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("mode", ["write", "kill", "stop"])  # stop last: parking then rests
+def test_debian_parked_start_tampered_with_from_inside(rune, debian, docker_engine,
+                                                        docker_stack, mode):
+    """Root in the container goes for the next parked start: its program cannot be
+    rewritten (a sealed memfd), and one stopped or killed costs the next exec nothing but
+    runc's start (at most the 2 s answer wait): the command runs once, with its output,
+    the stack stays healthy and audited, and no zombie is left."""
+    attacker = rune("exec", DEB, *_py(ATTACK), mode, timeout=60)
+    assert attacker.returncode == 0, attacker.stderr
+    if mode == "write":
+        assert attacker.stdout.split() == [b"refused", b"ETXTBSY", b"refused", b"ETXTBSY"] \
+            or b"opened" not in attacker.stdout
+    mark = f"after-{mode}"
+    result = rune("exec", DEB, "sh", "-c", f"echo {mark} >> /tmp/ran; cat /tmp/ran")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines().count(mark) == 1  # ran once, not retried
+    assert rune("exec", DEB, "echo", "still here").stdout == b"still here\n"
+    events = stream_events(docker_stack.nats_url)
+    assert any(e.get("event") == "session.ended" and mark in " ".join(e.get("argv", []))
+               for e in events)
+    wait_until(lambda: not agent_zombies(), "no zombies under the agents")
 
 
 def test_engine_client_speaks_to_the_real_engine(docker_engine):

@@ -37,7 +37,7 @@ from rune.agent.runners.base import CommandUnavailable
 from rune.agent.runners.process import Child, PipeExecution, PtyExecution, start_on_pipes
 from rune.agent.runners.runc_detached import MESSAGE_LIMIT, abandon, adopt, is_terminal_master
 
-from rune.errors import Internal, NotRunning
+from rune.errors import Internal
 from rune.models import ExecOpen
 
 if TYPE_CHECKING:
@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 
 PROGRAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rune-parked")
 PARKED_IDLE = 600.0  # seconds a parked start waits unused before it is let go
-ANSWER_WAIT = 10.0  # seconds for a parked start to run the command or say why not
+ANSWER_WAIT = 2.0  # seconds for a parked start to run the command or say why not (~1 ms)
+PARK_REST = 600.0  # seconds without parking in a container whose parked start failed
 REQUEST_LIMIT = 128 * 1024  # under parked.c's buffer and a datagram socket's send buffer
 PARK_WITHIN = 1.0  # seconds into an exec that still runs, its container's next is parked
 PARK_SETTLE = 0.02  # seconds after an exec's end: its last output and exit go out first
@@ -120,8 +121,35 @@ def failure(data: bytes, argv0: str) -> Exception:
         return CommandUnavailable(127 if error == errno.ENOENT else 126,
                                   f'exec: "{argv0}": {reason}')
     if stage == _STAGE_TERMINAL:
-        return Internal(f"the container's terminal: {reason}")
-    return Internal(f"the parked start refused the request: {reason}")
+        return NotStarted(f"the container's terminal: {reason}")
+    return NotStarted(f"it refused the request: {reason}")
+
+
+def parked_pids() -> list[int]:
+    """The host PIDs of every start parked on this host now (their name: rune-parked)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm", "rb") as f:
+                    if f.read().strip() == b"rune-parked":
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+class NotStarted(Internal):
+    """The parked start failed before the command ran: runc may start it instead."""
+
+
+def still_parked(pid: int) -> bool:
+    """pid has not become the command: its program is still rune-parked's memfd (which
+    only its own exec changes)."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe").startswith("/memfd:rune-parked")
+    except OSError:
+        return False
 
 
 def spawn_runc(argv: list[str], stdio: tuple[int, int, int], passed: tuple[int, ...],
@@ -188,6 +216,7 @@ class ParkedStarts:
         self._null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self._parked: dict[str, _Parked] = {}
         self._parking: dict[str, asyncio.Task] = {}
+        self._resting: dict[str, float] = {}  # container -> loop time it may park again
         self._loop = asyncio.get_running_loop()
 
     def close(self) -> None:
@@ -206,6 +235,9 @@ class ParkedStarts:
         PARK_WITHIN seconds, so that a short command's end reaches its caller first."""
         if container_id in self._parked or container_id in self._parking:
             return
+        if self._resting.get(container_id, 0.0) > self._loop.time():
+            return
+        self._resting.pop(container_id, None)
         task = self._loop.create_task(self._park(container_id, after))
         self._parking[container_id] = task
         task.add_done_callback(functools.partial(self._parked_or_not, container_id))
@@ -302,11 +334,25 @@ class ParkedStarts:
                 return parked.command
 
             return await start_on_pipes(start, stdout_size)
+        except CommandUnavailable:  # the command's own failure, as runc would have said
+            self._failed(parked)
+            raise
+        except NotStarted as exc:  # the start failed, not the command: runc's turn
+            self._failed(parked)
+            self._rest(container_id, exc)
+            return None
         except BaseException:
-            await self._failed(parked)
+            self._failed(parked)
             raise
         finally:
             parked.control.close()
+
+    def _rest(self, container_id: str, why: Exception) -> None:
+        """A parked start that failed (stopped, killed or tampered with from inside the
+        container): this exec starts runc, and nothing is parked there for PARK_REST."""
+        log.warning("parked start in %s failed (%s): starting runc, none parked there for "
+                    "%.0f s", container_id[:12], why, PARK_REST)
+        self._resting[container_id] = self._loop.time() + PARK_REST
 
     async def _ask(self, parked: _Parked, payload: bytes, stdio: tuple[int, ...],
                    argv0: str) -> int:
@@ -316,8 +362,7 @@ class ParkedStarts:
         try:
             socket.send_fds(control, [payload], list(stdio))
         except OSError as exc:
-            raise NotRunning(f"the container's parked start is gone: {exc.strerror}") \
-                from None
+            raise NotStarted(f"it is gone: {exc.strerror}") from None
         master = -1
         try:
             async with asyncio.timeout(ANSWER_WAIT):
@@ -334,8 +379,10 @@ class ParkedStarts:
                     if data != b"T":
                         raise failure(data, argv0)
         except TimeoutError:
-            raise Internal(f"the container's parked start did not answer in "
-                           f"{ANSWER_WAIT:.0f} s (a paused container?)") from None
+            if still_parked(parked.command.pid):
+                raise NotStarted(f"no answer in {ANSWER_WAIT:.0f} s") from None
+            raise Internal(f"the container's parked start ran the command but did not "
+                           f"answer in {ANSWER_WAIT:.0f} s") from None
         except BaseException:
             if master >= 0:
                 os.close(master)
@@ -352,11 +399,12 @@ class ParkedStarts:
         finally:
             self._loop.remove_reader(control.fileno())
 
-    async def _failed(self, parked: _Parked) -> None:
-        """A start that did not become the command: it is gone (or made to go) and reaped."""
+    @staticmethod
+    def _failed(parked: _Parked) -> None:
+        """A start that did not become the command is made to go; its Child reaps it
+        whenever it does (a frozen container's only once thawed)."""
         if parked.command.returncode is None:
             try:
                 os.kill(parked.command.pid, 9)
             except OSError:
                 pass
-        await parked.command.wait()
