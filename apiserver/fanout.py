@@ -411,6 +411,10 @@ class FanoutRun:
             await self._result(info, MemberStatus.EXITED, record.exit_code or 0,
                                time.monotonic() - began, signal=record.signal,
                                host=record.host)
+        finally:
+            # The session and its kind hold each other: let go, so the ended member is
+            # freed at once, not left for the cycle collector (thousands per fan-out).
+            member.session = None
         if self.rollout.batch_wait and self.unstarted > 0:
             # The wait runs from when the client was told this member ended, so the next
             # one's start reaches it no sooner than batch_wait after; the slot stays taken.

@@ -27,6 +27,10 @@ Publish = Callable[[bytes], Awaitable[None]]
 PublishParts = Callable[[tuple[bytes, bytes]], Awaitable[None]]
 
 
+async def _nowhere(_frame: object) -> None:
+    return None
+
+
 class Sender:
     def __init__(self, publish: Publish, window: int, rto: float = 1.0,
                  publish_parts: PublishParts | None = None) -> None:
@@ -46,6 +50,13 @@ class Sender:
         self._last_retransmit = 0.0
         self.retransmits = 0
         self.stalls = 0
+
+    def detach(self) -> None:
+        """Its link is closed: the link's bound methods are let go, so that the two no
+        longer hold each other and an ended session is freed by reference counting, not
+        left for the cycle collector (a fan-out ends thousands at once). Later sends go
+        nowhere."""
+        self._publish = self._publish_parts = _nowhere
 
     @property
     def sent(self) -> int:

@@ -125,6 +125,7 @@ class SessionLink:
                 await sub.unsubscribe()
             except Exception:  # the connection may be closed or reconnecting
                 pass
+        self.sender.detach()
 
     async def _publish(self, data: bytes) -> None:
         self._last_sent = time.monotonic()

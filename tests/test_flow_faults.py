@@ -182,3 +182,30 @@ async def test_own_stall_is_not_the_peers_silence():
     assert agent.lost is None and server.lost is None
     await agent.close()
     await server.close()
+
+
+async def test_a_closed_pair_is_freed_without_the_cycle_collector():
+    """A link and its sender hold each other while open; once closed they are freed by
+    reference counting alone (a fan-out ends thousands of sessions at once, and each one
+    left to the collector made every collection longer)."""
+    import gc
+    import weakref
+
+    bus = FakeBus()
+    agent, server = pair(bus, LinkSettings(heartbeat=60, lost_after=120))
+    await agent.open()
+    await server.open()
+    await agent.send(frames.STDOUT, b"x", 1)
+    receiver = server.receiver
+    await until(lambda: receiver.received == 1, 5)
+    await agent.close()
+    await server.close()
+    await asyncio.sleep(0.05)  # their cancelled tasks finish
+    refs = [weakref.ref(agent), weakref.ref(server), weakref.ref(agent.sender)]
+    gc.disable()
+    try:
+        del agent, server
+        bus.subs.clear()
+        assert [ref() for ref in refs] == [None, None, None]
+    finally:
+        gc.enable()
