@@ -42,6 +42,18 @@ def test_echo_hello(rune):
     assert result.returncode == 0
 
 
+def test_command_holds_only_its_stdio(rune):
+    """Nothing of the agent's (its broker socket, other sessions' pipes, report pipes)
+    reaches the command: only stdio is open in it (ls's own directory aside)."""
+    result = rune("exec", "api", "ls", "-l", "/proc/self/fd")
+    assert result.returncode == 0, result.stderr
+    links = dict(line.split(" -> ")[0].split()[-1:] + line.split(" -> ")[1:]
+                 for line in result.stdout.decode().splitlines() if " -> " in line)
+    assert {"0", "1", "2"} <= set(links)
+    others = {fd: target for fd, target in links.items() if fd not in ("0", "1", "2")}
+    assert all(target.startswith("/proc/") for target in others.values()), others
+
+
 def test_exit_code_is_the_remote_one(rune):
     """The remote exit code becomes the CLI's."""
     assert rune("exec", "api", "sh", "-c", "exit 7").returncode == 7

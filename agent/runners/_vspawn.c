@@ -186,9 +186,16 @@ static _Noreturn void child(const struct plan *p) {
     for (int target = 0; target < 3; target++)
         if (dup2(q.stdio[target], target) < 0)
             fail_errno(&q, "cannot start the command: stdio: ", errno);
-    for (int fd = 3; fd < report; fd++) close(fd);
-    if (syscall(SYS_close_range, report + 1, ~0U, 0) != 0)
-        for (int fd = report + 1; fd < 65536; fd++) close(fd);
+    /* The report pipe moves down to 3 and one close_range takes everything above: an
+       agent with many instances has hundreds of descriptors open, each a syscall of this
+       child's if closed one by one. */
+    if (report != 3) {
+        if (dup3(report, 3, O_CLOEXEC) < 0)
+            fail_errno(&q, "cannot start the command: report pipe: ", errno);
+        q.report_fd = report = 3;
+    }
+    if (syscall(SYS_close_range, 4, ~0U, 0) != 0)
+        for (int fd = 4; fd < 65536; fd++) close(fd);
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
