@@ -625,6 +625,26 @@ def test_debian_parked_start_tampered_with_from_inside(rune, debian, docker_engi
     wait_until(lambda: not agent_zombies(), "no zombies under the agents")
 
 
+def test_parked_starts_leave_with_their_agent(docker_stack, docker_engine, debian):
+    """An agent that stops lets its parked starts go; one killed outright too (their
+    socket's end closes with it): no rune-parked is left in the container either way."""
+    service = "deb-parked-agent"
+    _debian_container(docker_engine, service, {"rune.agent": "a3", ENGINE_ROUTE: "a3"})
+    config = {"docker": {"enabled": True,
+                         "match_labels": {**docker_engine.labels, ENGINE_ROUTE: "a3"}}}
+    rune = Rune(docker_stack)
+    for how in (signal.SIGTERM, signal.SIGKILL):
+        agent = docker_stack.start_agent("a3", [], config, wait_running=1)
+        assert rune("exec", service, "true").returncode == 0
+        pid = _parked_in(docker_engine, service)
+        agent.send_signal(how)
+        agent.wait(timeout=30)
+        wait_until(lambda gone=pid: not os.path.exists(f"/proc/{gone}"),
+                   f"parked start gone ({how.name})")
+        docker_stack.procs.pop("agent-a3", None)
+    assert rune("exec", DEB, "echo", "still here").stdout == b"still here\n"
+
+
 def test_engine_client_speaks_to_the_real_engine(docker_engine):
     """The exec client negotiates the API, keeps connections alive and reports HTTP errors."""
     from rune.agent.runners.engine_api import EngineAPI, EngineError, engine_url

@@ -187,6 +187,7 @@ class PipeExecution:
         self._stdin, self._stdout, self._stderr = stdin, stdout, stderr
         self.read_stdout = stdout.read
         self.read_stderr = stderr.read
+        self.stderr_fd = stderr.fd  # for a starter's own words once it has left
 
     async def write_stdin(self, data: bytes) -> None:
         await self._stdin.write(data)

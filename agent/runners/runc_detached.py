@@ -25,7 +25,7 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from rune.agent.runners.base import CommandUnavailable
 from rune.agent.runners.docker_exec import short_reason, start_failure_code
@@ -137,7 +137,7 @@ async def start_terminal(argv: list[str], socket_path: str, pid_known: asyncio.F
                     set_winsize(master, width, height)  # before the command's first look
                 code, _ = await left
                 if code != 0:
-                    raise _start_failure(await _read_all(runc.read_stderr))
+                    raise _start_failure(_read_available(runc.stderr_fd))
                 if master < 0:
                     try:
                         master = await asyncio.wait_for(received, CONSOLE_WAIT)
@@ -195,7 +195,8 @@ def _kill_group(pid: int) -> None:
 
 
 def _read_available(fd: int) -> bytes:
-    """What runc wrote before it left (the write ends may still be open: no EOF)."""
+    """What runc wrote before it left: read to EOF or, where the command holds the same
+    pipe (runc passes its stdio through), to what is there."""
     os.set_blocking(fd, False)
     data = b""
     while len(data) < MESSAGE_LIMIT:
@@ -205,13 +206,6 @@ def _read_available(fd: int) -> bytes:
             break
         if not chunk:
             break
-        data += chunk
-    return data
-
-
-async def _read_all(read: Callable[[int], Awaitable[bytes]]) -> bytes:
-    data = b""
-    while len(data) < MESSAGE_LIMIT and (chunk := await read(MESSAGE_LIMIT)):
         data += chunk
     return data
 
