@@ -15,8 +15,9 @@ The program is sent as a sealed memfd (`--preserve-fds`: runc execs /proc/self/f
 nothing is put into or needed from the container's filesystem and nothing in there can
 rewrite it. One parked start per container at most, given up after PARKED_IDLE seconds
 unused: it shows in the container's process list as `rune-parked`, holds one PID of the
-container's pids limit and ~100 KiB of its memory. A request the parked start cannot carry
-(over REQUEST_LIMIT) and an exec with none parked start runc as before.
+container's pids limit and ~50 KiB of memory of its own (the program is one shared memfd).
+A request the parked start cannot carry (over REQUEST_LIMIT) and an exec with none parked
+start runc as before.
 """
 
 from __future__ import annotations
