@@ -31,6 +31,7 @@ import os
 import shutil
 import struct
 import tempfile
+import time
 
 from rune.agent.runners.parked import ParkedStarts
 from rune.agent.runners.process import PipeExecution, PtyExecution, pipe_size
@@ -208,16 +209,22 @@ class RuncExec:
         """The command started in the container and adopted: pipes, or its terminal.
         Taken from the container's parked start where there is one; the next is parked
         once this one runs."""
-        if self.parked is None:
-            return await self._start(container_id, request)
+        began = time.perf_counter()
         started = None
+        how = "runc"
         try:
-            started = await self.parked.take(container_id, request,
-                                             pipe_size(request.window)) \
-                or await self._start(container_id, request)
+            if self.parked is not None:
+                started = await self.parked.take(container_id, request,
+                                                 pipe_size(request.window))
+                how = "parked start" if started is not None else "runc (none parked)"
+            if started is None:
+                started = await self._start(container_id, request)
+            log.debug("exec in %s: %s, %.1f ms", container_id[:12], how,
+                      1000 * (time.perf_counter() - began))
             return started
         finally:
-            self.parked.park(container_id, started)
+            if self.parked is not None:
+                self.parked.park(container_id, started)
 
     async def _start(self, container_id: str,
                      request: ExecOpen) -> PipeExecution | PtyExecution:
