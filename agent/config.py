@@ -100,6 +100,8 @@ class DockerSettings(BaseModel):
                                 "next exec's start made in advance in each container that "
                                 "had one (agent/runners/parked.py): one small process "
                                 "there, saves runc's ~35 ms per exec")
+    parked_idle: float = Field(default=600.0, gt=0, le=86400, description="seconds a parked "
+                               "start waits unused before it is let go")
 
 
 class AgentConfig(BaseModel):

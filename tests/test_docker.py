@@ -645,6 +645,50 @@ def test_parked_starts_leave_with_their_agent(docker_stack, docker_engine, debia
     assert rune("exec", DEB, "echo", "still here").stdout == b"still here\n"
 
 
+def _parked_count(docker_engine, service: str) -> int:
+    cid = _container_of(docker_engine, service)
+    init = docker_engine.client.inspect_container(cid)["State"]["Pid"]
+    namespace = os.readlink(f"/proc/{init}/ns/pid")
+    count = 0
+    for pid in parked_pids():
+        try:
+            count += os.readlink(f"/proc/{pid}/ns/pid") == namespace
+        except OSError:
+            pass
+    return count
+
+
+def test_parked_start_is_let_go_when_unused_and_none_when_off(docker_stack, docker_engine,
+                                                              debian):
+    """docker.parked_idle: an unused parked start leaves the container after that long;
+    docker.parked_starts: false parks nothing (every exec starts runc)."""
+    service = "deb-parked-idle"
+    _debian_container(docker_engine, service, {"rune.agent": "a4", ENGINE_ROUTE: "a4"})
+    rune = Rune(docker_stack)
+    labels = {**docker_engine.labels, ENGINE_ROUTE: "a4"}
+    for settings in ({"parked_idle": 1.0}, {"parked_starts": False}):
+        agent = docker_stack.start_agent("a4", [], {"docker": {
+            "enabled": True, "match_labels": labels, **settings}}, wait_running=1)
+        try:
+            assert rune("exec", service, "echo", "ok").stdout == b"ok\n"
+            if "parked_idle" in settings:
+                pid = _parked_in(docker_engine, service)
+                wait_until(lambda gone=pid: not os.path.exists(f"/proc/{gone}"),
+                           "the unused parked start let go", timeout=10)
+            else:
+                assert rune("exec", service, "echo", "again").stdout == b"again\n"
+                # Parking on, one would be there within ~0.1 s: watch a whole second.
+                deadline = time.monotonic() + 1.0
+                while time.monotonic() < deadline:
+                    assert _parked_count(docker_engine, service) == 0
+                    time.sleep(0.02)
+        finally:
+            agent.terminate()
+            agent.wait(timeout=30)
+            docker_stack.procs.pop("agent-a4", None)
+    assert not agent_zombies()
+
+
 def test_engine_client_speaks_to_the_real_engine(docker_engine):
     """The exec client negotiates the API, keeps connections alive and reports HTTP errors."""
     from rune.agent.runners.engine_api import EngineAPI, EngineError, engine_url

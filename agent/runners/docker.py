@@ -117,7 +117,8 @@ class DockerRunner:
             return None
         runtime = (info.get("Runtimes") or {}).get("runc") or {}
         route = RuncExec(self.settings.runc_root, runtime.get("path") or "runc",
-                         parked=self.settings.parked_starts)
+                         parked=self.settings.parked_starts,
+                         parked_idle=self.settings.parked_idle)
         return route if route.start() else None
 
     async def stop(self) -> None:

@@ -13,7 +13,7 @@ read, signalled and reaped the same way. Then the next one is parked.
 
 The program is sent as a sealed memfd (`--preserve-fds`: runc execs /proc/self/fd/3), so
 nothing is put into or needed from the container's filesystem and nothing in there can
-rewrite it. One parked start per container at most, given up after PARKED_IDLE seconds
+rewrite it. One parked start per container at most, given up after `idle` seconds
 unused: it shows in the container's process list as `rune-parked`, holds one PID of the
 container's pids limit and ~50 KiB of memory of its own (the program is one shared memfd).
 A request the parked start cannot carry (over REQUEST_LIMIT) and an exec with none parked
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROGRAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rune-parked")
-PARKED_IDLE = 600.0  # seconds a parked start waits unused before it is let go
+PARKED_IDLE = 600.0  # default: seconds a parked start waits unused before it is let go
 ANSWER_WAIT = 2.0  # seconds for a parked start to run the command or say why not (~1 ms)
 PARK_REST = 600.0  # seconds without parking in a container whose parked start failed
 REQUEST_LIMIT = 128 * 1024  # under parked.c's buffer and a datagram socket's send buffer
@@ -210,9 +210,11 @@ class _Parked:
 class ParkedStarts:
     """One parked start per container that has had an exec; execs take them."""
 
-    def __init__(self, runc_argv: Callable[[str, str], list[str]], pids: PidFiles) -> None:
+    def __init__(self, runc_argv: Callable[[str, str], list[str]], pids: PidFiles,
+                 idle: float = PARKED_IDLE) -> None:
         self._runc_argv = runc_argv  # (container, pid file) -> its `runc exec -d …`
         self._pids = pids
+        self._idle = idle
         self._program = sealed_program()
         self._null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self._parked: dict[str, _Parked] = {}
@@ -294,7 +296,7 @@ class ParkedStarts:
             self._pids.forget(pid_file)
         ours.setblocking(False)
         self._parked[container_id] = _Parked(
-            command, ours, self._loop.call_later(PARKED_IDLE, self._let_go, container_id))
+            command, ours, self._loop.call_later(self._idle, self._let_go, container_id))
         while len(self._parked) > MAX_PARKED:
             self._let_go(next(iter(self._parked)))
 

@@ -33,7 +33,7 @@ import struct
 import tempfile
 import time
 
-from rune.agent.runners.parked import ParkedStarts
+from rune.agent.runners.parked import PARKED_IDLE, ParkedStarts
 from rune.agent.runners.process import PipeExecution, PtyExecution, pipe_size
 from rune.agent.runners.reaper import REAPER
 from rune.agent.runners.runc_detached import start_terminal, start_with_pipes
@@ -142,11 +142,13 @@ class PidFiles:
 class RuncExec:
     """Finds runc and its state for the engine's containers; starts execs through it."""
 
-    def __init__(self, root: str, binary: str = "runc", parked: bool = True) -> None:
+    def __init__(self, root: str, binary: str = "runc", parked: bool = True,
+                 parked_idle: float = PARKED_IDLE) -> None:
         self.root = root
         self.binary = shutil.which(binary) or ""
         self._pids: PidFiles | None = None
         self._want_parked = parked
+        self._parked_idle = parked_idle
         self.parked: ParkedStarts | None = None
 
     def start(self) -> bool:
@@ -165,7 +167,7 @@ class RuncExec:
             return False
         if self._want_parked:
             try:
-                self.parked = ParkedStarts(self._park_argv, self._pids)
+                self.parked = ParkedStarts(self._park_argv, self._pids, self._parked_idle)
             except OSError as exc:  # not built (no C compiler at install), or no memfd
                 log.info("containers' execs start runc each time: %s", exc)
         return True
