@@ -229,16 +229,28 @@ def test_requests_it_cannot_carry_go_to_runc():
 
 
 def test_failures_read_as_runc_words_them():
-    def said(stage: int, error: int, path: bytes = b"") -> Exception:
-        return parked.failure(struct.pack("=Ii", stage, error) + path, "cmd")
+    def said(stage: int, error: int, path: bytes = b"", argv0: str = "cmd") -> Exception:
+        return parked.failure(struct.pack("=Ii", stage, error) + path, argv0, "/no")
 
     missing = said(4, errno.ENOENT)
     assert isinstance(missing, CommandUnavailable) and missing.exit_code == 127
     assert str(missing) == 'exec: "cmd": executable file not found in $PATH'
-    assert said(4, errno.ENOENT, b"/x").exit_code == 127
-    assert str(said(4, errno.EACCES, b"/etc/passwd")) == 'exec: "/etc/passwd": permission denied'
+    assert said(4, errno.ENOENT, b"/x", "/x").exit_code == 127
+    assert str(said(4, errno.EACCES, b"/etc/passwd", "/etc/passwd")) == \
+        'exec: "/etc/passwd": permission denied'
     workdir = said(2, errno.ENOENT, b"/no")
     assert workdir.exit_code == 126 and "/no" in str(workdir)
     assert isinstance(said(1, errno.EINVAL), parked.NotStarted)  # runc may start it
     assert isinstance(said(3, errno.EPERM), parked.NotStarted)
-    assert isinstance(parked.failure(b"xy", "cmd"), Internal)  # too short to be one
+    assert isinstance(parked.failure(b"xy", "cmd", ""), Internal)  # too short to be one
+
+
+def test_a_tampered_report_cannot_put_its_bytes_in_the_message():
+    """The names in a failure are the ones the agent sent, never the report's: a start
+    tampered with inside the container cannot write escapes to the user's terminal."""
+    hostile = b"\x1b]0;owned\x07\x1b[2J"
+    for stage in (2, 4, 5):
+        text = str(parked.failure(struct.pack("=Ii", stage, errno.ENOENT) + hostile,
+                                  "/bin/x", "/srv"))
+        assert "\x1b" not in text and "owned" not in text
+    assert "error 99999" in str(parked.failure(struct.pack("=Ii", 5, 99999), "x", ""))

@@ -99,25 +99,29 @@ def encode_request(request: ExecOpen) -> bytes | None:
     return payload if len(payload) <= REQUEST_LIMIT else None
 
 
-def failure(data: bytes, argv0: str) -> Exception:
-    """parked.c's report of a start it could not make, in the words runc would use."""
+def failure(data: bytes, argv0: str, workdir: str) -> Exception:
+    """parked.c's report of a start it could not make, in the words runc would use. Only
+    its stage and errno are taken: the names in the message are the ones the agent sent
+    (a start tampered with inside the container could report any bytes at all)."""
     if len(data) < _FAILURE.size:
         return Internal("the parked start in the container failed without a word")
     stage, error = _FAILURE.unpack_from(data)
-    path = data[_FAILURE.size:_FAILURE.size + 4096].decode(errors="replace")
-    reason = os.strerror(error) if error else "failed"
+    try:
+        reason = os.strerror(error)
+    except ValueError:
+        reason = f"error {error}"
     reason = reason[:1].lower() + reason[1:]  # Go's wording, as runc's messages
     if stage == _STAGE_CHDIR:
-        return CommandUnavailable(126, f'chdir to cwd ("{path}") set in config.json '
+        return CommandUnavailable(126, f'chdir to cwd ("{workdir}") set in config.json '
                                        f"failed: {reason}")
     if stage == _STAGE_LOOKUP:
-        if not path:
+        if "/" not in argv0:
             return CommandUnavailable(127, f'exec: "{argv0}": executable file not found '
                                            "in $PATH")
         if error in (errno.EACCES, errno.EISDIR):
-            return CommandUnavailable(126, f'exec: "{path}": {reason}')
+            return CommandUnavailable(126, f'exec: "{argv0}": {reason}')
         return CommandUnavailable(127 if error == errno.ENOENT else 126,
-                                  f'exec: "{path}": stat {path}: {reason}')
+                                  f'exec: "{argv0}": stat {argv0}: {reason}')
     if stage == _STAGE_EXEC:
         return CommandUnavailable(127 if error == errno.ENOENT else 126,
                                   f'exec: "{argv0}": {reason}')
@@ -329,11 +333,11 @@ class ParkedStarts:
             return None
         try:
             if request.tty:
-                master = await self._ask(parked, payload, (), request.argv[0])
+                master = await self._ask(parked, payload, (), request)
                 return PtyExecution(parked.command, master)
 
             async def start(stdio: tuple[int, int, int], _stderr: int) -> Child:
-                await self._ask(parked, payload, stdio, request.argv[0])
+                await self._ask(parked, payload, stdio, request)
                 return parked.command
 
             return await start_on_pipes(start, stdout_size)
@@ -358,7 +362,7 @@ class ParkedStarts:
         self._resting[container_id] = self._loop.time() + PARK_REST
 
     async def _ask(self, parked: _Parked, payload: bytes, stdio: tuple[int, ...],
-                   argv0: str) -> int:
+                   request: ExecOpen) -> int:
         """Sends the request; the terminal master it sends back (-1 without a TTY) once
         the command runs (its end of the socket closes on exec)."""
         control = parked.control
@@ -380,7 +384,7 @@ class ParkedStarts:
                     if not data:
                         break
                     if data != b"T":
-                        raise failure(data, argv0)
+                        raise failure(data, request.argv[0], request.workdir)
         except TimeoutError:
             if still_parked(parked.command.pid):
                 raise NotStarted(f"no answer in {ANSWER_WAIT:.0f} s") from None
