@@ -37,6 +37,9 @@ DOCKER_CP = "docker cp, same container"
 
 
 def _timed(argv: list[str], env: dict | None = None) -> float:
+    # Untimed: what the copy before left dirty (docker cp does not fsync; 1 GiB flushing
+    # meanwhile would slow whichever copy comes next) is written out first.
+    os.sync()
     began = time.monotonic()
     done = subprocess.run(argv, capture_output=True, env=env, stdin=subprocess.DEVNULL,
                           timeout=1800)
