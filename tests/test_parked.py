@@ -4,11 +4,14 @@ the agent's encoding of requests and its reading of failures."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import gc
 import os
 import socket
 import struct
 import time
+import warnings
 
 import pytest
 from rune.agent.runners import parked
@@ -254,3 +257,30 @@ def test_a_tampered_report_cannot_put_its_bytes_in_the_message():
                                   "/bin/x", "/srv"))
         assert "\x1b" not in text and "owned" not in text
     assert "error 99999" in str(parked.failure(struct.pack("=Ii", 5, 99999), "x", ""))
+
+
+async def test_a_start_runc_refuses_leaves_nothing_open():
+    """Parking where runc fails (the container gone, say) leaves no descriptor behind,
+    however often it is tried, and parks nothing."""
+    from rune.agent.runners.runc_exec import PidFiles
+
+    pids = PidFiles()
+    starts = parked.ParkedStarts(lambda cid, pid_file: ["/bin/false"], pids)
+    try:
+        starts.park("c0")  # the first one opens what the loop keeps for good
+        while starts._parking:
+            await asyncio.sleep(0.01)
+        before = len(os.listdir("/proc/self/fd"))
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always", ResourceWarning)  # one left for the collector
+            for _ in range(5):
+                starts.park("c1")
+                while starts._parking:
+                    await asyncio.sleep(0.01)
+            gc.collect()
+        assert len(os.listdir("/proc/self/fd")) == before
+        assert not [w for w in warned if issubclass(w.category, ResourceWarning)]
+        assert starts._parked == {}
+    finally:
+        starts.close()
+        pids.close()

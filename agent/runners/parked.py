@@ -283,6 +283,7 @@ class ParkedStarts:
                     said = ""
                 log.debug("no start parked in %s: runc %d: %s", container_id[:12], code,
                           said.strip()[:300])
+                ours.close()
                 return
             self._pids.learn(pid_file)
             command = adopt(known)
