@@ -511,21 +511,31 @@ def test_debian_exec_into_a_removed_container_and_the_agent_lives_on(rune, docke
     assert rune("exec", DEB, "echo", "still here").stdout == b"still here\n"
 
 
+def _pid_namespace(docker_engine, service: str) -> str:
+    cid = _container_of(docker_engine, service)
+    return os.readlink(f"/proc/{docker_engine.client.inspect_container(cid)['State']['Pid']}"
+                       "/ns/pid")
+
+
+def _parked_pids_in(namespace: str) -> list[int]:
+    """The host PIDs of the starts parked now in the container of that PID namespace."""
+    found = []
+    for pid in parked_pids():
+        try:
+            if os.readlink(f"/proc/{pid}/ns/pid") == namespace:
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
 def _parked_in(docker_engine, service: str, other_than: int = 0) -> int:
     """The host PID of the start parked in the service's container (waited for)."""
-    cid = _container_of(docker_engine, service)
-    init = docker_engine.client.inspect_container(cid)["State"]["Pid"]
-    namespace = os.readlink(f"/proc/{init}/ns/pid")
+    namespace = _pid_namespace(docker_engine, service)
     found: list[int] = []
 
     def look() -> bool:
-        found[:] = []
-        for pid in parked_pids():
-            try:
-                if pid != other_than and os.readlink(f"/proc/{pid}/ns/pid") == namespace:
-                    found.append(pid)
-            except OSError:
-                pass
+        found[:] = [p for p in _parked_pids_in(namespace) if p != other_than]
         return bool(found)
 
     wait_until(look, f"a start parked in {service}")
@@ -645,19 +655,6 @@ def test_parked_starts_leave_with_their_agent(docker_stack, docker_engine, debia
     assert rune("exec", DEB, "echo", "still here").stdout == b"still here\n"
 
 
-def _parked_count(docker_engine, service: str) -> int:
-    cid = _container_of(docker_engine, service)
-    init = docker_engine.client.inspect_container(cid)["State"]["Pid"]
-    namespace = os.readlink(f"/proc/{init}/ns/pid")
-    count = 0
-    for pid in parked_pids():
-        try:
-            count += os.readlink(f"/proc/{pid}/ns/pid") == namespace
-        except OSError:
-            pass
-    return count
-
-
 def test_parked_start_is_let_go_when_unused_and_none_when_off(docker_stack, docker_engine,
                                                               debian):
     """docker.parked_idle: an unused parked start leaves the container after that long;
@@ -678,9 +675,10 @@ def test_parked_start_is_let_go_when_unused_and_none_when_off(docker_stack, dock
             else:
                 assert rune("exec", service, "echo", "again").stdout == b"again\n"
                 # Parking on, one would be there within ~0.1 s: watch a whole second.
+                namespace = _pid_namespace(docker_engine, service)
                 deadline = time.monotonic() + 1.0
                 while time.monotonic() < deadline:
-                    assert _parked_count(docker_engine, service) == 0
+                    assert _parked_pids_in(namespace) == []
                     time.sleep(0.02)
         finally:
             agent.terminate()

@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING
 
 from rune.agent.runners.base import CommandUnavailable
 from rune.agent.runners.process import Child, PipeExecution, PtyExecution, start_on_pipes
-from rune.agent.runners.runc_detached import MESSAGE_LIMIT, abandon, adopt, is_terminal_master
+from rune.agent.runners.runc_detached import abandon, adopt, is_terminal_master, read_available
+from rune.agent.runners.spawn import readable
 
 from rune.errors import Internal
 from rune.models import ExecOpen
@@ -276,11 +277,7 @@ class ParkedStarts:
             theirs.close()
             code, _ = await runc.wait()
             if code != 0:
-                os.set_blocking(stderr_r, False)
-                try:
-                    said = os.read(stderr_r, MESSAGE_LIMIT).decode(errors="replace")
-                except OSError:
-                    said = ""
+                said = read_available(stderr_r).decode(errors="replace")
                 log.debug("no start parked in %s: runc %d: %s", container_id[:12], code,
                           said.strip()[:300])
                 ours.close()
@@ -375,7 +372,7 @@ class ParkedStarts:
         try:
             async with asyncio.timeout(ANSWER_WAIT):
                 while True:
-                    await self._readable(control)
+                    await readable(self._loop, control.fileno())
                     data, fds, _, _ = socket.recv_fds(control, 8192, 4)
                     for fd in fds:
                         if master < 0 and data == b"T" and is_terminal_master(fd):
@@ -398,14 +395,6 @@ class ParkedStarts:
         if stdio == () and master < 0:
             raise Internal("the container's parked start sent no terminal")
         return master
-
-    async def _readable(self, control: socket.socket) -> None:
-        ready = self._loop.create_future()
-        self._loop.add_reader(control.fileno(), lambda: ready.done() or ready.set_result(None))
-        try:
-            await ready
-        finally:
-            self._loop.remove_reader(control.fileno())
 
     @staticmethod
     def _failed(parked: _Parked) -> None:

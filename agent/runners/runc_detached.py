@@ -38,7 +38,7 @@ from rune.agent.runners.process import (
     start_pipes,
 )
 from rune.agent.runners.reaper import REAPER
-from rune.agent.runners.spawn import ChildPlan, set_winsize
+from rune.agent.runners.spawn import ChildPlan, readable, set_winsize
 
 from rune.errors import Internal, NotRunning
 
@@ -63,12 +63,7 @@ async def receive_master(listener: socket.socket) -> int:
     try:
         conn, _ = await loop.sock_accept(listener)
         try:
-            ready = loop.create_future()
-            loop.add_reader(conn.fileno(), lambda: ready.done() or ready.set_result(None))
-            try:
-                await ready
-            finally:
-                loop.remove_reader(conn.fileno())
+            await readable(loop, conn.fileno())
             _, fds, _, _ = socket.recv_fds(conn, 4096, 4)
         finally:
             conn.close()
@@ -102,7 +97,7 @@ async def start_with_pipes(argv: list[str], pid_known: asyncio.Future[int],
             _kill_group(runc.pid)
             raise
         if code != 0:
-            raise _start_failure(_read_available(stderr))
+            raise _start_failure(read_available(stderr))
         learn_pid()
         return adopt(pid_known)
 
@@ -137,7 +132,7 @@ async def start_terminal(argv: list[str], socket_path: str, pid_known: asyncio.F
                     set_winsize(master, width, height)  # before the command's first look
                 code, _ = await left
                 if code != 0:
-                    raise _start_failure(_read_available(runc.stderr_fd))
+                    raise _start_failure(read_available(runc.stderr_fd))
                 if master < 0:
                     try:
                         master = await asyncio.wait_for(received, CONSOLE_WAIT)
@@ -194,7 +189,7 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def _read_available(fd: int) -> bytes:
+def read_available(fd: int) -> bytes:
     """What runc wrote before it left: read to EOF or, where the command holds the same
     pipe (runc passes its stdio through), to what is there."""
     os.set_blocking(fd, False)

@@ -197,7 +197,8 @@ def _vfork(plan: ChildPlan, stdio: tuple[int, int, int], terminal: int | None,
         raise SpawnFailed(f"cannot start the command: {exc!r}") from None
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+async def readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Until fd can be read without blocking."""
     ready = loop.create_future()
     loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
     try:
@@ -216,7 +217,7 @@ async def read_report(fd: int) -> dict | None:
             try:
                 data = os.read(fd, _REPORT_LIMIT)
             except BlockingIOError:
-                await _readable(loop, fd)
+                await readable(loop, fd)
                 continue
             if not data:
                 break
