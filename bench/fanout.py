@@ -3,6 +3,8 @@
     python bench/fanout.py [--runs 5] [--warmup 3] [--sizes 10,100,500,1000,5000]
 
 Each size prints the whole CLI process's wall time and the cost per instance (wall / n),
+with `rune` as users install it (the wheel of this tree, bench/installed.py: an editable
+install adds its import hook, ~15 ms here, to every CLI start),
 and the CPU per instance of each part (apiserver, nats-server, agents, their commands, the
 multiplexer where the CLI's work runs): on a shared machine the steadier figure;
 the goals (issue "fleet-scale rollouts"): 1,000 over 100 agents <= 2.0 s, 5,000 over 100
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 if __name__ == "__main__":  # `python bench/fanout.py`: the repo root holds bench/
@@ -31,6 +34,7 @@ from rune.cli.devstack import Stack, stop_pid  # noqa: E402
 
 from bench import rows  # noqa: E402
 from bench.context import ROOT, BenchContext, Sizes  # noqa: E402
+from bench.installed import installed_rune  # noqa: E402
 from bench.procs import timed_run  # noqa: E402
 from tests.multi_agent import start_fleet  # noqa: E402
 
@@ -165,10 +169,15 @@ def measure_size(stack: Stack, argv: list[str], runs: int, warmup: int,
 
 def run(ctx: BenchContext) -> list[dict]:
     out = []
+    script = installed_rune(ctx.workdir)
+
+    def rune(*args: str) -> list[str]:
+        return [str(script), "exec", "--api-server", ctx.api_address, *args]
+
     for size in ctx.sizes.fanout:
-        name = f"rune fan-out to {size} instances (whole CLI process)"
+        name = f"rune fan-out to {size} instances (whole CLI process, wheel install)"
         try:
-            out.extend(_size_rows(ctx, size, name))
+            out.extend(_size_rows(ctx, size, name, rune))
         except Exception as exc:
             out.append(rows.absent(f"fanout.{size}", SECTION, name, rows.ERROR,
                                    f"{type(exc).__name__}: {exc}"))
@@ -179,7 +188,7 @@ def run(ctx: BenchContext) -> list[dict]:
         out.append(flat)
         # The same without what a run costs whatever its size (the CLI, its first session):
         # (T(n) - T(one exec)) / n, one `rune exec api true` timed here in the same fleet.
-        single = statistics.median(timed_run(ctx.rune_argv(ctx.target, "true"), ctx.env)
+        single = statistics.median(timed_run(rune(ctx.target, "true"), ctx.env)
                                    for _ in range(ctx.sizes.fanout_runs)) * 1000
         marginal = {n: (ms * n - single) / n for n, ms in whole.items()}
         out.append(_flatness(marginal, "fanout.marginal_spread",
@@ -199,7 +208,8 @@ def _flatness(costs: dict[int, float], row_id: str, what: str) -> dict | None:
                        per_instance_ms={n: round(ms, 3) for n, ms in costs.items()})
 
 
-def _size_rows(ctx: BenchContext, size: int, name: str) -> list[dict]:
+def _size_rows(ctx: BenchContext, size: int, name: str,
+               rune: Callable[..., list[str]]) -> list[dict]:
     agents, replicas = shape(size)
     service = f"fanout{size}"
     procs = start_fleet(ctx.stack, agents, replicas, service=service, id_prefix=f"f{size}x",
@@ -207,7 +217,7 @@ def _size_rows(ctx: BenchContext, size: int, name: str) -> list[dict]:
     # ctx.env names the bench's own multiplexer; it need not outlive the fleets for long.
     env = {"RUNE_MUX_IDLE": "60", **ctx.env}
     try:
-        got = measure_size(ctx.stack, ctx.rune_argv(service, "--all", "true"),
+        got = measure_size(ctx.stack, rune(service, "--all", "true"),
                            ctx.sizes.fanout_runs, ctx.sizes.warmup, env, procs)
     finally:
         _stop_fleet(ctx.stack, procs)

@@ -47,3 +47,14 @@ def wheel_venv(into: Path, wheel: Path) -> Path:
                    timeout=300, capture_output=True)
     (site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
     return site
+
+
+def installed_rune(workdir: Path) -> Path:
+    """The `rune` script of a wheel install under WORKDIR, built once per bench run (the
+    sections that time the whole CLI process share it)."""
+    install = workdir / "wheel-install"
+    script = install / "venv" / "bin" / "rune"
+    if not script.exists():
+        install.mkdir(exist_ok=True)
+        wheel_venv(install / "venv", build_wheel(install))
+    return script

@@ -28,7 +28,7 @@ from rune.cli import muxwire  # noqa: E402
 
 from bench import rows  # noqa: E402
 from bench.context import BenchContext, Sizes  # noqa: E402
-from bench.installed import build_wheel, wheel_venv  # noqa: E402
+from bench.installed import installed_rune  # noqa: E402
 from bench.keystroke_echo import ECHO, echo_times  # noqa: E402
 from bench.procs import drain, timed_run, timed_runs  # noqa: E402
 
@@ -73,10 +73,7 @@ class MuxRuns:
 
 def run(ctx: BenchContext) -> list[dict]:
     n, warmup, size = ctx.sizes.cli_n, ctx.sizes.warmup, ctx.sizes.stream_bytes
-    install = ctx.workdir / "wheel-install"
-    install.mkdir(exist_ok=True)
-    wheel_venv(install / "venv", build_wheel(install))
-    runs = MuxRuns(ctx, install / "venv" / "bin" / "rune")
+    runs = MuxRuns(ctx, installed_rune(ctx.workdir))
     editable = MuxRuns(ctx, Path(sys.executable).parent / "rune")
     true = (ctx.target, "true")
     out: list[dict] = []
