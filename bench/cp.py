@@ -213,11 +213,21 @@ def _docker_rows(ctx: BenchContext, cp: list[str], big: Path, tree: Path, want: 
         add("cp.up.file.dockercp", f"{DOCKER_CP}, {label} file, upload (vs rune cp into it)",
             ["docker", "cp", str(big), f"{box.name}:/tmp/big.bin"], None, inside / "big.bin",
             "cp.up.file.crune", clear_inside)
+        # rune cp fsyncs what it wrote before it renames; docker cp leaves it in the page
+        # cache. The same copy followed by `sync` is the like-for-like durable one.
+        add("cp.up.file.dockercp_sync", f"{DOCKER_CP}, then `sync`, {label} file, upload "
+            "(durable, as rune cp is)",
+            _then_sync("docker", "cp", str(big), f"{box.name}:/tmp/big.bin"), None,
+            inside / "big.bin", "cp.up.file.crune", clear_inside)
         add("cp.down.file.crune", f"rune cp, {label} file, download into the container",
             [*cp, f"{instance}:/tmp/big.bin", f"{local}/"], ctx.env, local / "big.bin",
             None, lambda: _fresh(local))
         add("cp.down.file.dockercp", f"{DOCKER_CP}, {label} file, download (vs rune cp from it)",
             ["docker", "cp", f"{box.name}:/tmp/big.bin", f"{local}/"], None,
+            local / "big.bin", "cp.down.file.crune", lambda: _fresh(local))
+        add("cp.down.file.dockercp_sync", f"{DOCKER_CP}, then `sync`, {label} file, download "
+            "(durable, as rune cp is)",
+            _then_sync("docker", "cp", f"{box.name}:/tmp/big.bin", f"{local}/"), None,
             local / "big.bin", "cp.down.file.crune", lambda: _fresh(local))
         shown = f"{files} small files"
         add("cp.up.tree.crune", f"rune cp -r, {shown}, upload into the container",
@@ -236,6 +246,11 @@ def _docker_rows(ctx: BenchContext, cp: list[str], big: Path, tree: Path, want: 
     finally:
         client.close()
     return out
+
+
+def _then_sync(*argv: str) -> list[str]:
+    """ARGV, then `sync` once it succeeded: timed as one command."""
+    return ["sh", "-c", '"$@" && sync', "sh", *argv]
 
 
 def main() -> None:

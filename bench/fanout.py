@@ -203,8 +203,11 @@ def _flatness(costs: dict[int, float], row_id: str, what: str) -> dict | None:
     if len(costs) < 2:
         return None
     low, high = min(costs.values()), max(costs.values())
+    # The row's figure is high / low - 1; `within_pct` is the same spread read as a band,
+    # every size within +-that much of the middle of the highest and lowest.
     return rows.figure(row_id, SECTION, f"spread of {what}, {min(costs)} to {max(costs)}",
                        (high / low - 1) * 100, "%",
+                       within_pct=round((high - low) / (high + low) * 100, 1),
                        per_instance_ms={n: round(ms, 3) for n, ms in costs.items()})
 
 
