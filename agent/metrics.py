@@ -10,6 +10,7 @@ from rune.metrics import PublisherCollector
 
 SETUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 OUTCOMES = ("exited", "aborted", "lost", "unavailable", "refused")
+CONTAINER_ROUTES = ("parked", "runc", "engine")
 
 
 class AgentMetrics:
@@ -34,9 +35,18 @@ class AgentMetrics:
                                    registry=r)
         self.stalls = Counter("rune_agent_flow_stalls", "output sends that waited for credit "
                               "(a slow reader holding the command back)", registry=r)
+        self.container_starts = Counter(
+            "rune_agent_container_exec_starts", "container execs by how their command "
+            "started: parked (the start parked in the container), runc (runc exec), engine "
+            "(the Docker Engine's exec API)", ["route"], registry=r)
+        for route in CONTAINER_ROUTES:
+            self.container_starts.labels(route)
         self.heartbeats_missed = Counter("rune_agent_heartbeats_missed", "sessions ended "
                                          "because the apiserver's heartbeats stopped",
                                          registry=r)
+
+    def container_started(self, route: str) -> None:
+        self.container_starts.labels(route).inc()
 
     def watch_publisher(self, prefix: str, publisher: object) -> None:
         self.registry.register(PublisherCollector(prefix, lambda: publisher))

@@ -93,7 +93,8 @@ class Agent:
         if self.config.docker.enabled:
             from rune.agent.runners.docker import DockerRunner
 
-            docker_runner = DockerRunner(self.config, self.registry)
+            docker_runner = DockerRunner(self.config, self.registry,
+                                         self.metrics.container_started)
             await docker_runner.start()
             self.runners["docker"] = docker_runner
         await self.nc.subscribe(self.subjects.agent_exec(self.config.agent_id),

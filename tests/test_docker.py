@@ -15,9 +15,10 @@ import pexpect
 import pytest
 from conftest import ROOT, Rune, agent_zombies
 from rune.agent.runners.parked import parked_pids
-from rune.cli.devstack import wait_until
+from rune.cli.devstack import free_port, wait_until
 
 from tests.test_audit_e2e import stream_events
+from tests.test_metrics_e2e import scrape, value
 
 pytestmark = pytest.mark.docker
 
@@ -658,18 +659,29 @@ def test_parked_starts_leave_with_their_agent(docker_stack, docker_engine, debia
 def test_parked_start_is_let_go_when_unused_and_none_when_off(docker_stack, docker_engine,
                                                               debian):
     """docker.parked_idle: an unused parked start leaves the container after that long;
-    docker.parked_starts: false parks nothing (every exec starts runc)."""
+    docker.parked_starts: false parks nothing (every exec starts runc). The agent counts
+    each container exec by how it started (rune_agent_container_exec_starts)."""
     service = "deb-parked-idle"
     _debian_container(docker_engine, service, {"rune.agent": "a4", ENGINE_ROUTE: "a4"})
     rune = Rune(docker_stack)
     labels = {**docker_engine.labels, ENGINE_ROUTE: "a4"}
     for settings in ({"parked_idle": 1.0}, {"parked_starts": False}):
-        agent = docker_stack.start_agent("a4", [], {"docker": {
-            "enabled": True, "match_labels": labels, **settings}}, wait_running=1)
+        port = free_port()
+        agent = docker_stack.start_agent("a4", [], {
+            "metrics_listen": f"127.0.0.1:{port}",
+            "docker": {"enabled": True, "match_labels": labels, **settings}}, wait_running=1)
+
+        def starts(route: str, port: int = port) -> float:
+            samples = scrape(f"http://127.0.0.1:{port}/metrics")
+            return value(samples, "rune_agent_container_exec_starts_total", route=route)
+
         try:
             assert rune("exec", service, "echo", "ok").stdout == b"ok\n"
             if "parked_idle" in settings:
                 pid = _parked_in(docker_engine, service)
+                assert rune("exec", service, "echo", "again").stdout == b"again\n"
+                assert (starts("runc"), starts("parked"), starts("engine")) == (1, 1, 0)
+                pid = _parked_in(docker_engine, service, other_than=pid)
                 wait_until(lambda gone=pid: not os.path.exists(f"/proc/{gone}"),
                            "the unused parked start let go", timeout=10)
             else:
@@ -680,6 +692,8 @@ def test_parked_start_is_let_go_when_unused_and_none_when_off(docker_stack, dock
                 while time.monotonic() < deadline:
                     assert _parked_pids_in(namespace) == []
                     time.sleep(0.02)
+                assert rune("exec", service, "true").returncode == 0
+                assert (starts("runc"), starts("parked"), starts("engine")) == (3, 0, 0)
         finally:
             agent.terminate()
             agent.wait(timeout=30)

@@ -17,6 +17,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from weakref import WeakValueDictionary
 
@@ -67,8 +68,10 @@ def engine_client(base_url: str | None, pool: int) -> docker.APIClient:
 class DockerRunner:
     name = "docker"
 
-    def __init__(self, config: AgentConfig, registry: Registry) -> None:
+    def __init__(self, config: AgentConfig, registry: Registry,
+                 count_start: Callable[[str], None] | None = None) -> None:
         self.config = config
+        self._count_start = count_start or (lambda route: None)  # counts each exec's route
         self.settings = config.docker
         self.registry = registry
         self._pool = ThreadPoolExecutor(self.settings.threads, thread_name_prefix="docker")
@@ -118,7 +121,8 @@ class DockerRunner:
         runtime = (info.get("Runtimes") or {}).get("runc") or {}
         route = RuncExec(self.settings.runc_root, runtime.get("path") or "runc",
                          parked=self.settings.parked_starts,
-                         parked_idle=self.settings.parked_idle)
+                         parked_idle=self.settings.parked_idle,
+                         count_start=self._count_start)
         return route if route.start() else None
 
     async def stop(self) -> None:
@@ -330,6 +334,7 @@ class DockerRunner:
         except (OSError, TimeoutError) as exc:
             raise Unavailable(f"docker engine not reachable: {exc}") from exc
         started = time.perf_counter()
+        self._count_start("engine")
         execution = DockerExecution(exec_id, stream, self.api)
         self._execs[exec_id] = execution
         if exec_id in self._died:  # a quick command can end before its exec start returns

@@ -32,6 +32,7 @@ import shutil
 import struct
 import tempfile
 import time
+from collections.abc import Callable
 
 from rune.agent.runners.parked import PARKED_IDLE, ParkedStarts
 from rune.agent.runners.process import PipeExecution, PtyExecution, pipe_size
@@ -143,8 +144,10 @@ class RuncExec:
     """Finds runc and its state for the engine's containers; starts execs through it."""
 
     def __init__(self, root: str, binary: str = "runc", parked: bool = True,
-                 parked_idle: float = PARKED_IDLE) -> None:
+                 parked_idle: float = PARKED_IDLE,
+                 count_start: Callable[[str], None] | None = None) -> None:
         self.root = root
+        self._count_start = count_start or (lambda route: None)  # "parked" or "runc", per exec
         self.binary = shutil.which(binary) or ""
         self._pids: PidFiles | None = None
         self._want_parked = parked
@@ -219,8 +222,11 @@ class RuncExec:
                 started = await self.parked.take(container_id, request,
                                                  pipe_size(request.window))
                 how = "parked start" if started is not None else "runc (none parked)"
+            route = "parked"
             if started is None:
                 started = await self._start(container_id, request)
+                route = "runc"
+            self._count_start(route)
             log.debug("exec in %s: %s, %.1f ms", container_id[:12], how,
                       1000 * (time.perf_counter() - began))
             return started
