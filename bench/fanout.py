@@ -39,7 +39,7 @@ from bench.procs import timed_run  # noqa: E402
 from tests.multi_agent import start_fleet  # noqa: E402
 
 SECTION = "4. fan-out of `true`"
-SINGLE = "setup.rune_cli"  # one `rune exec api true`, section 1
+SINGLE = "mux.warm"  # one `rune exec api true` from the same wheel install, section 6
 SHAPES = {10: (2, 5), 100: (10, 10), 500: (25, 20), 1000: (100, 10), 5000: (100, 50)}
 # instances: (agents, replicas); the goals are 1,000 and 5,000 over 100 agents
 
@@ -238,7 +238,7 @@ def _size_rows(ctx: BenchContext, size: int, name: str,
                        f"CPU per instance, fan-out to {size}: {part}",
                        spent * 1000 / members, "ms")
            for part, spent in got["cpu_s"].items()]
-    return [timing | {"versus": "one `rune exec api true`", "agents": agents,
+    return [timing | {"versus": "one `rune exec api true` (wheel install)", "agents": agents,
                       "slowest_session_s": got["slowest_s"], "tally": got["tally"]}, per,
             *cpu, rss]
 
