@@ -216,16 +216,15 @@ class RuncExec:
         once this one runs."""
         began = time.perf_counter()
         started = None
-        how = "runc"
         try:
             if self.parked is not None:
                 started = await self.parked.take(container_id, request,
                                                  pipe_size(request.window))
-                how = "parked start" if started is not None else "runc (none parked)"
-            route = "parked"
-            if started is None:
+            if started is not None:
+                route, how = "parked", "parked start"
+            else:
                 started = await self._start(container_id, request)
-                route = "runc"
+                route, how = "runc", "runc" if self.parked is None else "runc (none parked)"
             self._count_start(route)
             log.debug("exec in %s: %s, %.1f ms", container_id[:12], how,
                       1000 * (time.perf_counter() - began))
